@@ -1,0 +1,3 @@
+from mistral_cli.cli import main
+
+main()

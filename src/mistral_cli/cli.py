@@ -1,0 +1,284 @@
+"""The `mistral` command line. It owns all terminal I/O and imports torch only inside commands that need it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mistral_cli import __version__
+from mistral_cli.errors import MistralError
+
+DEFAULT_MODEL = "mistral-7b-instruct-v0.2"
+
+app = typer.Typer(
+    name="mistral",
+    help="Run Mistral 7B v0.2 in your terminal: chat, shell-pipeline completion, downloads.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class Source(str, Enum):
+    hub = "hub"
+    tar = "tar"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mistral-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    pass
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="MISTRAL_MODEL",
+        help="Alias, Hugging Face repo id or local folder.",
+        show_default=True,
+    ),
+]
+GEN = "Generation"
+MaxTokens = Annotated[
+    int | None,
+    typer.Option("--max-tokens", "-n", help="Most tokens to generate [default: until the end or the context is full].",
+                 rich_help_panel=GEN),
+]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.",
+                                            rich_help_panel=GEN)]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens whose "
+                                     "probability adds up to P (1 = off).", rich_help_panel=GEN)]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep only the K most likely tokens (0 = off).",
+                                   rich_help_panel=GEN)]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than P times the most likely one "
+                                     "(0 = off).", rich_help_panel=GEN)]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens already in the context "
+                                              "(1 = off).", rich_help_panel=GEN)]
+Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Random seed; the same seed and options give the same "
+                                          "text [default: random, reported by --json].", rich_help_panel=GEN)]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable); it is not "
+                                                "printed.", rich_help_panel=GEN)]
+DeviceOpt = Annotated[Device, typer.Option("--device", envvar="MISTRAL_DEVICE", help="Where to run: auto picks cuda, "
+                                           "then mps, then cpu.", rich_help_panel="Hardware")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", envvar="MISTRAL_DTYPE", help="Compute dtype: auto is bf16 on "
+                                         "cuda, fp16 on mps, bf16 or fp32 on cpu.", rich_help_panel="Hardware")]
+QuantizeOpt = Annotated[Quantize, typer.Option("--quantize", "-q", envvar="MISTRAL_QUANTIZE",
+                                               help="Weight-only quantization applied at load time.",
+                                               rich_help_panel="Hardware")]
+MaxContext = Annotated[int | None, typer.Option("--max-context", help="Context size in tokens [default: the "
+                                                "model's, 32768 for v0.2].", rich_help_panel="Hardware")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (cuda; slow first token).",
+                                       rich_help_panel="Hardware")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds on stderr.")]
+
+
+def _gen_options(**kw: object) -> dict[str, object]:
+    return kw
+
+
+@app.command()
+def complete(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; all of stdin when absent or '-'.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    max_tokens: MaxTokens = None,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repeat_penalty: RepeatPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    quantize: QuantizeOpt = Quantize.none,
+    max_context: MaxContext = None,
+    compile: Compile = False,
+    verbose: Verbose = False,
+    instruct: Annotated[bool, typer.Option("--instruct", "-i", help="Wrap the prompt as a user turn of the "
+                                           "instruct format.")] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt (with --instruct or "
+                                               "--messages).")] = None,
+    messages: Annotated[Path | None, typer.Option("--messages", help="A conversation as JSON: a list of "
+                                                  "{role, content}; the next assistant message is generated.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text, finish reason, "
+                                           "usage and timings.")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion.")] = False,
+) -> None:
+    """Continue a prompt (argument or stdin) and print only the generated text: made for shell pipelines."""
+    from mistral_cli.complete import run_complete
+
+    _guard(
+        run_complete,
+        prompt=prompt,
+        model=model,
+        options=_gen_options(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []),
+        ),
+        device=device.value,
+        dtype=dtype.value,
+        quantize=quantize.value,
+        max_context=max_context,
+        compile=compile,
+        verbose=verbose,
+        instruct=instruct,
+        system=system,
+        messages=messages,
+        json_out=json_out,
+        echo=echo,
+    )
+
+
+@app.command()
+def chat(
+    model: ModelOpt = DEFAULT_MODEL,
+    max_tokens: MaxTokens = None,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repeat_penalty: RepeatPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    quantize: QuantizeOpt = Quantize.none,
+    max_context: MaxContext = None,
+    compile: Compile = False,
+    verbose: Verbose = False,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt for the conversation.")] = None,
+    load: Annotated[Path | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
+) -> None:
+    """Talk with the model in an interactive session (type /help inside)."""
+    from mistral_cli.repl import run_chat
+
+    _guard(
+        run_chat,
+        model=model,
+        options=_gen_options(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []),
+        ),
+        device=device.value,
+        dtype=dtype.value,
+        quantize=quantize.value,
+        max_context=max_context,
+        compile=compile,
+        verbose=verbose,
+        system=system,
+        load=load,
+    )
+
+
+@app.command()
+def download(
+    model: Annotated[str, typer.Argument(envvar="MISTRAL_MODEL", help="Alias or Hugging Face repo id.")] = DEFAULT_MODEL,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub "
+                                                 "[default: main].")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Hugging Face token [default: $HF_TOKEN, then the "
+                                              "saved login].", show_default=False)] = None,
+    source: Annotated[Source, typer.Option("--source", help="hub: the Hugging Face Hub; tar: the vendor's "
+                                           "archive.")] = Source.hub,
+    url: Annotated[str | None, typer.Option("--url", help="Download this tar archive instead (implies "
+                                            "--source tar).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the files and bytes that would be fetched, "
+                                          "fetch nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if the files are there.")] = False,
+) -> None:
+    """Download a model's weights and tokenizer; prints the local folder on success."""
+    from mistral_cli.download import run_download
+
+    _guard(run_download, model=model, revision=revision, token=token, source=source.value, url=url,
+           dry_run=dry_run, force=force)
+
+
+@app.command()
+def info(
+    model: Annotated[str | None, typer.Argument(help="Alias, repo id or folder [default: list local models].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    quantize: QuantizeOpt = Quantize.none,
+    max_context: MaxContext = None,
+) -> None:
+    """Show a model's architecture, files and memory needs, or list the models on disk."""
+    from mistral_cli.info import run_info
+
+    _guard(run_info, model=model, json_out=json_out, device=device.value, dtype=dtype.value,
+           quantize=quantize.value, max_context=max_context)
+
+
+def _guard(fn, /, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+    """Expected failures become one sentence on stderr and a non-zero exit, never a traceback."""
+    try:
+        fn(**kwargs)
+    except MistralError as exc:
+        _error(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _error("Interrupted.")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        raise typer.Exit(0) from None
+    except MemoryError:
+        _error("Out of memory: try --quantize int8, a smaller --max-context, or --device cpu.")
+        raise typer.Exit(1) from None
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"mistral: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _quiet_broken_pipe() -> None:
+    # The reader went away (`| head`): point stdout at devnull so the interpreter's final flush stays silent.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        sys.exit(0)
