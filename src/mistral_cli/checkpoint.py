@@ -1,0 +1,227 @@
+"""Checkpoint loading: the one place that knows file formats, weight names, the q/k permutation and fusing.
+
+Formats: HF safetensors (single file or sharded with an index), native `consolidated.safetensors`, native
+`consolidated.00.pth` (zip-format torch pickle, loaded with weights_only=True and mmap=True). The model is built on
+the meta device and each tensor is read, converted and placed one at a time, so peak memory stays near the size of
+the final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mistral_cli.config import ModelConfig
+from mistral_cli.devices import Placement
+from mistral_cli.errors import MistralError
+from mistral_cli.model import Transformer
+
+HF_TO_NATIVE = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LAYER_TO_NATIVE = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
+# Our fused parameters and the native tensors they are made of, in order.
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    kind: str  # "safetensors" | "pth"
+    files: tuple[Path, ...]
+
+
+def find_weights(folder: Path) -> WeightFiles:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise MistralError(f"{index} is not a valid safetensors index (no weight_map).") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise MistralError(f"{folder / missing[0]} is missing (listed in {index.name}); download the model again.")
+        return WeightFiles("safetensors", tuple(folder / n for n in names))
+    for name in ("model.safetensors", "consolidated.safetensors"):
+        if (folder / name).is_file():
+            return WeightFiles("safetensors", (folder / name,))
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        return WeightFiles("safetensors", tuple(shards))
+    pth = sorted(folder.glob("consolidated.*.pth"))
+    if len(pth) > 1:
+        raise MistralError(f"{folder} holds a checkpoint split for model parallelism ({len(pth)} .pth files); "
+                           "only single-file checkpoints are supported.")
+    if pth:
+        return WeightFiles("pth", (pth[0],))
+    hint = " (only PyTorch .bin files, which are not supported: use the safetensors files)" if any(
+        folder.glob("pytorch_model*.bin")) else ""
+    raise MistralError(f"{folder} has no model weights{hint}: expected model*.safetensors, consolidated.safetensors "
+                       "or consolidated.00.pth.")
+
+
+def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for path in weights.files:
+        if weights.kind == "safetensors":
+            yield from _iter_safetensors(path)
+        else:
+            yield from _iter_pth(path)
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name), path
+    except MistralError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise MistralError(f"{path} is truncated or corrupt ({_first_line(exc)}); download it again.") from None
+
+
+def _iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise MistralError(f"{path} needs arbitrary Python code to load (unsafe pickle); only plain tensor "
+                           "checkpoints are accepted.") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise MistralError(f"{path} is truncated or corrupt ({_first_line(exc)}); download it again.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MistralError(f"{path} is not a state dict of tensors.")
+    for name in list(state):
+        yield name, state.pop(name), path  # pop: drop our reference as soon as the tensor is consumed
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def native_name(name: str) -> str | None:
+    """Native (consolidated) name of a checkpoint tensor in either naming, or None for tensors we do not use."""
+    if name in HF_TO_NATIVE:
+        return HF_TO_NATIVE[name]
+    if m := _HF_LAYER.fullmatch(name):
+        inner = HF_LAYER_TO_NATIVE.get(m.group(2))
+        return f"layers.{m.group(1)}.{inner}.weight" if inner else None
+    if name in HF_TO_NATIVE.values() or _NATIVE_LAYER.fullmatch(name):
+        return name
+    return None
+
+
+def native_to_hf_rope(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows of a native q/k projection (interleaved RoPE pairs) reordered for RoPE on halves (TECH.md section 3)."""
+    dim = w.shape[1]
+    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_embeddings.weight": (cfg.vocab_size, cfg.dim),
+        "norm.weight": (cfg.dim,),
+        "output.weight": (cfg.vocab_size, cfg.dim),
+    }
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attention_norm.weight": (cfg.dim,),
+            p + "ffn_norm.weight": (cfg.dim,),
+            p + "attention.wq.weight": (q, cfg.dim),
+            p + "attention.wk.weight": (kv, cfg.dim),
+            p + "attention.wv.weight": (kv, cfg.dim),
+            p + "attention.wo.weight": (cfg.dim, q),
+            p + "feed_forward.w1.weight": (cfg.hidden_dim, cfg.dim),
+            p + "feed_forward.w2.weight": (cfg.dim, cfg.hidden_dim),
+            p + "feed_forward.w3.weight": (cfg.hidden_dim, cfg.dim),
+        }
+    return shapes
+
+
+def load_state(
+    weights: WeightFiles, cfg: ModelConfig, placement: Placement
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (our parameter name, tensor on the target device and dtype), fusing q/k/v and gate/up."""
+    shapes = expected_shapes(cfg)
+    seen: set[str] = set()
+    pending: dict[str, torch.Tensor] = {}  # parts of a fused parameter waiting for their siblings
+    for name, tensor, path in iter_tensors(weights):
+        native = native_name(name)
+        if native is None:
+            continue  # e.g. rotary inv_freq buffers in old HF checkpoints
+        if native not in shapes:
+            raise MistralError(f"{path} has tensor {name}, which a {cfg.n_layers}-layer model does not have; "
+                               "the config does not match the weights.")
+        if tuple(tensor.shape) != shapes[native]:
+            raise MistralError(f"{path}: tensor {name} has shape {list(tensor.shape)} but the config expects "
+                               f"{list(shapes[native])}.")
+        if native in seen:
+            raise MistralError(f"{path}: tensor {name} appears twice in the checkpoint.")
+        seen.add(native)
+        is_hf = native != name
+        if not is_hf and native.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = cfg.n_heads if ".wq." in native else cfg.n_kv_heads
+            tensor = native_to_hf_rope(tensor, heads, cfg.head_dim)
+        tensor = tensor.to(device=placement.device, dtype=placement.dtype)
+        fused = _fused_target(native)
+        if fused is None:
+            yield native, tensor
+            continue
+        target, parts = fused
+        pending[native] = tensor
+        if all(k in pending for k in parts):
+            yield target, torch.cat([pending.pop(k) for k in parts], dim=0)
+    missing = sorted(set(shapes) - seen, key=_natural)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MistralError(f"The checkpoint in {weights.files[0].parent} lacks tensor {missing[0]}{more}.")
+
+
+def _fused_target(native: str) -> tuple[str, tuple[str, ...]] | None:
+    """'layers.3.attention.wk.weight' -> ('layers.3.attention.wqkv.weight', (...wq, ...wk, ...wv names))."""
+    m = _NATIVE_LAYER.fullmatch(native)
+    if not m:
+        return None
+    for fused, parts in FUSED.items():
+        if m.group(2) in parts:
+            layer = f"layers.{m.group(1)}."
+            return f"{layer}{fused}.weight", tuple(f"{layer}{p}.weight" for p in parts)
+    return None
+
+
+def _natural(name: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def load_model(folder: Path, placement: Placement, cfg: ModelConfig | None = None) -> Transformer:
+    """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time."""
+    cfg = cfg or ModelConfig.from_folder(folder)
+    weights = find_weights(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = dict(load_state(weights, cfg, placement))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,167 @@
+"""The Mistral network: pure math, no I/O, no device or dtype decisions.
+
+Layout: q/k/v and gate/up projections are fused (one matmul each instead of three and two), and RoPE rotates
+halves of each head (the HF convention), so native checkpoints are permuted once at load (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_cli.cache import KVCache
+from mistral_cli.config import ModelConfig
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2] if p.isdigit()) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # the statistics in float32, as the reference does
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.to(x.dtype) * self.weight
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (T, head_dim) for the given positions, computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); rotates (x[j], x[j + D/2]) pairs
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, q + 2 * kv, bias=False)
+        self.wo = nn.Linear(q, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, KV * D, KV * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(layer, start, k, v)  # (B, KV, L, D), L = start + T
+        if T == 1:
+            # One query per head: fold the query heads sharing a kv head into the query axis, so the kv heads are
+            # read once, with no copy (query head h reads kv head h // (H / KV)).
+            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=mask)
+        elif _SDPA_HAS_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        else:
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate (w1) and up (w3), fused
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, start, mask):  # type: ignore[no-untyped-def]
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def new_cache(self, max_len: int | None = None, *, batch: int = 1, static: bool = False) -> KVCache:
+        ref = self.output.weight
+        return KVCache(
+            self.cfg.n_layers,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            max_len or self.cfg.max_context,
+            dtype=ref.dtype if ref.is_floating_point() else torch.bfloat16,
+            device=ref.device,
+            batch=batch,
+            static=static,
+        )
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, start: int | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """tokens (B, T) at positions [start, start+T) -> float32 logits (B, T, V), or (B, 1, V) with last_only.
+
+        `start` defaults to the cache's length (continue the sequence); a smaller one overwrites from there.
+        """
+        B, T = tokens.shape
+        start = cache.length if start is None else start
+        if start > cache.length:
+            raise ValueError(f"cannot write at position {start}: the cache holds only {cache.length}")
+        end = start + T
+        cache.reserve(end)
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        cos, sin = rope_tables(torch.arange(start, end, device=tokens.device), self.cfg.head_dim,
+                               self.cfg.rope_theta, x.dtype)
+        mask = self._mask(start, T, cache.capacity if cache.static else end, tokens.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, start, mask)
+        cache.length = end
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+    def _mask(self, start: int, T: int, L: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (T, L) mask, True where query at start+i may see key j; None when plain causal attention suffices."""
+        window = self.cfg.sliding_window
+        end = start + T
+        if L == end and (window is None or end <= window) and (T == 1 or start == 0):
+            return None  # T == 1: every key is visible; start == 0: SDPA's is_causal covers it
+        q_pos = torch.arange(start, end, device=device)[:, None]
+        k_pos = torch.arange(L, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= q_pos - k_pos < window
+        return allowed
