@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import V01, TinySpec, hf_reference, random_state_dict, write_hf, write_native
 
 from mistral_cli.checkpoint import load_model
 from mistral_cli.config import ModelConfig
 from mistral_cli.devices import Placement
+from tiny import V01, TinySpec, hf_reference, random_state_dict, write_hf, write_native
 
 FP32 = Placement(torch.device("cpu"), torch.float32)
 
@@ -144,11 +144,23 @@ def test_config_rules():
     base = {"dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128, "vocab_size": 32000, "norm_eps": 1e-5}
     v01 = ModelConfig.from_params_json({**base, "sliding_window": 4096})
     assert (v01.rope_theta, v01.sliding_window, v01.max_context, v01.head_dim, v01.n_kv_heads) == (
-        1e4, 4096, 8192, 16, 4)
+        1e4,
+        4096,
+        8192,
+        16,
+        4,
+    )
     v02 = ModelConfig.from_params_json({**base, "rope_theta": 1e6, "sliding_window": 4096, "n_kv_heads": 2})
     assert (v02.sliding_window, v02.max_context) == (None, 32768)
-    hf = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-          "vocab_size": 32000, "max_position_embeddings": 32768, "sliding_window": 32768}
+    hf = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+        "sliding_window": 32768,
+    }
     assert ModelConfig.from_hf_config({**hf, "rope_theta": 1e6}).sliding_window is None
     new_style = ModelConfig.from_hf_config({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     assert new_style.rope_theta == 1e6

@@ -39,8 +39,10 @@ HF_LAYER_TO_NATIVE = {
     "mlp.up_proj": "feed_forward.w3",
 }
 # Our fused parameters and the native tensors they are made of, in order.
-FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
-         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+FUSED = {
+    "attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
+}
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 
@@ -71,14 +73,21 @@ def find_weights(folder: Path) -> WeightFiles:
         return WeightFiles("safetensors", tuple(shards))
     pth = sorted(folder.glob("consolidated.*.pth"))
     if len(pth) > 1:
-        raise MistralError(f"{folder} holds a checkpoint split for model parallelism ({len(pth)} .pth files); "
-                           "only single-file checkpoints are supported.")
+        raise MistralError(
+            f"{folder} holds a checkpoint split for model parallelism ({len(pth)} .pth files); "
+            "only single-file checkpoints are supported."
+        )
     if pth:
         return WeightFiles("pth", (pth[0],))
-    hint = " (only PyTorch .bin files, which are not supported: use the safetensors files)" if any(
-        folder.glob("pytorch_model*.bin")) else ""
-    raise MistralError(f"{folder} has no model weights{hint}: expected model*.safetensors, consolidated.safetensors "
-                       "or consolidated.00.pth.")
+    hint = (
+        " (only PyTorch .bin files, which are not supported: use the safetensors files)"
+        if any(folder.glob("pytorch_model*.bin"))
+        else ""
+    )
+    raise MistralError(
+        f"{folder} has no model weights{hint}: expected model*.safetensors, consolidated.safetensors "
+        "or consolidated.00.pth."
+    )
 
 
 def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]:
@@ -106,8 +115,9 @@ def _iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
-        raise MistralError(f"{path} needs arbitrary Python code to load (unsafe pickle); only plain tensor "
-                           "checkpoints are accepted.") from None
+        raise MistralError(
+            f"{path} needs arbitrary Python code to load (unsafe pickle); only plain tensor checkpoints are accepted."
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise MistralError(f"{path} is truncated or corrupt ({_first_line(exc)}); download it again.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -161,9 +171,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_state(
-    weights: WeightFiles, cfg: ModelConfig, placement: Placement
-) -> Iterator[tuple[str, torch.Tensor]]:
+def load_state(weights: WeightFiles, cfg: ModelConfig, placement: Placement) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (our parameter name, tensor on the target device and dtype), fusing q/k/v and gate/up."""
     shapes = expected_shapes(cfg)
     seen: set[str] = set()
@@ -173,11 +181,14 @@ def load_state(
         if native is None:
             continue  # e.g. rotary inv_freq buffers in old HF checkpoints
         if native not in shapes:
-            raise MistralError(f"{path} has tensor {name}, which a {cfg.n_layers}-layer model does not have; "
-                               "the config does not match the weights.")
+            raise MistralError(
+                f"{path} has tensor {name}, which a {cfg.n_layers}-layer model does not have; "
+                "the config does not match the weights."
+            )
         if tuple(tensor.shape) != shapes[native]:
-            raise MistralError(f"{path}: tensor {name} has shape {list(tensor.shape)} but the config expects "
-                               f"{list(shapes[native])}.")
+            raise MistralError(
+                f"{path}: tensor {name} has shape {list(tensor.shape)} but the config expects {list(shapes[native])}."
+            )
         if native in seen:
             raise MistralError(f"{path}: tensor {name} appears twice in the checkpoint.")
         seen.add(native)

@@ -80,34 +80,92 @@ ModelOpt = Annotated[
 GEN = "Generation"
 MaxTokens = Annotated[
     int | None,
-    typer.Option("--max-tokens", "-n", help="Most tokens to generate [default: until the end or the context is full].",
-                 rich_help_panel=GEN),
+    typer.Option(
+        "--max-tokens",
+        "-n",
+        help="Most tokens to generate [default: until the end or the context is full].",
+        rich_help_panel=GEN,
+    ),
 ]
-Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.",
-                                            rich_help_panel=GEN)]
-TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens whose "
-                                     "probability adds up to P (1 = off).", rich_help_panel=GEN)]
-TopK = Annotated[int, typer.Option("--top-k", help="Keep only the K most likely tokens (0 = off).",
-                                   rich_help_panel=GEN)]
-MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than P times the most likely one "
-                                     "(0 = off).", rich_help_panel=GEN)]
-RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens already in the context "
-                                              "(1 = off).", rich_help_panel=GEN)]
-Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Random seed; the same seed and options give the same "
-                                          "text [default: random, reported by --json].", rich_help_panel=GEN)]
-Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable); it is not "
-                                                "printed.", rich_help_panel=GEN)]
-DeviceOpt = Annotated[Device, typer.Option("--device", envvar="MISTRAL_DEVICE", help="Where to run: auto picks cuda, "
-                                           "then mps, then cpu.", rich_help_panel="Hardware")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", envvar="MISTRAL_DTYPE", help="Compute dtype: auto is bf16 on "
-                                         "cuda, fp16 on mps, bf16 or fp32 on cpu.", rich_help_panel="Hardware")]
-QuantizeOpt = Annotated[Quantize, typer.Option("--quantize", "-q", envvar="MISTRAL_QUANTIZE",
-                                               help="Weight-only quantization applied at load time.",
-                                               rich_help_panel="Hardware")]
-MaxContext = Annotated[int | None, typer.Option("--max-context", help="Context size in tokens [default: the "
-                                                "model's, 32768 for v0.2].", rich_help_panel="Hardware")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (cuda; slow first token).",
-                                       rich_help_panel="Hardware")]
+Temperature = Annotated[
+    float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.", rich_help_panel=GEN)
+]
+TopP = Annotated[
+    float,
+    typer.Option(
+        "--top-p",
+        help="Nucleus sampling: keep the smallest set of tokens whose probability adds up to P (1 = off).",
+        rich_help_panel=GEN,
+    ),
+]
+TopK = Annotated[
+    int, typer.Option("--top-k", help="Keep only the K most likely tokens (0 = off).", rich_help_panel=GEN)
+]
+MinP = Annotated[
+    float,
+    typer.Option(
+        "--min-p", help="Drop tokens less likely than P times the most likely one (0 = off).", rich_help_panel=GEN
+    ),
+]
+RepeatPenalty = Annotated[
+    float,
+    typer.Option("--repeat-penalty", help="Penalty for tokens already in the context (1 = off).", rich_help_panel=GEN),
+]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        "-s",
+        help="Random seed; the same seed and options give the same text [default: random, reported by --json].",
+        rich_help_panel=GEN,
+    ),
+]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option("--stop", help="Stop when this text appears (repeatable); it is not printed.", rich_help_panel=GEN),
+]
+DeviceOpt = Annotated[
+    Device,
+    typer.Option(
+        "--device",
+        envvar="MISTRAL_DEVICE",
+        help="Where to run: auto picks cuda, then mps, then cpu.",
+        rich_help_panel="Hardware",
+    ),
+]
+DTypeOpt = Annotated[
+    DType,
+    typer.Option(
+        "--dtype",
+        envvar="MISTRAL_DTYPE",
+        help="Compute dtype: auto is bf16 on cuda, fp16 on mps, bf16 or fp32 on cpu.",
+        rich_help_panel="Hardware",
+    ),
+]
+QuantizeOpt = Annotated[
+    Quantize,
+    typer.Option(
+        "--quantize",
+        "-q",
+        envvar="MISTRAL_QUANTIZE",
+        help="Weight-only quantization applied at load time.",
+        rich_help_panel="Hardware",
+    ),
+]
+MaxContext = Annotated[
+    int | None,
+    typer.Option(
+        "--max-context",
+        help="Context size in tokens [default: the model's, 32768 for v0.2].",
+        rich_help_panel="Hardware",
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile", help="torch.compile the decode step (cuda; slow first token).", rich_help_panel="Hardware"
+    ),
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds on stderr.")]
 
 
@@ -133,14 +191,22 @@ def complete(
     max_context: MaxContext = None,
     compile: Compile = False,
     verbose: Verbose = False,
-    instruct: Annotated[bool, typer.Option("--instruct", "-i", help="Wrap the prompt as a user turn of the "
-                                           "instruct format.")] = False,
-    system: Annotated[str | None, typer.Option("--system", help="System prompt (with --instruct or "
-                                               "--messages).")] = None,
-    messages: Annotated[Path | None, typer.Option("--messages", help="A conversation as JSON: a list of "
-                                                  "{role, content}; the next assistant message is generated.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text, finish reason, "
-                                           "usage and timings.")] = False,
+    instruct: Annotated[
+        bool, typer.Option("--instruct", "-i", help="Wrap the prompt as a user turn of the instruct format.")
+    ] = False,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt (with --instruct or --messages).")
+    ] = None,
+    messages: Annotated[
+        Path | None,
+        typer.Option(
+            "--messages",
+            help="A conversation as JSON: a list of {role, content}; the next assistant message is generated.",
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the text, finish reason, usage and timings.")
+    ] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion.")] = False,
 ) -> None:
     """Continue a prompt (argument or stdin) and print only the generated text: made for shell pipelines."""
@@ -151,8 +217,14 @@ def complete(
         prompt=prompt,
         model=model,
         options=_gen_options(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=list(stop or []),
         ),
         device=device.value,
         dtype=dtype.value,
@@ -195,8 +267,14 @@ def chat(
         run_chat,
         model=model,
         options=_gen_options(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=list(stop or []),
         ),
         device=device.value,
         dtype=dtype.value,
@@ -211,24 +289,42 @@ def chat(
 
 @app.command()
 def download(
-    model: Annotated[str, typer.Argument(envvar="MISTRAL_MODEL", help="Alias or Hugging Face repo id.")] = DEFAULT_MODEL,
-    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub "
-                                                 "[default: main].")] = None,
-    token: Annotated[str | None, typer.Option("--token", help="Hugging Face token [default: $HF_TOKEN, then the "
-                                              "saved login].", show_default=False)] = None,
-    source: Annotated[Source, typer.Option("--source", help="hub: the Hugging Face Hub; tar: the vendor's "
-                                           "archive.")] = Source.hub,
-    url: Annotated[str | None, typer.Option("--url", help="Download this tar archive instead (implies "
-                                            "--source tar).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the files and bytes that would be fetched, "
-                                          "fetch nothing.")] = False,
+    model: Annotated[
+        str, typer.Argument(envvar="MISTRAL_MODEL", help="Alias or Hugging Face repo id.")
+    ] = DEFAULT_MODEL,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub [default: main].")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token", help="Hugging Face token [default: $HF_TOKEN, then the saved login].", show_default=False
+        ),
+    ] = None,
+    source: Annotated[
+        Source, typer.Option("--source", help="hub: the Hugging Face Hub; tar: the vendor's archive.")
+    ] = Source.hub,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Download this tar archive instead (implies --source tar).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the files and bytes that would be fetched, fetch nothing.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Download again even if the files are there.")] = False,
 ) -> None:
     """Download a model's weights and tokenizer; prints the local folder on success."""
     from mistral_cli.download import run_download
 
-    _guard(run_download, model=model, revision=revision, token=token, source=source.value, url=url,
-           dry_run=dry_run, force=force)
+    _guard(
+        run_download,
+        model=model,
+        revision=revision,
+        token=token,
+        source=source.value,
+        url=url,
+        dry_run=dry_run,
+        force=force,
+    )
 
 
 @app.command()
@@ -243,8 +339,15 @@ def info(
     """Show a model's architecture, files and memory needs, or list the models on disk."""
     from mistral_cli.info import run_info
 
-    _guard(run_info, model=model, json_out=json_out, device=device.value, dtype=dtype.value,
-           quantize=quantize.value, max_context=max_context)
+    _guard(
+        run_info,
+        model=model,
+        json_out=json_out,
+        device=device.value,
+        dtype=dtype.value,
+        quantize=quantize.value,
+        max_context=max_context,
+    )
 
 
 def _guard(fn, /, **kwargs: object) -> None:  # type: ignore[no-untyped-def]

@@ -67,8 +67,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise MistralError("--device cuda was asked for, but PyTorch sees no CUDA GPU (is the CUDA build of torch "
-                           "installed?).")
+        raise MistralError(
+            "--device cuda was asked for, but PyTorch sees no CUDA GPU (is the CUDA build of torch installed?)."
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise MistralError("--device mps was asked for, but this machine has no Apple Metal GPU available.")
     if name not in ("cpu", "cuda", "mps"):

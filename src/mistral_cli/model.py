@@ -143,8 +143,9 @@ class Transformer(nn.Module):
         end = start + T
         cache.reserve(end)
         x = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = rope_tables(torch.arange(start, end, device=tokens.device), self.cfg.head_dim,
-                               self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_tables(
+            torch.arange(start, end, device=tokens.device), self.cfg.head_dim, self.cfg.rope_theta, x.dtype
+        )
         mask = self._mask(start, T, cache.capacity if cache.static else end, tokens.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start, mask)
@@ -157,7 +158,7 @@ class Transformer(nn.Module):
         """Boolean (T, L) mask, True where query at start+i may see key j; None when plain causal attention suffices."""
         window = self.cfg.sliding_window
         end = start + T
-        if L == end and (window is None or end <= window) and (T == 1 or start == 0):
+        if end == L and (window is None or end <= window) and (T == 1 or start == 0):
             return None  # T == 1: every key is visible; start == 0: SDPA's is_causal covers it
         q_pos = torch.arange(start, end, device=device)[:, None]
         k_pos = torch.arange(L, device=device)[None, :]
