@@ -1,0 +1,171 @@
+"""Conversations as plain data, their instruct-format tokens (mistral-common "v1"), and their JSON files.
+
+Encoding follows `MistralTokenizer.v1().encode_chat_completion` token for token (TECH.md section 5):
+BOS once; every system message (non-empty ones, joined with "\\n\\n") goes in front of the first user turn;
+consecutive messages of one role are joined with "\\n\\n" (empty ones skipped), a system message between them
+still separates them; a conversation that does not start with a user turn gets an empty one first;
+a user turn is `encode("[INST] " + content + " [/INST]")`, an assistant turn `encode(content) + [EOS]`.
+
+Where mistral-common refuses a conversation we raise MistralError with one sentence: no messages, an empty
+assistant message, a system message right after an assistant one.
+One deliberate extension: a conversation may end with an assistant turn (a finished history, encoded up to its
+EOS); that encoding is always a prefix of the same history plus the next user turn, so a chat can keep its cache.
+
+File format (`--messages FILE`, chat's `/save` and `/load`): a JSON list of `{"role", "content"}` objects, so any
+reader of the plain format can use a saved chat. `save_messages` puts its metadata under a "metadata" key of the
+first message (readers ignore unknown keys; with no messages there is nothing to attach it to).
+`load_messages` also accepts an object `{"messages": [...], "metadata": {...}, ...}`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mistral_cli.errors import MistralError
+from mistral_cli.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+_JOIN = "\n\n"
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+def validate_messages(messages: Sequence[Message]) -> None:
+    """Raise MistralError if the v1 instruct format cannot encode `messages` (it may end with an assistant turn)."""
+    _check(messages, first_index=0)
+
+
+def validate_for_generation(messages: Sequence[Message]) -> None:
+    """Raise MistralError unless `messages` is a prompt for the next assistant reply (it ends with a user turn)."""
+    if not messages:
+        raise MistralError("The conversation has no messages; it must end with a user message.")
+    if messages[-1].role != "user":
+        raise MistralError(
+            f"The last message of the conversation has role {json.dumps(messages[-1].role)}; "
+            "it must end with a user message for the model to answer."
+        )
+
+
+def encode_chat(tok: Tokenizer, messages: Sequence[Message], system: str | None = None) -> list[int]:
+    """Token ids of a conversation in the v1 instruct format, `system` acting as a system message before it.
+
+    Ending with a user turn gives the generation prompt (it ends right after "[/INST]"); ending with an assistant
+    turn gives the finished history, up to and including that turn's EOS.
+    """
+    full = list(messages)
+    if system is not None:
+        full.insert(0, Message("system", system))
+    _check(full, first_index=-1 if system is not None else 0)
+
+    system_prompt = _JOIN.join(m.content for m in full if m.role == "system" and m.content)
+    # One turn per run of same-role messages; system runs only split runs, their text went to system_prompt.
+    turns = [
+        [role, _JOIN.join(m.content for m in run if m.content)]
+        for role, run in itertools.groupby(full, key=lambda m: m.role)
+        if role != "system"
+    ]
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ["user", ""])
+    if system_prompt:
+        turns[0][1] = system_prompt + _JOIN + turns[0][1]
+
+    ids = [tok.bos_id]
+    for role, content in turns:
+        if role == "user":
+            ids += tok.encode(f"[INST] {content} [/INST]")
+        else:
+            ids += tok.encode(content)
+            ids.append(tok.eos_id)
+    return ids
+
+
+def load_messages(path: Path) -> list[Message]:
+    """Read a `--messages` file; MistralError with one sentence naming the file and the problem."""
+    return load_conversation(path)[0]
+
+
+def load_conversation(path: Path) -> tuple[list[Message], dict[str, Any]]:
+    """Like `load_messages`, also returning the metadata saved with it ({} when there is none)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: tolerate the BOM some editors write
+    except FileNotFoundError:
+        raise MistralError(f"Messages file {path} does not exist.") from None
+    except OSError as e:
+        raise MistralError(f"Cannot read messages file {path}: {e.strerror or e}.") from None
+    except UnicodeDecodeError as e:
+        raise MistralError(f"Messages file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MistralError(
+            f"Messages file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
+        ) from None
+    try:
+        return _from_json(data)
+    except MistralError as e:
+        problem = str(e)
+        raise MistralError(f"Messages file {path}: {problem[:1].lower()}{problem[1:]}") from None
+
+
+def save_messages(path: Path, messages: Sequence[Message], metadata: dict[str, Any] | None = None) -> None:
+    """Write `messages` as the `--messages` JSON list, `metadata` riding on the first message (see module doc)."""
+    items: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in messages]
+    if metadata and items:
+        items[0]["metadata"] = metadata
+    text = json.dumps(items, ensure_ascii=False, indent=2) + "\n"
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise MistralError(f"Cannot write messages file {path}: {e.strerror or e}.") from None
+
+
+def _from_json(data: Any) -> tuple[list[Message], dict[str, Any]]:
+    metadata: Any = None
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        metadata = data.get("metadata")
+        data = data["messages"]
+    if not isinstance(data, list):
+        raise MistralError(
+            'it must hold a JSON list of {"role": ..., "content": ...} objects '
+            '(or an object with such a list under "messages").'
+        )
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise MistralError(f'messages[{i}] is not an object with "role" and "content".')
+    messages = [Message(item.get("role"), item.get("content")) for item in data]
+    if metadata is None and data and isinstance(data[0], dict):
+        metadata = data[0].get("metadata")
+    validate_messages(messages)
+    return messages, metadata if isinstance(metadata, dict) else {}
+
+
+def _check(messages: Sequence[Message], first_index: int) -> None:
+    """What mistral-common refuses, as one sentence; `first_index` numbers messages as the user sees them."""
+    if not messages:
+        raise MistralError("The conversation has no messages.")
+    previous = None
+    for i, m in enumerate(messages, start=first_index):
+        if m.role not in ROLES:
+            raise MistralError(
+                f"messages[{i}] has unknown role {json.dumps(m.role)} (expected system, user or assistant)."
+            )
+        if not isinstance(m.content, str):
+            raise MistralError(f'messages[{i}] ({m.role}) has no string "content".')
+        if m.role == "assistant" and not m.content:
+            raise MistralError(f"messages[{i}] is an empty assistant message, which the instruct format cannot encode.")
+        if m.role == "system" and previous == "assistant":
+            raise MistralError(
+                f"messages[{i}] is a system message right after an assistant message, which the instruct format "
+                "does not allow; put system prompts before the conversation."
+            )
+        previous = m.role
