@@ -1,0 +1,367 @@
+"""Which model a name means and where its files are: aliases, the Hugging Face cache, our tar folder, local folders.
+
+Shared by every command. Nothing here touches the network or imports torch: a name resolves from disk alone, and
+weight files are described from their safetensors headers (parsed by hand), so `mistral info` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+from mistral_cli.errors import MistralError
+
+CDN = "https://models.mistralcdn.com/mistral-7b-v0-2"
+V1_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+V1_TOKENIZER_SIZE = 493_443
+SOURCE_FILE = ".mistral-source.json"  # written by `mistral download --source tar` into the model folder
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    repo_id: str
+    tar_name: str
+    tar_md5: str | None  # published by the vendor, where it is
+
+    @property
+    def tar_url(self) -> str:
+        return f"{CDN}/{self.tar_name}"
+
+
+ALIASES = {
+    a.name: a
+    for a in (
+        Alias(
+            "mistral-7b-instruct-v0.2",
+            "mistralai/Mistral-7B-Instruct-v0.2",
+            "Mistral-7B-v0.2-Instruct.tar",
+            "fbae55bc038f12f010b4251326e73d39",
+        ),
+        Alias("mistral-7b-v0.2", "mistral-community/Mistral-7B-v0.2", "mistral-7B-v0.2.tar", None),
+    )
+}
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")  # a folder name in models_home(): no separators, no ".."
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    folder: Path  # holds the config, the weights and tokenizer.model
+    name: str  # as the user gave it
+    repo_id: str | None
+    revision: str | None  # commit sha, when the model is in the Hugging Face cache
+    source: str  # "hub-cache" | "local" | "tar"
+    format: str  # "hf" (config.json) | "native" (params.json)
+    config: Path
+    weights: tuple[Path, ...]
+    tokenizer: Path
+
+
+class ModelNotFound(MistralError):
+    """The model is not on disk; `command` is what downloads it (chat may offer to run it)."""
+
+    def __init__(self, message: str, command: list[str]) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+# ---------------------------------------------------------------------------------------------------- where things are
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, with huggingface_hub's own precedence, read at call time."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "huggingface" / "hub"
+
+
+def models_home() -> Path:
+    """Where tar downloads are unpacked: $MISTRAL_HOME, else the user's data folder."""
+    if os.environ.get("MISTRAL_HOME"):
+        return Path(os.environ["MISTRAL_HOME"]).expanduser()
+    from platformdirs import user_data_path
+
+    return user_data_path("mistral-cli") / "models"
+
+
+def repo_cache_folder(repo_id: str) -> Path:
+    return hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+
+
+def tar_folder_name(name: str) -> str:
+    return name.replace("/", "--")
+
+
+def download_command(name: str, *, tar: bool = False) -> list[str]:
+    command = ["mistral", "download", name]
+    return [*command, "--source", "tar"] if tar else command
+
+
+# ------------------------------------------------------------------------------------------------------- resolution
+
+
+def resolve_model(name: str) -> ModelPaths:
+    """Find a model on disk: a folder path, then an alias or repo id in the HF cache, then in our tar folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _paths(path.resolve(), name, None, None, "local")
+    alias = ALIASES.get(name.lower())
+    repo_id = alias.repo_id if alias else name if REPO_ID.fullmatch(name) else None
+    snapshots = cached_snapshots(repo_id) if repo_id else []
+    for sha, folder in snapshots:
+        try:
+            return _paths(folder, name, repo_id, sha, "hub-cache")
+        except MistralError:
+            continue  # an older or partial snapshot; a complete one may follow
+    folder_name = tar_folder_name(alias.name if alias else name)
+    if _SAFE_NAME.fullmatch(folder_name) and (models_home() / folder_name).is_dir():
+        return _paths(models_home() / folder_name, name, repo_id, None, "tar")
+
+    if repo_id is None:
+        if os.sep in name or name.startswith((".", "~")):
+            raise MistralError(f"There is no folder {name}.")
+        names = ", ".join(ALIASES)
+        raise MistralError(
+            f"Unknown model {name!r}: give an alias ({names}), a Hugging Face repo id or a folder "
+            "(`mistral info` lists the models on disk)."
+        )
+    command = download_command(alias.name if alias else repo_id)
+    if snapshots:
+        raise ModelNotFound(
+            f"{repo_id} is only partly in the Hugging Face cache ({snapshots[0][1]}); run `{' '.join(command)}` "
+            "to finish the download.",
+            command,
+        )
+    raise ModelNotFound(f"{name} is not on disk; run `{' '.join(command)}` to download it.", command)
+
+
+def cached_snapshots(repo_id: str) -> list[tuple[str, Path]]:
+    """Snapshots of a repo in the HF cache, the one `main` points to first, then the newest."""
+    storage = repo_cache_folder(repo_id)
+    snapshots_dir = storage / "snapshots"
+    if not snapshots_dir.is_dir():
+        return []
+    found = sorted((p for p in snapshots_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    main = storage / "refs" / "main"
+    if main.is_file():
+        head = main.read_text().strip()
+        found.sort(key=lambda p: p.name != head)
+    return [(p.name, p) for p in found]
+
+
+def _paths(folder: Path, name: str, repo_id: str | None, revision: str | None, source: str) -> ModelPaths:
+    fmt, config, weights = model_files(folder)
+    tokenizer = folder / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise MistralError(f"{folder} has no tokenizer.model; the v1 tokenizer of Mistral 7B belongs there.")
+    return ModelPaths(folder, name, repo_id, revision, source, fmt, config, weights, tokenizer)
+
+
+def model_files(folder: Path) -> tuple[str, Path, tuple[Path, ...]]:
+    """(format, config file, weight files) of a model folder; the same choices as the checkpoint loader."""
+    native = folder / "params.json"
+    hf = folder / "config.json"
+    if native.is_file():
+        config, fmt = native, "native"
+    elif hf.is_file():
+        config, fmt = hf, "hf"
+    else:
+        raise MistralError(f"{folder} is not a model folder: it has neither config.json nor params.json.")
+    return fmt, config, weight_paths(folder)
+
+
+def weight_paths(folder: Path) -> tuple[Path, ...]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise MistralError(f"{index} is not a valid safetensors index (no weight_map).") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise MistralError(f"{folder / missing[0]} is missing (listed in {index.name}); download the model again.")
+        return tuple(folder / n for n in names)
+    for single in ("model.safetensors", "consolidated.safetensors"):
+        if (folder / single).is_file():
+            return (folder / single,)
+    found = sorted(folder.glob("model-*-of-*.safetensors")) or sorted(folder.glob("consolidated.*.pth"))
+    if found:
+        return tuple(found)
+    raise MistralError(
+        f"{folder} has no model weights: expected model*.safetensors, consolidated.safetensors or consolidated.00.pth."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- local models
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str  # alias when the repo or folder is one, else the repo id or folder name
+    repo_id: str | None
+    source: str  # "hub-cache" | "tar"
+    folder: Path
+    revision: str | None
+    bytes: int  # of the weight files
+    complete: bool
+
+
+def list_local_models() -> list[LocalModel]:
+    """Mistral models in the HF cache and in our tar folder (the snapshot `main` points to, else the newest)."""
+    by_repo = {a.repo_id: a.name for a in ALIASES.values()}
+    found: list[LocalModel] = []
+    cache = hf_hub_cache()
+    if cache.is_dir():
+        for storage in sorted(cache.glob("models--*")):
+            repo_id = storage.name[len("models--") :].replace("--", "/")
+            snapshots = cached_snapshots(repo_id)
+            if not snapshots or not _is_mistral(snapshots[0][1]):
+                continue
+            sha, folder = next(((s, f) for s, f in snapshots if _complete(f)), snapshots[0])
+            found.append(
+                LocalModel(
+                    by_repo.get(repo_id, repo_id),
+                    repo_id,
+                    "hub-cache",
+                    folder,
+                    sha,
+                    _weight_bytes(folder),
+                    _complete(folder),
+                )
+            )
+    home = models_home()
+    if home.is_dir():
+        for folder in sorted(p for p in home.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if _is_mistral(folder):
+                alias = ALIASES.get(folder.name)
+                found.append(
+                    LocalModel(
+                        folder.name,
+                        alias.repo_id if alias else None,
+                        "tar",
+                        folder,
+                        None,
+                        _weight_bytes(folder),
+                        _complete(folder),
+                    )
+                )
+    return found
+
+
+def _is_mistral(folder: Path) -> bool:
+    if (folder / "params.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (
+        config.get("model_type") == "mistral" or "MistralForCausalLM" in (config.get("architectures") or [])
+    )
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        _paths(folder, folder.name, None, None, "local")
+    except MistralError:
+        return False
+    return True
+
+
+def _weight_bytes(folder: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in weight_paths(folder))
+    except (MistralError, OSError):
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------ weight file headers
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    dtype: str  # safetensors' name: BF16, F16, F32, ...
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    path: Path
+    bytes: int  # on disk
+    tensors: dict[str, TensorMeta] | None = field(default=None)  # None for .pth: its header is a pickle
+
+    @property
+    def n_params(self) -> int | None:
+        return None if self.tensors is None else sum(t.numel for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        """Parameters per dtype."""
+        out: dict[str, int] = {}
+        for t in (self.tensors or {}).values():
+            out[t.dtype] = out.get(t.dtype, 0) + t.numel
+        return out
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Tensor names, dtypes and shapes from a safetensors file: 8-byte little-endian length, then that much JSON."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            raise MistralError(f"{path} is not a safetensors file or is truncated; download it again.")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise MistralError(f"{path} has a corrupt safetensors header; download it again.") from None
+    if not isinstance(header, dict):
+        raise MistralError(f"{path} has a corrupt safetensors header; download it again.")
+    header.pop("__metadata__", None)
+    tensors: dict[str, TensorMeta] = {}
+    data_size = size - 8 - n
+    for name, t in header.items():
+        try:
+            begin, end = t["data_offsets"]
+            meta = TensorMeta(str(t["dtype"]), tuple(int(d) for d in t["shape"]), int(end) - int(begin))
+        except (KeyError, TypeError, ValueError):
+            raise MistralError(f"{path} has a corrupt safetensors header (tensor {name}).") from None
+        if end > data_size:
+            raise MistralError(f"{path} is truncated ({size} bytes); download it again.")
+        tensors[name] = meta
+    return tensors
+
+
+def describe_weights(paths: tuple[Path, ...] | list[Path]) -> list[WeightFile]:
+    return [
+        WeightFile(p, p.stat().st_size, read_safetensors_header(p) if p.suffix == ".safetensors" else None)
+        for p in paths
+    ]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
