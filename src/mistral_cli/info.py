@@ -1,0 +1,276 @@
+"""`mistral info`: what a model is, where its files are and what running it would take, from headers alone.
+
+Never loads weights and never imports torch (nor huggingface_hub): configs and safetensors headers are read by hand,
+and the device that would be used is guessed from the machine (driver files, the torch build on disk), so the
+answer comes in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from contextlib import suppress
+from dataclasses import asdict
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from mistral_cli.config import ModelConfig
+from mistral_cli.models import (
+    SOURCE_FILE,
+    V1_TOKENIZER_SHA256,
+    ModelPaths,
+    describe_weights,
+    download_command,
+    human_bytes,
+    list_local_models,
+    resolve_model,
+)
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+SAFETENSORS_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+
+
+def run_info(
+    *, model: str | None, json_out: bool, device: str, dtype: str, quantize: str, max_context: int | None
+) -> None:
+    if model is None:
+        _print_list(json_out)
+        return
+    data = gather(resolve_model(model), device=device, dtype=dtype, quantize=quantize, max_context=max_context)
+    if json_out:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_table(data)
+
+
+def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_context: int | None) -> dict[str, Any]:
+    """Everything `mistral info MODEL` shows, as one JSON-ready object."""
+    config = ModelConfig.from_folder(paths.folder)
+    files = describe_weights(paths.weights)
+    counted = [f.n_params for f in files]
+    n_params = sum(n for n in counted if n is not None) if all(n is not None for n in counted) else None
+    dtypes: dict[str, int] = {}
+    for f in files:
+        for name, n in f.dtypes.items():
+            dtypes[name] = dtypes.get(name, 0) + n
+    weight_bytes = sum(f.bytes for f in files)
+    dev_name, dev_reason = detect_device(device)
+    compute = pick_dtype(dtype, dev_name, config.n_params)
+    context = max_context or config.max_context
+    data: dict[str, Any] = {
+        "name": paths.name,
+        "repo_id": paths.repo_id,
+        "source": paths.source,
+        "folder": str(paths.folder),
+        "revision": paths.revision,
+        "format": paths.format,
+        "architecture": config.to_dict(),
+        "parameters": n_params if n_params is not None else config.n_params,
+        "weights": {
+            # None for a .pth: its dtypes sit in a pickle, not in a header we can read
+            "dtype": max(dtypes, key=dtypes.__getitem__) if dtypes else None,
+            "dtypes": dtypes,
+            "bytes": weight_bytes,
+            "files": [
+                {
+                    "name": f.path.name,
+                    "path": str(f.path),
+                    "stored_at": str(f.path.resolve()),
+                    "bytes": f.bytes,
+                    "parameters": f.n_params,
+                    "dtypes": f.dtypes,
+                }
+                for f in files
+            ],
+        },
+        "tokenizer": _tokenizer(paths.tokenizer),
+        "memory": memory_needed(config, compute, quantize, context),
+        "device": {"name": dev_name, "reason": dev_reason, "dtype": compute},
+    }
+    record = paths.folder / SOURCE_FILE
+    if record.is_file():
+        with suppress(ValueError):
+            data["downloaded_from"] = json.loads(record.read_text(encoding="utf-8"))
+    return data
+
+
+def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int) -> dict[str, Any]:
+    """Weights at the compute dtype (linear layers at the quantized width) plus the KV cache for the context."""
+    size = DTYPE_BYTES[dtype]
+    embed = config.vocab_size * config.dim
+    norms = (2 * config.n_layers + 1) * config.dim
+    linear = config.n_params - embed - norms
+    if quantize == "int8":  # one byte a weight and a scale per output row
+        rows = config.n_layers * (
+            (config.n_heads + 2 * config.n_kv_heads) * config.head_dim + config.dim * 2 + config.hidden_dim * 2
+        )
+        linear_bytes = linear + (rows + config.vocab_size) * size
+    elif quantize == "int4":  # half a byte a weight, a scale and a zero point per group of 128
+        linear_bytes = linear // 2 + (linear // 128) * 2 * size
+    else:
+        linear_bytes = linear * size
+    weights = linear_bytes + (embed + norms) * size
+    kv = config.kv_bytes_per_token(size) * context
+    return {
+        "dtype": dtype,
+        "quantize": quantize,
+        "context": context,
+        "weights_bytes": weights,
+        "kv_cache_bytes": kv,
+        "total_bytes": weights + kv,
+    }
+
+
+def detect_device(requested: str = "auto") -> tuple[str, str]:
+    """The device `auto` would pick, guessed without importing torch: a CUDA build of torch plus a GPU driver, else
+    Apple silicon, else the CPU."""
+    if requested != "auto":
+        return requested, "asked for with --device"
+    torch_lib = _torch_lib()
+    if torch_lib is None:
+        return "cpu", "torch is not installed"
+    cuda_build = any(torch_lib.glob("libtorch_cuda*")) or any(torch_lib.glob("libtorch_hip*"))
+    driver = Path("/proc/driver/nvidia/version").exists() or Path("/dev/kfd").exists() or shutil.which("nvidia-smi")
+    if cuda_build and driver:
+        return "cuda", "a GPU driver and a CUDA build of torch are installed"
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mps", "Apple silicon"
+    if driver:
+        return "cpu", "a GPU driver is installed but torch is a CPU-only build"
+    return "cpu", "no GPU driver found"
+
+
+def pick_dtype(requested: str, device: str, n_params: int) -> str:
+    """`auto` as the loader resolves it: bf16 on cuda, fp16 on mps, on a CPU bf16 where it is fast, else fp32."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "bf16"
+    if device == "mps":
+        return "fp16"
+    if _cpu_has_fast_bf16():
+        return "bf16"
+    free = _available_memory()
+    return "bf16" if free is not None and n_params * 4 > 0.85 * free else "fp32"
+
+
+def _torch_lib() -> Path | None:
+    spec = find_spec("torch")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "lib"
+
+
+def _cpu_has_fast_bf16() -> bool:
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _tokenizer(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # half a megabyte: a millisecond
+    kind = "v1 SentencePiece, 32000 pieces" if digest == V1_TOKENIZER_SHA256 else "SentencePiece (not the v1 file)"
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest, "kind": kind}
+
+
+# ---------------------------------------------------------------------------------------------------------- printing
+
+
+def _print_table(d: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    a, w, m, dev = d["architecture"], d["weights"], d["memory"], d["device"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    where = d["repo_id"] or d["folder"]
+    table.add_row("model", f"{d['name']} ({d['source']}: {where})")
+    table.add_row("folder", d["folder"])
+    if d["revision"]:
+        table.add_row("revision", d["revision"])
+    if "downloaded_from" in d:
+        table.add_row("downloaded from", str(d["downloaded_from"].get("url")))
+    table.add_row("format", "HF (config.json)" if d["format"] == "hf" else "native (params.json)")
+    table.add_row(
+        "architecture",
+        f"{a['n_layers']} layers, width {a['dim']}, {a['n_heads']} heads, {a['n_kv_heads']} kv heads, "
+        f"head size {a['head_dim']}, MLP {a['hidden_dim']}, vocab {a['vocab_size']}",
+    )
+    window = a["sliding_window"] or "none"
+    table.add_row("attention", f"rope theta {a['rope_theta']:g}, sliding window {window}, context {a['max_context']}")
+    table.add_row("parameters", f"{d['parameters'] / 1e9:.2f} B ({d['parameters']:,})")
+    dtype = w["dtype"] or "unknown (.pth: not read)"
+    table.add_row("weights", f"{dtype}, {human_bytes(w['bytes'])} in {len(w['files'])} file(s)")
+    for f in w["files"]:
+        stored = f" -> {f['stored_at']}" if f["stored_at"] != f["path"] else ""
+        table.add_row("", f"{f['name']}  {human_bytes(f['bytes'])}{stored}")
+    t = d["tokenizer"]
+    table.add_row("tokenizer", f"{t['kind']}, {t['path']}")
+    table.add_row(
+        "memory",
+        f"about {human_bytes(m['total_bytes'])}: weights {human_bytes(m['weights_bytes'])} "
+        f"({m['dtype']}, quantize {m['quantize']}) + KV cache {human_bytes(m['kv_cache_bytes'])} "
+        f"({m['context']} tokens)",
+    )
+    table.add_row("device", f"{dev['name']} {dev['dtype']} ({dev['reason']})")
+    _emit(table)
+
+
+def _emit(table: Any) -> None:
+    """On a terminal, Rich's own layout; in a pipe, unwrapped lines without the padding Rich adds."""
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        Console(highlight=False).print(table)
+        return
+    console = Console(highlight=False, width=1000, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(table)
+    console.file.close()
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in console.export_text().splitlines()))
+
+
+def _print_list(json_out: bool) -> None:
+    models = list_local_models()
+    if json_out:
+        rows = [{**asdict(m), "folder": str(m.folder)} for m in models]
+        print(json.dumps({"models": rows}, indent=2))
+        return
+    if not models:
+        sys.stderr.write("No models on disk yet; `mistral download` fetches mistral-7b-instruct-v0.2.\n")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "size", "source", "folder"):
+        table.add_column(column, overflow="fold")
+    for m in models:
+        command = " ".join(download_command(m.name, tar=m.source == "tar"))
+        name = m.name if m.complete else f"{m.name} (incomplete: run `{command}`)"
+        table.add_row(name, human_bytes(m.bytes), m.source, str(m.folder))
+    _emit(table)
