@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,9 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
 
 def _iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for our users
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise MistralError(
             f"{path} needs arbitrary Python code to load (unsafe pickle); only plain tensor checkpoints are accepted."

@@ -1,0 +1,218 @@
+"""The generation engine: a loaded model, its tokenizer and the key/value cache of one sequence.
+
+`Engine.generate` is a Python generator: it prefills the tokens the cache does not already hold, then decodes,
+yielding each token's text as it becomes final, and finally a `Done` with the finish reason and timings.
+It never prints. The cache is reused across calls: a new prompt that extends the previous sequence (the next turn
+of a chat) prefills only its new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mistral_cli.cache import KVCache
+from mistral_cli.checkpoint import load_model
+from mistral_cli.config import ModelConfig
+from mistral_cli.devices import Placement, pick
+from mistral_cli.errors import MistralError
+from mistral_cli.model import Transformer
+from mistral_cli.sampling import GenerationOptions, Sampler
+from mistral_cli.tokenizer import Tokenizer
+
+
+@dataclass
+class Chunk:
+    text: str  # may be "" while a multi-byte character or a possible stop string is pending
+    token: int
+
+
+@dataclass
+class Done:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length" | "stop_sequence" | "context"
+    prompt_tokens: int
+    prefilled_tokens: int  # prompt tokens that were not already in the cache
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first token comes out of the prefill; the decode steps produce the rest
+        steps = max(len(self.tokens) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class StopMatcher:
+    """Holds back text that might be the start of a stop string, so a stop string is never printed."""
+
+    stops: list[str]
+    pending: str = ""
+    text: list[str] = field(default_factory=list)
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was found)."""
+        buf = self.pending + piece
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return self._emit(buf[: min(hits)]), True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:n]):
+                    keep = n
+                    break
+        self.pending = buf[len(buf) - keep :]
+        return self._emit(buf[: len(buf) - keep]), False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return self._emit(out)
+
+    def _emit(self, s: str) -> str:
+        self.text.append(s)
+        return s
+
+
+class Engine:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, placement: Placement, max_context: int, load_s: float = 0.0
+    ) -> None:
+        self.model, self.tokenizer, self.placement = model, tokenizer, placement
+        self.cfg: ModelConfig = model.cfg
+        self.max_context = max_context
+        self.load_s = load_s
+        self.cache: KVCache = model.new_cache(max_context)
+        self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantize: str = "none",
+        max_context: int | None = None,
+    ) -> Engine:
+        t0 = time.perf_counter()
+        cfg = ModelConfig.from_folder(folder)
+        tokenizer = Tokenizer(folder / "tokenizer.model")
+        if tokenizer.vocab_size != cfg.vocab_size:
+            raise MistralError(
+                f"{folder / 'tokenizer.model'} has {tokenizer.vocab_size} tokens but the model expects "
+                f"{cfg.vocab_size}: the tokenizer does not belong to this model."
+            )
+        if max_context is not None and not 1 <= max_context <= cfg.max_context:
+            raise MistralError(f"--max-context must be between 1 and the model's {cfg.max_context}, not {max_context}.")
+        placement = pick(device, dtype, cfg.n_params)
+        model = load_model(folder, placement, cfg)
+        if quantize != "none":
+            from mistral_cli.quant import quantize_model
+
+            quantize_model(model, quantize)
+        return cls(model, tokenizer, placement, max_context or cfg.max_context, time.perf_counter() - t0)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.tokens = []
+
+    def _sync(self) -> None:
+        if self.placement.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, int]:
+        """Bring the cache to exactly `prompt`, feeding only what it lacks; returns last logits and tokens fed."""
+        if not prompt:
+            raise MistralError("The prompt is empty.")
+        if len(prompt) > self.max_context:
+            raise MistralError(
+                f"The prompt is {len(prompt)} tokens, more than the context of {self.max_context} tokens."
+            )
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # the last prompt token is always fed: its logits are needed
+        self.cache.truncate(common)
+        self.tokens = self.tokens[:common]
+        new = prompt[common:]
+        x = torch.tensor([new], dtype=torch.long, device=self.placement.device)
+        logits = self.model(x, self.cache, common, last_only=True)[0, -1]
+        self.tokens = list(prompt)
+        return logits, len(new)
+
+    def generate(
+        self,
+        prompt: list[int],
+        options: GenerationOptions,
+        *,
+        leading_space: bool = False,
+        on_prefill: Callable[[int], None] | None = None,
+    ) -> Iterator[Chunk | Done]:
+        """Yield a Chunk per generated token, then one Done. Ctrl-C (KeyboardInterrupt) leaves the cache consistent."""
+        sampler = Sampler(options)
+        stops = StopMatcher(options.stop)
+        stream = self.tokenizer.stream(leading_space=leading_space)
+        eos = self.tokenizer.eos_id
+        t0 = time.perf_counter()
+        logits, fed = self.prefill(prompt)
+        if on_prefill:
+            on_prefill(fed)
+        self._sync()
+        t1 = time.perf_counter()
+        generated: list[int] = []
+        finish = "length"
+        limit = options.max_tokens
+        while limit is None or len(generated) < limit:
+            token = sampler(logits, self.tokens)
+            if token == eos:
+                finish = "stop"
+                break
+            generated.append(token)
+            text, hit = stops.feed(stream.push(token))
+            yield Chunk(text, token)
+            if hit:
+                finish = "stop_sequence"
+                break
+            if len(self.tokens) >= self.max_context:
+                finish = "context"
+                break
+            if limit is not None and len(generated) >= limit:
+                break
+            with torch.inference_mode():
+                x = torch.tensor([[token]], dtype=torch.long, device=self.placement.device)
+                logits = self.model(x, self.cache, len(self.tokens))[0, -1]
+            self.tokens.append(token)
+        if finish != "stop_sequence":
+            tail = stops.feed(stream.flush())[0] + stops.flush()
+            if tail:
+                yield Chunk(tail, -1)
+        self._sync()
+        t2 = time.perf_counter()
+        yield Done(
+            text="".join(stops.text),
+            tokens=generated,
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            prefilled_tokens=fed,
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+        )
