@@ -40,9 +40,8 @@ def cpu_has_fast_bf16() -> bool:
                         return bool(flags & {"avx512_bf16", "amx_bf16"})
         except OSError:
             return False
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return True  # Apple M2 and later have BF16 instructions; on M1 torch still runs bf16 correctly
-    return False
+    # Apple M2 and later have BF16 instructions; on M1 torch still runs bf16 correctly
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def available_memory() -> int | None:

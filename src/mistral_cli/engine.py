@@ -146,7 +146,7 @@ class Engine:
                 f"The prompt is {len(prompt)} tokens, more than the context of {self.max_context} tokens."
             )
         common = 0
-        for a, b in zip(self.tokens, prompt):
+        for a, b in zip(self.tokens, prompt, strict=False):
             if a != b:
                 break
             common += 1
