@@ -190,3 +190,21 @@ def test_engine_reuses_cache_for_extended_prompt(hf_model_dir, tok):
     list(engine.generate(second, opts, on_prefill=fed.append))
     # the cache held the prompt and all generated tokens but the last, which was never fed
     assert fed == [len(second) - len(first) - len(done.tokens) + 1]
+
+
+def test_truncate_keeps_the_end_of_the_prompt(hf_model_dir, tok, tmp_path):
+    prompt = " ".join(f"w{i}" for i in range(60))
+    proc = run("complete", "-m", str(hf_model_dir), "--max-context", "40", "-n", "5", "--truncate", "--json", prompt)
+    got = json.loads(proc.out)
+    assert proc.returncode == 0 and got["usage"]["prompt_tokens"] + 5 <= 40
+    convo = [{"role": "user", "content": f"question {i} " * 5} for i in range(6)]
+    for i in range(1, 6, 2):
+        convo[i] = {"role": "assistant", "content": f"answer {i} " * 5}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(convo))
+    proc = run("complete", "-m", str(hf_model_dir), "--max-context", "64", "-n", "4", "--truncate", "--json",
+               "--messages", str(path))  # fmt: skip
+    got = json.loads(proc.out)
+    kept = [Message(m["role"], m["content"]) for m in convo[-1:]]
+    assert proc.returncode == 0, proc.err
+    assert got["usage"]["prompt_tokens"] >= len(encode_chat(tok, kept)) and got["usage"]["prompt_tokens"] + 4 <= 64

@@ -208,6 +208,14 @@ def complete(
         bool, typer.Option("--json", help="Print one JSON object with the text, finish reason, usage and timings.")
     ] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion.")] = False,
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            "--truncate",
+            help="If the prompt does not fit the context, drop its beginning (oldest messages with --messages) "
+            "instead of failing.",
+        ),
+    ] = False,
 ) -> None:
     """Continue a prompt (argument or stdin) and print only the generated text: made for shell pipelines."""
     from mistral_cli.complete import run_complete
@@ -237,6 +245,7 @@ def complete(
         messages=messages,
         json_out=json_out,
         echo=echo,
+        truncate=truncate,
     )
 
 

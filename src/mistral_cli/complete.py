@@ -46,6 +46,39 @@ def build_prompt(tokenizer: Any, text: str | None, *, instruct: bool, system: st
     return [tokenizer.bos_id, *tokenizer.encode(text or "")]
 
 
+def truncate_prompt(
+    tokenizer: Any,
+    ids: list[int],
+    text: str | None,
+    context: int,
+    max_tokens: int | None,
+    *,
+    instruct: bool,
+    system: str | None,
+    messages: list | None,
+) -> list[int]:
+    """Drop the start of the prompt so that it and the reply fit: the oldest messages, or the oldest tokens."""
+    room = context - min(max_tokens or context // 4, context // 2)  # leave space for the reply
+    if messages is not None:
+        msgs = list(messages)
+        # drop the oldest non-system message until it fits; the last (user) message always stays
+        while len(ids) > room and sum(m.role != "system" for m in msgs) > 1:
+            first = next(i for i, m in enumerate(msgs) if m.role != "system")
+            del msgs[first]
+            if msgs[first:] and msgs[first].role == "assistant":
+                del msgs[first]  # a conversation cannot resume on an assistant turn
+            ids = build_prompt(tokenizer, None, instruct=False, system=system, messages=msgs)
+        return ids
+    if not instruct:
+        return [tokenizer.bos_id, *ids[len(ids) - room + 1 :]]
+    body = tokenizer.encode(text or "")
+    overflow = len(ids) - room
+    if overflow >= len(body):
+        return ids  # the instruct frame alone does not fit; the caller reports it
+    kept = tokenizer.decode(body[overflow:])
+    return build_prompt(tokenizer, kept, instruct=True, system=system, messages=None)
+
+
 def run_complete(
     *,
     prompt: str | None,
@@ -62,6 +95,7 @@ def run_complete(
     messages: Path | None,
     json_out: bool,
     echo: bool,
+    truncate: bool = False,
 ) -> None:
     opts = GenerationOptions(**options).with_seed()  # validated before the slow model load
     conversation = None
@@ -87,6 +121,17 @@ def run_complete(
     if verbose:
         sys.stderr.write(f"mistral: loaded {paths.folder} on {engine.placement} in {engine.load_s:.2f} s\n")
     ids = build_prompt(engine.tokenizer, text, instruct=instruct, system=system, messages=conversation)
+    if truncate and len(ids) >= engine.max_context:
+        ids = truncate_prompt(
+            engine.tokenizer,
+            ids,
+            text,
+            engine.max_context,
+            opts.max_tokens,
+            instruct=instruct,
+            system=system,
+            messages=conversation,
+        )
     if len(ids) >= engine.max_context:
         raise MistralError(
             f"The prompt is {len(ids)} tokens, but the context holds {engine.max_context} (including the reply); "
