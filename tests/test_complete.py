@@ -197,7 +197,7 @@ def test_truncate_keeps_the_end_of_the_prompt(hf_model_dir, tok, tmp_path):
     proc = run("complete", "-m", str(hf_model_dir), "--max-context", "40", "-n", "5", "--truncate", "--json", prompt)
     got = json.loads(proc.out)
     assert proc.returncode == 0 and got["usage"]["prompt_tokens"] + 5 <= 40
-    convo = [{"role": "user", "content": f"question {i} " * 5} for i in range(6)]
+    convo = [{"role": "user", "content": f"question {i} " * 5} for i in range(7)]
     for i in range(1, 6, 2):
         convo[i] = {"role": "assistant", "content": f"answer {i} " * 5}
     path = tmp_path / "long.json"
