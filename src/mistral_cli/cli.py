@@ -299,7 +299,7 @@ def chat(
 @app.command()
 def download(
     model: Annotated[
-        str, typer.Argument(envvar="MISTRAL_MODEL", help="Alias or Hugging Face repo id.")
+        str, typer.Argument(envvar="MISTRAL_MODEL", help="Alias or Hugging Face repo id (with --url: any folder name).")
     ] = DEFAULT_MODEL,
     revision: Annotated[
         str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub [default: main].")
@@ -321,7 +321,13 @@ def download(
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Download again even if the files are there.")] = False,
 ) -> None:
-    """Download a model's weights and tokenizer; prints the local folder on success."""
+    """Download a model's weights and tokenizer; prints the local folder on success.
+
+    Hub (the default): only what inference needs, into the Hugging Face cache (HF_HOME), shared with other tools.
+    Tar (--source tar or --url): the vendor's archive, unpacked into $MISTRAL_HOME (default: your data folder); an
+    archive without tokenizer.model gets the v1 tokenizer, from the Hugging Face cache, the mistral-common package or
+    mistral-community/Mistral-7B-v0.2. Running the command again resumes an interrupted download.
+    """
     from mistral_cli.download import run_download
 
     _guard(
