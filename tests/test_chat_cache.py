@@ -1,0 +1,134 @@
+"""Cache reuse across chat turns: the same logits as a fresh prefill, and only the new tokens fed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistral_cli.conversation import Conversation
+from mistral_cli.engine import Done, Engine
+from mistral_cli.sampling import GenerationOptions
+
+BIG = 1024
+GREEDY = GenerationOptions(max_tokens=6, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine(hf_model_dir) -> Engine:
+    return Engine.load(hf_model_dir, device="cpu", dtype="fp32", max_context=1024)
+
+
+def fresh(engine: Engine) -> Engine:
+    """The same weights with an empty cache."""
+    return Engine(engine.model, engine.tokenizer, engine.placement, engine.max_context)
+
+
+def reply(engine: Engine, ids: list[int]) -> Done:
+    return [e for e in engine.generate(ids, GREEDY) if isinstance(e, Done)][0]
+
+
+def check_turn(engine: Engine, ids: list[int]) -> int:
+    """Prefill `ids` on the chat's engine; its logits must equal a fresh full prefill. Returns the tokens fed."""
+    logits, fed = engine.prefill(ids)
+    assert engine.tokens == ids  # the cache holds exactly the instruct-format ids of the history
+    reference, all_fed = fresh(engine).prefill(ids)
+    assert all_fed == len(ids)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    return fed
+
+
+def answer(engine: Engine, conv: Conversation, ids: list[int], *, round_trips: bool = True) -> None:
+    done = reply(engine, ids)
+    assert done.text == reply(fresh(engine), ids).text  # the reply itself is the same as without reuse
+    if round_trips:  # precondition of the exact counts below: the reply re-encodes to the ids generated
+        assert engine.tokenizer.encode(done.text) == done.tokens, "pick another message for this test"
+    conv.answer(done.text, done.finish_reason)
+
+
+CANDIDATES = [
+    "Hello",
+    "What is 2+2?",
+    "Hi there",
+    "Name a colour",
+    "Tell me a story",
+    "Why?",
+    "Go on",
+    "Thanks",
+    "Say more",
+    "OK",
+]
+
+
+def pick(engine: Engine, conv: Conversation) -> str:
+    """A next message whose greedy reply re-encodes to the tokens generated (needed for exact counts)."""
+    for message in CANDIDATES:
+        ids = conv.ask(message, BIG, 100).ids
+        conv.undo()
+        done = reply(fresh(engine), ids)
+        if engine.tokenizer.encode(done.text) == done.tokens:
+            return message
+    raise AssertionError("no candidate message gives a reply that re-encodes to its own tokens")
+
+
+def test_each_turn_feeds_only_its_new_tokens(engine):
+    engine.reset()
+    conv = Conversation(engine.tokenizer, "Be brief.")
+    for i in range(3):
+        message = pick(engine, conv)
+        prompt = conv.ask(message, BIG, 100)
+        held = list(engine.tokens)
+        assert prompt.ids[: len(held)] == held  # nothing the cache holds is stale
+        fed = check_turn(engine, prompt.ids)
+        assert fed == len(prompt.ids) - len(held)
+        if i:  # the last reply token and its EOS (never fed while generating), then the new user turn
+            new_turn = engine.tokenizer.encode(f"[INST] {message} [/INST]")
+            assert fed == 2 + len(new_turn)
+        answer(engine, conv, prompt.ids)
+
+
+def test_undo_retry_system_and_dropping_rebuild_the_cache_correctly(engine):
+    engine.reset()
+    tok = engine.tokenizer
+    conv = Conversation(tok)
+    for _ in range(2):
+        ids = conv.ask(pick(engine, conv), BIG, 100).ids
+        check_turn(engine, ids)
+        answer(engine, conv, ids)
+
+    # /retry: the same prompt again; only its last token is fed (its logits are needed)
+    ids = conv.retry(BIG, 100).ids
+    assert check_turn(engine, ids) == 1
+    answer(engine, conv, ids)
+
+    # /undo, then a new message: the cache is cut back to the history before the undone exchange
+    conv.undo()
+    ids = conv.ask("Something else", BIG, 100).ids
+    assert check_turn(engine, ids) <= len(tok.encode("[INST] Something else [/INST]"))
+    answer(engine, conv, ids, round_trips=False)
+
+    # a reply that does not re-encode to the tokens generated: the cache is cut where they differ
+    prompt_ids = conv.ask("Say hello", BIG, 100).ids
+    check_turn(engine, prompt_ids)
+    pieces = {tok.piece(i): i for i in range(tok.vocab_size)}
+    generated = [pieces["▁Hel"], pieces["lo"]]  # as a model may spell it; "Hello" re-encodes as "▁Hello"
+    assert tok.decode(generated) == "Hello" and tok.encode("Hello") != generated
+    engine.prefill(prompt_ids + generated)
+    conv.answer("Hello", "stop")
+    ids = conv.ask("Another one?", BIG, 100).ids
+    assert check_turn(engine, ids) == len(ids) - len(prompt_ids)
+    answer(engine, conv, ids, round_trips=False)
+
+    # /system mid-conversation changes the first turn: read again from the system prompt on
+    conv.system = "You are a pirate."
+    inst = 1 + len(tok.encode("[INST]"))  # BOS and "[INST]" start every history
+    ids = conv.ask("Ahoy?", BIG, 100).ids
+    assert check_turn(engine, ids) == len(ids) - inst
+    answer(engine, conv, ids, round_trips=False)
+
+    # dropping the oldest exchanges to fit: the first turn keeps the system prompt, the rest is read again
+    small = len(conv.ids()) - 10
+    prompt = conv.ask("Last one", small, 20)
+    assert prompt.dropped
+    system_turn = [tok.bos_id, *tok.encode("[INST] You are a pirate.\n\n")]
+    assert prompt.ids[: len(system_turn)] == system_turn
+    assert check_turn(engine, prompt.ids) == len(prompt.ids) - len(system_turn)
