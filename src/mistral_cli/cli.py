@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 from mistral_cli import __version__
 from mistral_cli.errors import MistralError
+from mistral_cli.settings import DEFAULTS, SPECS, Settings, resolve
 
-DEFAULT_MODEL = "mistral-7b-instruct-v0.2"
+T = TypeVar("T")
+
+DEFAULT_MODEL = DEFAULTS["model"]
+# Defaults shown by --help are the built-in ones; MISTRAL_* variables and the config file change them.
+SETTINGS_EPILOG = (
+    "Defaults can be set in the config file or MISTRAL_* variables; `mistral info` shows the values in effect."
+)
 
 app = typer.Typer(
     name="mistral",
@@ -46,6 +54,11 @@ class Quantize(str, Enum):
     int4 = "int4"
 
 
+DEFAULT_DEVICE = Device(DEFAULTS["device"])
+DEFAULT_DTYPE = DType(DEFAULTS["dtype"])
+DEFAULT_QUANTIZE = Quantize(DEFAULTS["quantize"])
+
+
 class Source(str, Enum):
     hub = "hub"
     tar = "tar"
@@ -72,8 +85,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        envvar="MISTRAL_MODEL",
-        help="Alias, Hugging Face repo id or local folder.",
+        help="Alias, Hugging Face repo id or local folder. \\[env var: MISTRAL_MODEL]",
         show_default=True,
     ),
 ]
@@ -83,53 +95,73 @@ MaxTokens = Annotated[
     typer.Option(
         "--max-tokens",
         "-n",
-        help="Most tokens to generate [default: until the end or the context is full].",
+        help="Most tokens to generate \\[default: until the end or the context is full]. \\[env var: MISTRAL_MAX_TOKENS]",
         rich_help_panel=GEN,
     ),
 ]
 Temperature = Annotated[
-    float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.", rich_help_panel=GEN)
+    float,
+    typer.Option(
+        "--temperature",
+        "-t",
+        help="Sampling temperature; 0 is greedy. \\[env var: MISTRAL_TEMPERATURE]",
+        rich_help_panel=GEN,
+    ),
 ]
 TopP = Annotated[
     float,
     typer.Option(
         "--top-p",
-        help="Nucleus sampling: keep the smallest set of tokens whose probability adds up to P (1 = off).",
+        help="Nucleus sampling: keep the smallest set of tokens whose probability adds up to P (1 = off). "
+        "\\[env var: MISTRAL_TOP_P]",
         rich_help_panel=GEN,
     ),
 ]
 TopK = Annotated[
-    int, typer.Option("--top-k", help="Keep only the K most likely tokens (0 = off).", rich_help_panel=GEN)
+    int,
+    typer.Option(
+        "--top-k", help="Keep only the K most likely tokens (0 = off). \\[env var: MISTRAL_TOP_K]", rich_help_panel=GEN
+    ),
 ]
 MinP = Annotated[
     float,
     typer.Option(
-        "--min-p", help="Drop tokens less likely than P times the most likely one (0 = off).", rich_help_panel=GEN
+        "--min-p",
+        help="Drop tokens less likely than P times the most likely one (0 = off). \\[env var: MISTRAL_MIN_P]",
+        rich_help_panel=GEN,
     ),
 ]
 RepeatPenalty = Annotated[
     float,
-    typer.Option("--repeat-penalty", help="Penalty for tokens already in the context (1 = off).", rich_help_panel=GEN),
+    typer.Option(
+        "--repeat-penalty",
+        help="Penalty for tokens already in the context (1 = off). \\[env var: MISTRAL_REPEAT_PENALTY]",
+        rich_help_panel=GEN,
+    ),
 ]
 Seed = Annotated[
     int | None,
     typer.Option(
         "--seed",
         "-s",
-        help="Random seed; the same seed and options give the same text [default: random, reported by --json].",
+        help="Random seed; the same seed and options give the same text \\[default: random, reported by --json]. "
+        "\\[env var: MISTRAL_SEED]",
         rich_help_panel=GEN,
     ),
 ]
 Stop = Annotated[
     list[str] | None,
-    typer.Option("--stop", help="Stop when this text appears (repeatable); it is not printed.", rich_help_panel=GEN),
+    typer.Option(
+        "--stop",
+        help="Stop when this text appears (repeatable); it is not printed. \\[env var: MISTRAL_STOP, one text]",
+        rich_help_panel=GEN,
+    ),
 ]
 DeviceOpt = Annotated[
     Device,
     typer.Option(
         "--device",
-        envvar="MISTRAL_DEVICE",
-        help="Where to run: auto picks cuda, then mps, then cpu.",
+        help="Where to run: auto picks cuda, then mps, then cpu. \\[env var: MISTRAL_DEVICE]",
         rich_help_panel="Hardware",
     ),
 ]
@@ -137,8 +169,7 @@ DTypeOpt = Annotated[
     DType,
     typer.Option(
         "--dtype",
-        envvar="MISTRAL_DTYPE",
-        help="Compute dtype: auto is bf16 on cuda, fp16 on mps, bf16 or fp32 on cpu.",
+        help="Compute dtype: auto is bf16 on cuda, fp16 on mps, bf16 or fp32 on cpu. \\[env var: MISTRAL_DTYPE]",
         rich_help_panel="Hardware",
     ),
 ]
@@ -147,8 +178,7 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         "-q",
-        envvar="MISTRAL_QUANTIZE",
-        help="Weight-only quantization applied at load time.",
+        help="Weight-only quantization applied at load time. \\[env var: MISTRAL_QUANTIZE]",
         rich_help_panel="Hardware",
     ),
 ]
@@ -156,7 +186,7 @@ MaxContext = Annotated[
     int | None,
     typer.Option(
         "--max-context",
-        help="Context size in tokens [default: the model's, 32768 for v0.2].",
+        help="Context size in tokens \\[default: the model's, 32768 for v0.2]. \\[env var: MISTRAL_MAX_CONTEXT]",
         rich_help_panel="Hardware",
     ),
 ]
@@ -169,26 +199,23 @@ Compile = Annotated[
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds on stderr.")]
 
 
-def _gen_options(**kw: object) -> dict[str, object]:
-    return kw
-
-
-@app.command()
+@app.command(epilog=SETTINGS_EPILOG)
 def complete(
+    ctx: typer.Context,
     prompt: Annotated[str | None, typer.Argument(help="The prompt; all of stdin when absent or '-'.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
-    max_tokens: MaxTokens = None,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
-    min_p: MinP = 0.0,
-    repeat_penalty: RepeatPenalty = 1.0,
-    seed: Seed = None,
+    max_tokens: MaxTokens = DEFAULTS["max_tokens"],
+    temperature: Temperature = DEFAULTS["temperature"],
+    top_p: TopP = DEFAULTS["top_p"],
+    top_k: TopK = DEFAULTS["top_k"],
+    min_p: MinP = DEFAULTS["min_p"],
+    repeat_penalty: RepeatPenalty = DEFAULTS["repeat_penalty"],
+    seed: Seed = DEFAULTS["seed"],
     stop: Stop = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.auto,
-    quantize: QuantizeOpt = Quantize.none,
-    max_context: MaxContext = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    dtype: DTypeOpt = DEFAULT_DTYPE,
+    quantize: QuantizeOpt = DEFAULT_QUANTIZE,
+    max_context: MaxContext = DEFAULTS["max_context"],
     compile: Compile = False,
     verbose: Verbose = False,
     instruct: Annotated[
@@ -220,24 +247,12 @@ def complete(
     """Continue a prompt (argument or stdin) and print only the generated text: made for shell pipelines."""
     from mistral_cli.complete import run_complete
 
+    # model, the generation and the hardware options reach run_complete through _generate's settings (ctx.params)
     _guard(
+        _generate,
+        ctx,
         run_complete,
         prompt=prompt,
-        model=model,
-        options=_gen_options(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-            stop=list(stop or []),
-        ),
-        device=device.value,
-        dtype=dtype.value,
-        quantize=quantize.value,
-        max_context=max_context,
         compile=compile,
         verbose=verbose,
         instruct=instruct,
@@ -249,21 +264,22 @@ def complete(
     )
 
 
-@app.command()
+@app.command(epilog=SETTINGS_EPILOG)
 def chat(
+    ctx: typer.Context,
     model: ModelOpt = DEFAULT_MODEL,
-    max_tokens: MaxTokens = None,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
-    min_p: MinP = 0.0,
-    repeat_penalty: RepeatPenalty = 1.0,
-    seed: Seed = None,
+    max_tokens: MaxTokens = DEFAULTS["max_tokens"],
+    temperature: Temperature = DEFAULTS["temperature"],
+    top_p: TopP = DEFAULTS["top_p"],
+    top_k: TopK = DEFAULTS["top_k"],
+    min_p: MinP = DEFAULTS["min_p"],
+    repeat_penalty: RepeatPenalty = DEFAULTS["repeat_penalty"],
+    seed: Seed = DEFAULTS["seed"],
     stop: Stop = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.auto,
-    quantize: QuantizeOpt = Quantize.none,
-    max_context: MaxContext = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    dtype: DTypeOpt = DEFAULT_DTYPE,
+    quantize: QuantizeOpt = DEFAULT_QUANTIZE,
+    max_context: MaxContext = DEFAULTS["max_context"],
     compile: Compile = False,
     verbose: Verbose = False,
     system: Annotated[str | None, typer.Option("--system", help="System prompt for the conversation.")] = None,
@@ -272,23 +288,11 @@ def chat(
     """Talk with the model in an interactive session (type /help inside)."""
     from mistral_cli.repl import run_chat
 
+    # model, the generation and the hardware options reach run_chat through _generate's settings (ctx.params)
     _guard(
+        _generate,
+        ctx,
         run_chat,
-        model=model,
-        options=_gen_options(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-            stop=list(stop or []),
-        ),
-        device=device.value,
-        dtype=dtype.value,
-        quantize=quantize.value,
-        max_context=max_context,
         compile=compile,
         verbose=verbose,
         system=system,
@@ -298,8 +302,10 @@ def chat(
 
 @app.command()
 def download(
+    ctx: typer.Context,
     model: Annotated[
-        str, typer.Argument(envvar="MISTRAL_MODEL", help="Alias or Hugging Face repo id (with --url: any folder name).")
+        str,
+        typer.Argument(help="Alias or Hugging Face repo id (with --url: any folder name). \\[env var: MISTRAL_MODEL]"),
     ] = DEFAULT_MODEL,
     revision: Annotated[
         str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub [default: main].")
@@ -330,9 +336,10 @@ def download(
     """
     from mistral_cli.download import run_download
 
+    settings = _guard(_settings, ctx)
     _guard(
         run_download,
-        model=model,
+        model=settings["model"],
         revision=revision,
         token=token,
         source=source.value,
@@ -344,31 +351,59 @@ def download(
 
 @app.command()
 def info(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="Alias, repo id or folder [default: list local models].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.auto,
-    quantize: QuantizeOpt = Quantize.none,
-    max_context: MaxContext = None,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    dtype: DTypeOpt = DEFAULT_DTYPE,
+    quantize: QuantizeOpt = DEFAULT_QUANTIZE,
+    max_context: MaxContext = DEFAULTS["max_context"],
 ) -> None:
-    """Show a model's architecture, files and memory needs, or list the models on disk."""
+    """Show a model's architecture, files and memory needs, or list the models on disk; with the settings in effect
+    and where each comes from."""
     from mistral_cli.info import run_info
 
+    settings = _guard(_settings, ctx)
     _guard(
         run_info,
         model=model,
         json_out=json_out,
-        device=device.value,
-        dtype=dtype.value,
-        quantize=quantize.value,
-        max_context=max_context,
+        device=settings["device"],
+        dtype=settings["dtype"],
+        quantize=settings["quantize"],
+        max_context=settings["max_context"],
     )
 
 
-def _guard(fn, /, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+def _settings(ctx: typer.Context) -> Settings:
+    """The effective settings: options typed on this command line win over MISTRAL_* variables and the config file."""
+    typed = {name: value for name, value in ctx.params.items() if name in SPECS and _typed(ctx, name)}
+    return resolve(typed)
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"  # by name: click or Typer's vendored copy
+
+
+def _generate(ctx: typer.Context, run: Callable[..., None], /, **kwargs: object) -> None:
+    """Run complete or chat with the model, generation and hardware options from the settings."""
+    s = _settings(ctx)
+    run(
+        model=s["model"],
+        options=s.generation(),
+        device=s["device"],
+        dtype=s["dtype"],
+        quantize=s["quantize"],
+        max_context=s["max_context"],
+        **kwargs,
+    )
+
+
+def _guard(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
     """Expected failures become one sentence on stderr and a non-zero exit, never a traceback."""
     try:
-        fn(**kwargs)
+        return fn(*args, **kwargs)
     except MistralError as exc:
         _error(str(exc))
         raise typer.Exit(exc.exit_code) from None
