@@ -1,0 +1,106 @@
+"""Shell completion: the checked-in scripts match the generator, and the CLI answers completion requests without
+importing torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# The console script's code path (prog name `mistral`, so the hook is _MISTRAL_COMPLETE), reporting whether torch
+# got imported: completion runs on every Tab and must stay instant.
+PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write('TORCH IMPORTED' if 'torch' in sys.modules else ''))\n"
+    "sys.argv[0] = 'mistral'\n"
+    "from mistral_cli.cli import main\n"
+    "main()\n"
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTRAL_", "_MISTRAL_", "_TYPER_", "COMP_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the `mistral` the scripts call back into
+    return {**env, **extra}
+
+
+def complete(**env: str) -> list[str]:
+    r = subprocess.run([sys.executable, "-c", PROBE], env=_env(**env), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "TORCH IMPORTED" not in r.stderr
+    return r.stdout.splitlines()
+
+
+def test_checked_in_scripts_are_what_the_generator_writes():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_completions.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, f"stale completion scripts:\n{r.stderr}"
+    for name in ("mistral.bash", "_mistral", "mistral.fish"):
+        assert "_MISTRAL_COMPLETE=complete_" in (ROOT / "completions" / name).read_text(encoding="utf-8")
+    assert (ROOT / "completions" / "_mistral").read_text(encoding="utf-8").startswith("#compdef mistral\n")
+
+
+def test_bash_completes_subcommands_options_and_choices():
+    assert complete(_MISTRAL_COMPLETE="complete_bash", COMP_WORDS="mistral comp", COMP_CWORD="1") == ["complete"]
+    assert set(complete(_MISTRAL_COMPLETE="complete_bash", COMP_WORDS="mistral ", COMP_CWORD="1")) >= {
+        "complete", "chat", "download", "info",
+    }  # fmt: skip
+    assert "--temperature" in complete(
+        _MISTRAL_COMPLETE="complete_bash", COMP_WORDS="mistral complete --te", COMP_CWORD="2"
+    )
+    assert complete(_MISTRAL_COMPLETE="complete_bash", COMP_WORDS="mistral chat --device ", COMP_CWORD="3") == [
+        "auto", "cpu", "cuda", "mps",
+    ]  # fmt: skip
+
+
+def test_zsh_and_fish_requests():
+    zsh = "\n".join(complete(_MISTRAL_COMPLETE="complete_zsh", _TYPER_COMPLETE_ARGS="mistral info --"))
+    assert "--json" in zsh and "--max-context" in zsh
+    fish = complete(
+        _MISTRAL_COMPLETE="complete_fish", _TYPER_COMPLETE_FISH_ACTION="get-args", _TYPER_COMPLETE_ARGS="mistral do"
+    )
+    assert [line.split("\t")[0] for line in fish] == ["download"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_bash_script_round_trip():
+    # Source the checked-in script and press Tab the way bash does: COMP_WORDS/COMP_CWORD, then the function.
+    program = (
+        f"source '{ROOT / 'completions' / 'mistral.bash'}'\n"
+        "COMP_WORDS=(mistral complete --max-t); COMP_CWORD=2; _mistral_completion mistral\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    r = subprocess.run(["bash", "--norc", "-c", program], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["--max-tokens"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_show_and_install_completion_under_bash(tmp_path):
+    mistral = shutil.which("mistral", path=str(BIN))
+    if mistral is None:
+        pytest.skip("the mistral console script is not installed next to this interpreter")
+    env = _env(HOME=str(tmp_path))
+    checked_in = (ROOT / "completions" / "mistral.bash").read_text(encoding="utf-8")
+    body = "".join(line for line in checked_in.splitlines(keepends=True) if not line.startswith("# Generated"))
+    # `; true` keeps bash as the parent process, which is how Typer detects the shell
+    shown = subprocess.run(
+        ["bash", "--norc", "-c", f"'{mistral}' --show-completion; true"], env=env, capture_output=True, text=True
+    )
+    assert shown.stdout == body, shown.stderr
+    installed = subprocess.run(
+        ["bash", "--norc", "-c", f"'{mistral}' --install-completion; true"], env=env, capture_output=True, text=True
+    )
+    assert "bash completion installed" in installed.stdout, installed.stderr
+    assert (tmp_path / ".bash_completions" / "mistral.sh").read_text(encoding="utf-8") + "\n" == body
+    assert "source" in (tmp_path / ".bashrc").read_text(encoding="utf-8")
