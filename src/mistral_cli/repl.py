@@ -134,6 +134,10 @@ def split_markdown(text: str) -> tuple[str, str]:
     return text[:best], text[best:]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -247,7 +251,8 @@ class MarkdownView:
         head, self.tail = split_markdown(self.tail)
         if head.strip():
             self.console.print(Markdown(head), width=self._narrow(self.console.options).max_width)
-            self.console.print()
+            if not self.tail.lstrip(" ").startswith(("```", "~~~")):  # a code block brings its own padding
+                self.console.print()
 
     def end(self, note: str | None) -> None:
         self.status.stop()
@@ -352,7 +357,7 @@ class Chat:
         if prompt.dropped:
             n = len(prompt.dropped)
             self.note(
-                f"The context is full: dropped the oldest {n} exchange{'s' if n > 1 else ''} "
+                f"The context is full: dropped the oldest {_count(n, 'exchange')} "
                 f"({prompt.dropped_tokens} tokens) to make room; /save still writes them.",
                 style="yellow",
             )
@@ -484,7 +489,7 @@ class Chat:
         if system is not None:
             self.conv.system = system or None
         n = len(self.conv.exchanges)
-        self.note(f"Loaded {n} exchange{'' if n == 1 else 's'} from {path} ({self.conv.tokens_used()} tokens).")
+        self.note(f"Loaded {_count(n, 'exchange')} from {path} ({self.conv.tokens_used()} tokens).")
         if n:
             last = self.conv.exchanges[-1]
             self.note(f"> {last.user}")
@@ -644,17 +649,18 @@ def _resolve(model: str, err: Console, interactive: bool) -> ModelPaths:
 
 
 def _load_engine(paths: ModelPaths, err: Console, **kw: Any) -> Engine:
+    """Load the model, with a spinner and the time spent on a terminal (loading 14 GB takes a while)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from mistral_cli.engine import Engine
     from mistral_cli.models import human_bytes
 
+    if not err.is_terminal:
+        return Engine.load(paths.folder, **kw)
     size = sum(p.stat().st_size for p in paths.weights if p.exists())
-    label = f"Loading {paths.name} ({human_bytes(size)})"
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True
-    ) as bar:
-        bar.add_task(label, total=None)
+    columns = SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
+    with Progress(*columns, console=err, transient=True) as bar:
+        bar.add_task(f"Loading {paths.name} ({human_bytes(size)})", total=None)
         return Engine.load(paths.folder, **kw)
 
 
@@ -674,7 +680,9 @@ def run_chat(
     opts = GenerationOptions(**options)  # validated before the slow model load
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     out = Console(highlight=False)
+    out.soft_wrap = not out.is_terminal  # lines in a pipe or file stay whole
     err = Console(stderr=True, highlight=False)
+    err.soft_wrap = not err.is_terminal
     paths = _resolve(model, err, interactive)
     engine = _load_engine(paths, err, device=device, dtype=dtype, quantize=quantize, max_context=max_context)
     name = paths.folder.name if paths.source == "local" else paths.name
@@ -701,4 +709,4 @@ def run_chat(
         if not chat.handle(line):
             break
     if not interactive and chat.failures:
-        raise MistralError(f"{chat.failures} input{'s' if chat.failures > 1 else ''} failed; see the errors above.")
+        raise MistralError(f"{_count(chat.failures, 'input')} failed; see the errors above.")

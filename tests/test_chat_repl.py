@@ -1,0 +1,226 @@
+"""`mistral chat` end to end: in a real terminal (tmux) and with piped input, on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mistral_cli.chat_format import Message, encode_chat
+from mistral_cli.engine import Done, Engine
+from mistral_cli.sampling import GenerationOptions
+
+CONTEXT = "2048"  # small: the tiny model's attention then costs little
+
+
+def chat_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "NO_COLOR", "MISTRAL_MODEL")}
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "MISTRAL_HOME": str(tmp_path / "models"),
+        "MISTRAL_CHAT_HISTORY": str(tmp_path / "history"),
+    }
+
+
+def greedy_reply(folder: Path, text: str, n: int) -> str:
+    engine = Engine.load(folder, device="cpu", dtype="fp32", max_context=int(CONTEXT))
+    ids = encode_chat(engine.tokenizer, [Message("user", text)])
+    return [e for e in engine.generate(ids, GenerationOptions(max_tokens=n, temperature=0)) if isinstance(e, Done)][
+        0
+    ].text
+
+
+class Tmux:
+    """A program in a detached tmux session of its own server: keys in, screen text out."""
+
+    def __init__(self, command: str, env: dict[str, str], cwd: Path) -> None:
+        self.base = ["tmux", "-L", f"mistral-test-{uuid.uuid4().hex[:8]}", "-f", "/dev/null"]
+        shell = f"{command}; echo EXIT=$?; sleep 60"
+        subprocess.run([*self.base, "new-session", "-d", "-s", "t", "-x", "100", "-y", "40", shell],
+                       env=env, cwd=cwd, check=True)  # fmt: skip
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run([*self.base, "send-keys", "-t", "t", *keys], check=True)
+
+    def type(self, text: str) -> None:
+        subprocess.run([*self.base, "send-keys", "-t", "t", "-l", text], check=True)
+
+    def screen(self) -> str:
+        out = subprocess.run([*self.base, "capture-pane", "-p", "-J", "-S", "-", "-t", "t"], capture_output=True)
+        return out.stdout.decode("utf-8", errors="replace")
+
+    def wait(self, pattern: str, count: int = 1, timeout: float = 30) -> str:
+        """Wait until `pattern` (a regex) shows `count` times; fail with the screen."""
+        end = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if len(re.findall(pattern, screen)) >= count:
+                return screen
+            if time.monotonic() > end:
+                raise AssertionError(f"{pattern!r} (x{count}) did not show up; the screen:\n{screen}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        subprocess.run([*self.base, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def tmux(tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    sessions: list[Tmux] = []
+
+    def start(*args: str) -> Tmux:
+        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "mistral_cli", "chat", *args])
+        sessions.append(Tmux(command, chat_env(tmp_path), tmp_path))
+        return sessions[-1]
+
+    yield start
+    for s in sessions:
+        s.close()
+
+
+def test_terminal_session(tmux, hf_model_dir, tmp_path):
+    t = tmux("-m", str(hf_model_dir), "--max-tokens", "8", "--max-context", CONTEXT)
+    t.wait(r"/help lists the commands")
+    t.wait(r"tiny-hf · 0/2k tokens")  # the status line
+
+    t.type("/help")
+    t.keys("Enter")
+    t.wait(r"/retry +answer the last message again")
+    t.type("/set temperature 0")
+    t.keys("Enter")
+    t.wait(r"temperature = 0\.0")
+
+    # a streamed reply, and the status line's context and speed after it
+    expected = greedy_reply(hf_model_dir, "Hello there", 8)
+    t.type("Hello there")
+    t.keys("Enter")
+    screen = t.wait(r"\[max tokens reached\]")
+    t.wait(r"tiny-hf · \d+/2k tokens · [\d.]+ tok/s")
+    words = [w for w in re.findall(r"[A-Za-z]{3,}", expected) if w not in ("max", "tokens", "reached")]
+    assert words and words[0] in screen, (expected, screen)
+
+    # Alt+Enter makes a new line; Enter sends both lines as one message
+    t.type("line one")
+    t.keys("M-Enter")
+    t.type("line two")
+    t.keys("Enter")
+    t.wait(r"\[max tokens reached\]", count=2)
+
+    # Ctrl-C during a long reply stops it and keeps the session; Ctrl-C at the prompt clears the line
+    t.type("/set max_tokens none")
+    t.keys("Enter")
+    t.wait(r"max_tokens = None")
+    t.type("Tell me a long story")
+    t.keys("Enter")
+    time.sleep(1.5)
+    t.keys("C-c")
+    t.wait(r"\[interrupted\]")
+    t.type("half-typed words")
+    t.keys("C-c")
+    t.type("/info")
+    t.keys("Enter")
+    t.wait(r"history +3 exchanges")
+
+    t.type("/sve")
+    t.keys("Enter")
+    t.wait(r"Unknown command /sve; did you mean /save\?")
+    saved = tmp_path / "chat.json"
+    t.type(f"/save {saved}")
+    t.keys("Enter")
+    t.wait(r"Saved 6 messages")
+    t.type("/exit")
+    t.keys("Enter")
+    t.wait(r"EXIT=0")
+
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    assert [m["role"] for m in data] == ["user", "assistant"] * 3
+    assert [m["content"] for m in data[::2]] == ["Hello there", "line one\nline two", "Tell me a long story"]
+    assert data[1]["content"] == expected
+    assert data[0]["metadata"]["cut"][-1] == {"message": 5, "finish_reason": "interrupted"}
+    # input history persists, multi-line entries included
+    history = (tmp_path / "history").read_text(encoding="utf-8")
+    assert "+Hello there\n" in history and "+line one\n+line two\n" in history
+
+    # the saved file is a conversation `mistral complete --messages` reads
+    data.append({"role": "user", "content": "And now?"})
+    (tmp_path / "next.json").write_text(json.dumps(data), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_cli", "complete", "-m", str(hf_model_dir), "-n", "4", "--max-context", CONTEXT,
+         "--messages", str(tmp_path / "next.json")],
+        capture_output=True, env=chat_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_terminal_offers_to_download_a_missing_model(tmux):
+    t = tmux("-m", "mistral-7b-instruct-v0.2")
+    t.wait(r"Download it now\? \[y/N\]")
+    t.type("n")
+    t.keys("Enter")
+    screen = t.wait(r"EXIT=1")
+    assert "mistral download mistral-7b-instruct-v0.2" in screen
+
+
+def test_piped_input_answers_each_line(hf_model_dir, tmp_path):
+    saved = tmp_path / "piped.json"
+    script = f"/set temperature 0\nHello there\n/retry\n/undo\n/bogus\n/set top_p 2\nHello there\n/save {saved}\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_cli", "chat", "-m", str(hf_model_dir), "-n", "8", "--max-context", CONTEXT],
+        input=script.encode(), capture_output=True, env=chat_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    reply = greedy_reply(hf_model_dir, "Hello there", 8)
+    reply += "" if reply.endswith("\n") else "\n"
+    assert out == reply * 3  # stdout carries only the replies
+    assert "Unknown command /bogus" in err and "--top-p must be in (0, 1]" in err  # errors do not end the session
+    assert "[max tokens reached]" in err
+    assert proc.returncode == 1 and "2 inputs failed" in err
+    assert [m["content"] for m in json.loads(saved.read_text(encoding="utf-8"))] == ["Hello there", reply.rstrip("\n")]
+
+
+def test_piped_input_with_a_missing_model_prints_the_download_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_cli", "chat", "-m", "mistral-7b-instruct-v0.2"],
+        input=b"hi\n", capture_output=True, env=chat_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "run `mistral download mistral-7b-instruct-v0.2`" in proc.stderr.decode()
+
+
+def test_piped_load_system_and_context_management(hf_model_dir, tmp_path):
+    start = tmp_path / "start.json"
+    start.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]))
+    saved = tmp_path / "after.json"
+    words = " ".join(["weather"] * 150)
+    script = "".join(f"Question {i} about the weather?\n" for i in range(6)) + f"{words}\n/info\n/save {saved}\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_cli", "chat", "-m", str(hf_model_dir), "-n", "8", "-t", "0",
+         "--max-context", "128", "--load", str(start), "--system", "Be brief."],
+        input=script.encode(), capture_output=True, env=chat_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert "Loaded 1 exchange" in err
+    assert re.search(r"The context is full: dropped the oldest \d+ exchanges? \(\d+ tokens\)", err)
+    assert re.search(r"This message is 15\d tokens \(\d+ with the system prompt and the instruct format\); the "
+                     r"context holds 128 tokens", err)  # fmt: skip
+    assert re.search(r"context +\d+ of 128 tokens used", out)
+    messages = json.loads(saved.read_text(encoding="utf-8"))
+    # the whole conversation is saved, dropped exchanges included; the refused message is not in it
+    assert messages[0] == {"role": "system", "content": "Be brief.", "metadata": messages[0]["metadata"]}
+    assert [m["content"] for m in messages if m["role"] == "user"] == [
+        "Hi",
+        *(f"Question {i} about the weather?" for i in range(6)),
+    ]
