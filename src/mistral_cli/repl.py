@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/info": ("", "model, device, context used, speeds"),
 }
 COMMAND_ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/reset": "/clear"}
-OPTIONS = {f.name: f.type for f in fields(GenerationOptions)}
+OPTIONS = tuple(f.name for f in fields(GenerationOptions))
 KEYS = (
     "Enter sends · Alt+Enter or Esc Enter starts a new line (pasted text is kept whole) · Tab completes · "
     "↑ recalls earlier input · Ctrl-C stops a reply or clears the line · Ctrl-D leaves · "
@@ -158,14 +158,15 @@ class PlainView:
         self.last = "\n"
 
     def add(self, text: str) -> None:
-        sys.stdout.write(text)
+        # UTF-8 whatever the locale, as `complete` writes it
         sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8"))
+        sys.stdout.buffer.flush()
         self.last = text
 
     def end(self, note: str | None) -> None:
         if not self.last.endswith("\n"):
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+            self.add("\n")
         if note:
             self.notes.print(f"[{note}]", style="yellow", markup=False, highlight=False)
 
@@ -294,9 +295,11 @@ class Chat:
         markdown: bool,
         verbose: bool = False,
         folder: Path | None = None,
+        quantize: str = "none",
     ) -> None:
         self.engine, self.conv, self.opts = engine, conversation, options
         self.model, self.folder = model, folder
+        self.hardware = f"{engine.placement}" + ("" if quantize == "none" else f" {quantize}")
         self.out, self.notes = out, notes  # command output; incidental notes (stderr when not interactive)
         self.markdown, self.verbose = markdown, verbose
         self.failures = 0
@@ -319,6 +322,8 @@ class Chat:
             self.error(str(e))
         except KeyboardInterrupt:
             self.note("Interrupted.")
+        except BrokenPipeError:
+            raise  # the reader of stdout went away: the session is over
         except Exception as e:  # a bug or an out-of-memory in one turn must not end the session
             self.engine.reset()  # the cache may be half-written; the next turn prefills from scratch
             if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
@@ -392,9 +397,7 @@ class Chat:
                 self.conv.undo()  # nothing came: as if the message had not been sent
             else:
                 self.conv.answer("".join(parts), finish)
-            if finish not in ("interrupted", "error") and self.last_done is not None:
-                self.last_speed = self.last_done.decode_tokens_per_s
-            elif started is not None and produced > 1:
+            if started is not None and produced > 1:  # the first token comes from the prefill, not a decode step
                 self.last_speed = (produced - 1) / (time.perf_counter() - started)
         if self.verbose and finish not in ("interrupted", "error"):
             d = self.last_done
@@ -489,7 +492,8 @@ class Chat:
         if system is not None:
             self.conv.system = system or None
         n = len(self.conv.exchanges)
-        self.note(f"Loaded {_count(n, 'exchange')} from {path} ({self.conv.tokens_used()} tokens).")
+        shown = f"; system prompt {self.conv.system[:60]!r}" if self.conv.system else ""
+        self.note(f"Loaded {_count(n, 'exchange')} from {path} ({self.conv.tokens_used()} tokens{shown}).")
         if n:
             last = self.conv.exchanges[-1]
             self.note(f"> {last.user}")
@@ -503,15 +507,13 @@ class Chat:
 
     def cmd_info(self, arg: str) -> None:
         e, conv = self.engine, self.conv
+        dropped = len(conv.archived)
         rows = [
             ("model", f"{self.model}" + (f" ({self.folder})" if self.folder else "")),
-            ("device", f"{e.placement}" + ("" if not getattr(e, "quantize", None) else f" {e.quantize}")),
+            ("device", self.hardware),
             ("context", f"{conv.tokens_used():,} of {e.max_context:,} tokens used"),
             ("cache", f"{len(e.tokens):,} tokens held"),
-            (
-                "history",
-                f"{len(conv.exchanges)} exchanges" + (f", {len(conv.archived)} dropped" if conv.archived else ""),
-            ),
+            ("history", _count(len(conv.exchanges), "exchange") + (f", {dropped} dropped" if dropped else "")),
             ("system", repr(conv.system) if conv.system else "none"),
             ("options", ", ".join(f"{k}={v}" for k, v in self.opts.to_dict().items())),
             ("load", f"{e.load_s:.2f} s"),
@@ -696,10 +698,11 @@ def run_chat(
         markdown=out.is_terminal,
         verbose=verbose,
         folder=paths.folder,
+        quantize=quantize,
     )
     if verbose or interactive:
         chat.note(
-            f"{name} · {engine.placement} · {kilo(engine.max_context)} context · loaded in {engine.load_s:.1f} s. "
+            f"{name} · {chat.hardware} · {kilo(engine.max_context)} context · loaded in {engine.load_s:.1f} s. "
             "/help lists the commands; Ctrl-D leaves."
         )
     if load is not None:
