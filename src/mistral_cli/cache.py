@@ -61,11 +61,21 @@ class KVCache:
                     store.append(fresh)
         self.capacity = new_cap
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KV, T, D) at positions [start, start+T); return the keys/values of [0, start+T)."""
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+    def update(
+        self, layer: int, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, T, D) at positions [pos, pos+T), or at a (T,) tensor of positions (static caches).
+
+        Returns the keys/values of [0, pos+T), views with no copy; a static cache returns its whole buffers (the
+        caller masks the unused tail), so the shapes never change and a compiled step needs no Python int.
+        """
+        if isinstance(pos, torch.Tensor):
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+            return self.k[layer], self.v[layer]
+        end = pos + k.shape[2]
+        self.k[layer][:, :, pos:end] = k
+        self.v[layer][:, :, pos:end] = v
         if self.static:
             return self.k[layer], self.v[layer]
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from mistral_cli.config import ModelConfig
-from mistral_cli.devices import Placement
+from mistral_cli.devices import Placement, slow_half_matmul
 from mistral_cli.errors import MistralError
 from mistral_cli.model import Transformer
+from mistral_cli.quant import is_quantized_layer, quantized_linear, replace_module
 
 HF_TO_NATIVE = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -230,12 +231,26 @@ def _natural(name: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def load_model(folder: Path, placement: Placement, cfg: ModelConfig | None = None) -> Transformer:
-    """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time."""
+def load_model(
+    folder: Path, placement: Placement, cfg: ModelConfig | None = None, *, quantize: str = "none"
+) -> Transformer:
+    """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time.
+
+    With quantize ("int8", "int4") each linear weight is quantized as it arrives and its float tensor dropped, so
+    the float model never exists in memory as a whole.
+    """
     cfg = cfg or ModelConfig.from_folder(folder)
     weights = find_weights(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = dict(load_state(weights, cfg, placement))
-    model.load_state_dict(state, strict=True, assign=True)
+    upcast = slow_half_matmul(placement)
+    state = {}
+    for name, tensor in load_state(weights, cfg, placement):
+        if quantize != "none" and is_quantized_layer(name):
+            layer = name.removesuffix(".weight")
+            replace_module(model, layer, quantized_linear(layer, tensor, quantize, upcast=upcast))
+        else:
+            state[name] = tensor
+    model.load_state_dict(state, strict=quantize == "none", assign=True)
+    model.set_upcast(upcast)
     return model.eval().requires_grad_(False)

@@ -44,6 +44,15 @@ def cpu_has_fast_bf16() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
+def slow_half_matmul(placement: Placement) -> bool:
+    """Whether bf16/fp16 matrix products here are much slower than float32 ones (a CPU without AVX512-BF16/AMX)."""
+    return (
+        placement.device.type == "cpu"
+        and placement.dtype in (torch.bfloat16, torch.float16)
+        and not cpu_has_fast_bf16()
+    )
+
+
 def available_memory() -> int | None:
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:

@@ -91,13 +91,22 @@ class StopMatcher:
 
 class Engine:
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, placement: Placement, max_context: int, load_s: float = 0.0
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        placement: Placement,
+        max_context: int,
+        load_s: float = 0.0,
+        *,
+        compile: bool = False,
     ) -> None:
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.cfg: ModelConfig = model.cfg
         self.max_context = max_context
         self.load_s = load_s
-        self.cache: KVCache = model.new_cache(max_context)
+        # --compile: a static cache of the whole context and one compiled graph for every decode step
+        self.cache: KVCache = model.new_cache(max_context, static=compile)
+        self._decode = compile_decode(model, self.cache, placement.device) if compile else None
         self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
 
     @classmethod
@@ -109,6 +118,7 @@ class Engine:
         dtype: str = "auto",
         quantize: str = "none",
         max_context: int | None = None,
+        compile: bool = False,
     ) -> Engine:
         t0 = time.perf_counter()
         cfg = ModelConfig.from_folder(folder)
@@ -121,12 +131,9 @@ class Engine:
         if max_context is not None and not 1 <= max_context <= cfg.max_context:
             raise MistralError(f"--max-context must be between 1 and the model's {cfg.max_context}, not {max_context}.")
         placement = pick(device, dtype, cfg.n_params)
-        model = load_model(folder, placement, cfg)
-        if quantize != "none":
-            from mistral_cli.quant import quantize_model
-
-            quantize_model(model, quantize)
-        return cls(model, tokenizer, placement, max_context or cfg.max_context, time.perf_counter() - t0)
+        model = load_model(folder, placement, cfg, quantize=quantize)  # quantized tensor by tensor as it loads
+        context = max_context or cfg.max_context
+        return cls(model, tokenizer, placement, context, time.perf_counter() - t0, compile=compile)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -158,6 +165,18 @@ class Engine:
         logits = self.model(x, self.cache, common, last_only=True)[0, -1]
         self.tokens = list(prompt)
         return logits, len(new)
+
+    @torch.inference_mode()
+    def _step(self, token: int) -> torch.Tensor:
+        """Feed one token at the end of the sequence; returns its logits (V,)."""
+        pos = len(self.tokens)
+        x = torch.tensor([[token]], dtype=torch.long, device=self.placement.device)
+        if self._decode is None:
+            return self.model(x, self.cache, pos)[0, -1]
+        self.cache.reserve(pos + 1)  # a static cache allocates nothing: this only checks the bound
+        logits = self._decode(x, self.cache, torch.tensor([pos], device=self.placement.device))
+        self.cache.length = pos + 1
+        return logits[0, -1]
 
     def generate(
         self,
@@ -197,9 +216,7 @@ class Engine:
                 break
             if limit is not None and len(generated) >= limit:
                 break
-            with torch.inference_mode():
-                x = torch.tensor([[token]], dtype=torch.long, device=self.placement.device)
-                logits = self.model(x, self.cache, len(self.tokens))[0, -1]
+            logits = self._step(token)
             self.tokens.append(token)
         if finish != "stop_sequence":
             tail = stops.feed(stream.flush())[0] + stops.flush()
@@ -216,3 +233,12 @@ class Engine:
             prefill_s=t1 - t0,
             decode_s=t2 - t1,
         )
+
+
+def compile_decode(model: Transformer, cache: KVCache, device: torch.device) -> Callable[..., torch.Tensor]:
+    """model.decode_step compiled for this static cache: fixed shapes, positions as a tensor, so one graph."""
+    if device.type == "cuda":
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t)  # the cache is updated in place: keep it inside the CUDA graph
+        return torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False)

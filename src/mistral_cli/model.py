@@ -16,11 +16,6 @@ from mistral_cli.config import ModelConfig
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2] if p.isdigit()) >= (2, 5)
 
 
-class Linear(nn.Linear):
-    def reset_parameters(self) -> None:
-        pass  # weights always come from a checkpoint; random init on the meta device would import torch._dynamo
-
-
 class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         pass
@@ -38,11 +33,16 @@ class RMSNorm(nn.Module):
         return h.to(x.dtype) * self.weight
 
 
+def inv_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # (D/2,)
+
+
 def rope_tables(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (T, head_dim) for the given positions, computed in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    if inv_freq is None:
+        inv_freq = inv_frequencies(head_dim, theta, positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -52,6 +52,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # x: (B, H, T, D); rotates (x[j], x[j + D/2]) pairs
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can run products of several rows in float32 while its weight stays in bf16/fp16.
+
+    `upcast` is set at load on CPUs without fast bf16 (devices.slow_half_matmul): there a bf16 GEMM runs several
+    times slower than converting the weight and doing a float32 one, while a single row (a decode step) is a
+    bandwidth-bound product where the half-size weight wins.
+    """
+
+    upcast = False
+
+    def reset_parameters(self) -> None:
+        pass  # weights always come from a checkpoint; random init on the meta device would import torch._dynamo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast and x.dtype != torch.float32 and x.numel() > x.shape[-1]:
+            return F.linear(x.float(), self.weight.float()).to(x.dtype)
+        return F.linear(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -69,7 +88,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache,
         layer: int,
-        start: int,
+        pos: int | torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -79,7 +98,7 @@ class Attention(nn.Module):
         k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, KV, D).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(layer, start, k, v)  # (B, KV, L, D), L = start + T
+        k, v = cache.update(layer, pos, k, v)  # (B, KV, L, D): L = start + T, or the capacity of a static cache
         if T == 1:
             # One query per head: fold the query heads sharing a kv head into the query axis, so the kv heads are
             # read once, with no copy (query head h reads kv head h // (H / KV)).
@@ -112,8 +131,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, start, mask):  # type: ignore[no-untyped-def]
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, mask)
+    def forward(self, x, cos, sin, cache, layer, pos, mask):  # type: ignore[no-untyped-def]
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -127,17 +146,23 @@ class Transformer(nn.Module):
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def new_cache(self, max_len: int | None = None, *, batch: int = 1, static: bool = False) -> KVCache:
-        ref = self.output.weight
+        ref = self.tok_embeddings.weight  # never quantized: its dtype is the activations' dtype
         return KVCache(
             self.cfg.n_layers,
             self.cfg.n_kv_heads,
             self.cfg.head_dim,
             max_len or self.cfg.max_context,
-            dtype=ref.dtype if ref.is_floating_point() else torch.bfloat16,
+            dtype=ref.dtype,
             device=ref.device,
             batch=batch,
             static=static,
         )
+
+    def set_upcast(self, upcast: bool) -> None:
+        """Run multi-row products in float32 (see Linear); chosen at load from the device and dtype."""
+        for module in self.modules():
+            if hasattr(module, "upcast"):
+                module.upcast = upcast
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, start: int | None = None, *, last_only: bool = False
@@ -152,17 +177,56 @@ class Transformer(nn.Module):
             raise ValueError(f"cannot write at position {start}: the cache holds only {cache.length}")
         end = start + T
         cache.reserve(end)
-        x = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = rope_tables(
-            torch.arange(start, end, device=tokens.device), self.cfg.head_dim, self.cfg.rope_theta, x.dtype
-        )
-        mask = self._mask(start, T, cache.capacity if cache.static else end, tokens.device)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start, mask)
+        positions = torch.arange(start, end, device=tokens.device)
+        if cache.static:
+            mask = self.position_mask(positions, cache.capacity)
+            logits = self._run(tokens, cache, positions, positions, mask, last_only)
+        else:
+            mask = self._mask(start, T, end, tokens.device)
+            logits = self._run(tokens, cache, start, positions, mask, last_only)
         cache.length = end
+        return logits
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) at positions (1,) -> logits (B, 1, V), for a static cache whose length the caller keeps.
+
+        Positions are a tensor and every shape is fixed, so `torch.compile` makes one graph for all steps.
+        """
+        return self._run(tokens, cache, positions, positions, self.position_mask(positions, cache.capacity), False)
+
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        pos: int | torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        last_only: bool,
+    ) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self._inv_freq(x.device))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, pos, mask)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        # computed once per device: a plain attribute, not a buffer, so loading on the meta device leaves it alone
+        cached = self.__dict__.get("_inv_freq_table")
+        if cached is None or cached.device != device:
+            cached = inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device)
+            self.__dict__["_inv_freq_table"] = cached
+        return cached
+
+    def position_mask(self, positions: torch.Tensor, L: int) -> torch.Tensor:
+        """Boolean (T, L) mask from query positions held in a tensor: True where a query may see key j."""
+        q_pos = positions[:, None]
+        k_pos = torch.arange(L, device=positions.device)[None, :]
+        allowed = k_pos <= q_pos
+        if self.cfg.sliding_window is not None:
+            allowed &= q_pos - k_pos < self.cfg.sliding_window
+        return allowed
 
     def _mask(self, start: int, T: int, L: int, device: torch.device) -> torch.Tensor | None:
         """Boolean (T, L) mask, True where query at start+i may see key j; None when plain causal attention suffices."""
@@ -170,9 +234,4 @@ class Transformer(nn.Module):
         end = start + T
         if end == L and (window is None or end <= window) and (T == 1 or start == 0):
             return None  # T == 1: every key is visible; start == 0: SDPA's is_causal covers it
-        q_pos = torch.arange(start, end, device=device)[:, None]
-        k_pos = torch.arange(L, device=device)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= q_pos - k_pos < window
-        return allowed
+        return self.position_mask(torch.arange(start, end, device=device), L)

@@ -1,0 +1,166 @@
+"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups along the input.
+
+Each quantized layer is a module swapped in for an `nn.Linear` (gpt-fast style), built from one float weight at
+a time, so `checkpoint.load_model(..., quantize=...)` never holds more than one float tensor beside the quantized
+model. Activations stay in the model's dtype; only the weights are stored in fewer bits.
+
+Kernels: on the CPU, torch's own `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (fast with bf16
+activations only, so activations are cast to bf16 around them). A product of many rows (a prefill) runs in float
+instead: int8 dequantizes to the compute dtype, which uses the fast float GEMM; the CPU int4 kernel's packed
+layout is private, so int4 uses the kernel at every size. Elsewhere (cuda, mps) a pure-torch dequantize-and-matmul
+gives the same numbers; `torch.compile` fuses it.
+
+What is quantized: every linear layer of the blocks. The output head is always int8, even in int4 mode: it
+turns hidden states straight into logits, and on AVX2 CPUs the int8 kernel is no slower per weight than the int4
+one. The embedding table stays in the model dtype: a token reads one row of it, so it costs no bandwidth per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "int4")
+INT4_GROUP = 64  # weights per int4 scale/zero pair; 32, 64, 128 or 256
+KERNEL_MAX_ROWS = 16  # int8: above this many rows, dequantizing and one float GEMM is faster than the kernel
+_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+)
+
+
+def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K) and float32 scales (N,), symmetric per output channel: w ~ q * scale."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int4_weights(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> codes 0..15 as uint8 (N, K) and float32 scales_and_zeros (K/group, N, 2).
+
+    Asymmetric per group (min/max): w ~ (q - 8) * scale + zero, the layout torch's int4 kernels read.
+    """
+    N, K = w.shape
+    g = w.float().reshape(N, K // group, group)
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo) / scales).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    zeros = lo + 8 * scales
+    return q, torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+
+
+def int4_group(K: int, group: int = INT4_GROUP) -> int:
+    """The largest group of at most `group` that divides K (small test models have narrow layers)."""
+    while K % group and group > 1:
+        group //= 2
+    return group
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """y = x @ (q * scale).T with q int8 (N, K) and one scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, *, upcast: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.upcast = upcast  # multi-row products in float32 (CPUs without fast bf16)
+        q, scales = int8_weights(weight)
+        self.kernel = _HAS_INT8_KERNEL and weight.device.type == "cpu"
+        self.register_buffer("weight", q)
+        # the CPU kernel takes scales in the activation dtype it runs in: bf16
+        self.register_buffer("scales", scales.to(torch.bfloat16 if self.kernel else weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.kernel and rows <= KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.scales)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        dtype = torch.float32 if self.upcast else x.dtype
+        y = F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15."""
+
+    def __init__(self, weight: torch.Tensor, *, group: int = INT4_GROUP, upcast: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = N, K = weight.shape
+        self.group = int4_group(K, group)
+        self.upcast = upcast
+        q, scales_and_zeros = int4_weights(weight, self.group)
+        # torch's CPU kernel: groups of 32..256, N a multiple of 16 (its packing works on blocks of rows)
+        self.kernel = (
+            _HAS_INT4_KERNEL and weight.device.type == "cpu" and self.group in (32, 64, 128, 256) and N % 16 == 0
+        )
+        if self.kernel:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+        else:
+            packed = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd column high
+            scales_and_zeros = scales_and_zeros.to(weight.dtype)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.kernel:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.group, self.scales_and_zeros
+            )
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        dtype = torch.float32 if self.upcast else x.dtype
+        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight (N, K) this layer stands for (the fallback path's layout only)."""
+        if self.kernel:
+            raise RuntimeError("the CPU kernel's packed layout cannot be dequantized")
+        N, K = self.out_features, self.in_features
+        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(N, K // self.group, self.group)
+        scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, K/group) each
+        return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
+            f"kernel={self.kernel}"
+        )
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+
+
+def quantized_linear(name: str, weight: torch.Tensor, mode: str, *, upcast: bool = False) -> nn.Module:
+    """The quantized layer replacing linear layer `name` (a module path such as 'layers.0.attention.wqkv')."""
+    check_mode(mode)
+    if mode == "int4" and name != "output":
+        return WeightOnlyInt4Linear(weight, upcast=upcast)
+    return WeightOnlyInt8Linear(weight, upcast=upcast)
+
+
+def is_quantized_layer(name: str) -> bool:
+    """Whether the parameter `name` (e.g. 'layers.0.feed_forward.w2.weight') is a weight that gets quantized."""
+    return name.endswith(".weight") and (name == "output.weight" or ".attention.w" in name or ".feed_forward.w" in name)
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Swap every linear layer of an already loaded model for its quantized version, in place."""
+    check_mode(mode)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and is_quantized_layer(f"{name}.weight"):
+            upcast = bool(getattr(module, "upcast", False))
+            replace_module(model, name, quantized_linear(name, module.weight.detach(), mode, upcast=upcast))
+    return model
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
