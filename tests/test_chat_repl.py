@@ -56,6 +56,10 @@ class Tmux:
     def type(self, text: str) -> None:
         subprocess.run([*self.base, "send-keys", "-t", "t", "-l", text], check=True)
 
+    def paste(self, text: str) -> None:
+        subprocess.run([*self.base, "set-buffer", "-t", "t", text], check=True)
+        subprocess.run([*self.base, "paste-buffer", "-p", "-t", "t"], check=True)  # -p: as a bracketed paste
+
     def screen(self) -> str:
         out = subprocess.run([*self.base, "capture-pane", "-p", "-J", "-S", "-", "-t", "t"], capture_output=True)
         return out.stdout.decode("utf-8", errors="replace")
@@ -118,6 +122,10 @@ def test_terminal_session(tmux, hf_model_dir, tmp_path):
     t.type("line two")
     t.keys("Enter")
     t.wait(r"\[max tokens reached\]", count=2)
+    # pasted text is kept whole: its newline does not send it
+    t.paste("pasted one\npasted two")
+    t.keys("Enter")
+    t.wait(r"\[max tokens reached\]", count=3)
 
     # Ctrl-C during a long reply stops it and keeps the session; Ctrl-C at the prompt clears the line
     t.type("/set max_tokens none")
@@ -132,7 +140,7 @@ def test_terminal_session(tmux, hf_model_dir, tmp_path):
     t.keys("C-c")
     t.type("/info")
     t.keys("Enter")
-    t.wait(r"history +3 exchanges")
+    t.wait(r"history +4 exchanges")
 
     t.type("/sve")
     t.keys("Enter")
@@ -140,16 +148,18 @@ def test_terminal_session(tmux, hf_model_dir, tmp_path):
     saved = tmp_path / "chat.json"
     t.type(f"/save {saved}")
     t.keys("Enter")
-    t.wait(r"Saved 6 messages")
+    t.wait(r"Saved 8 messages")
     t.type("/exit")
     t.keys("Enter")
     t.wait(r"EXIT=0")
 
     data = json.loads(saved.read_text(encoding="utf-8"))
-    assert [m["role"] for m in data] == ["user", "assistant"] * 3
-    assert [m["content"] for m in data[::2]] == ["Hello there", "line one\nline two", "Tell me a long story"]
+    assert [m["role"] for m in data] == ["user", "assistant"] * 4
+    assert [m["content"] for m in data[::2]] == [
+        "Hello there", "line one\nline two", "pasted one\npasted two", "Tell me a long story"
+    ]  # fmt: skip
     assert data[1]["content"] == expected
-    assert data[0]["metadata"]["cut"][-1] == {"message": 5, "finish_reason": "interrupted"}
+    assert data[0]["metadata"]["cut"][-1] == {"message": 7, "finish_reason": "interrupted"}
     # input history persists, multi-line entries included
     history = (tmp_path / "history").read_text(encoding="utf-8")
     assert "+Hello there\n" in history and "+line one\n+line two\n" in history
