@@ -372,6 +372,7 @@ def info(
         dtype=settings["dtype"],
         quantize=settings["quantize"],
         max_context=settings["max_context"],
+        settings=settings,
     )
 
 

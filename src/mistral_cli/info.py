@@ -17,7 +17,7 @@ from contextlib import suppress
 from dataclasses import asdict
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistral_cli.config import ModelConfig
 from mistral_cli.models import (
@@ -31,17 +31,32 @@ from mistral_cli.models import (
     resolve_model,
 )
 
+if TYPE_CHECKING:
+    from mistral_cli.settings import Settings
+
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 SAFETENSORS_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 def run_info(
-    *, model: str | None, json_out: bool, device: str, dtype: str, quantize: str, max_context: int | None
+    *,
+    model: str | None,
+    json_out: bool,
+    device: str,
+    dtype: str,
+    quantize: str,
+    max_context: int | None,
+    settings: Settings | None = None,
 ) -> None:
     if model is None:
         _print_list(json_out)
         return
     data = gather(resolve_model(model), device=device, dtype=dtype, quantize=quantize, max_context=max_context)
+    if settings is not None:
+        data["config_file"] = {"path": str(settings.config_path), "found": settings.config_found}
+        data["settings"] = settings.to_json()
+        if device != "auto":
+            data["device"]["reason"] = f"asked for: {settings.values['device'].source}"
     if json_out:
         print(json.dumps(data, indent=2))
     else:
@@ -239,7 +254,19 @@ def _print_table(d: dict[str, Any]) -> None:
         f"({m['context']} tokens)",
     )
     table.add_row("device", f"{dev['name']} {dev['dtype']} ({dev['reason']})")
+    _settings_rows(table, d)
     _emit(table)
+
+
+def _settings_rows(table: Any, d: dict[str, Any]) -> None:
+    """Each effective setting and where it came from: the command line, MISTRAL_*, the config file or the default."""
+    if "settings" not in d:
+        return  # gather() alone, without the CLI's settings
+    config = d["config_file"]
+    table.add_row("config file", config["path"] + ("" if config["found"] else " (not present)"))
+    for i, (name, s) in enumerate(d["settings"].items()):
+        value = "unset" if s["value"] is None else json.dumps(s["value"])
+        table.add_row("settings" if i == 0 else "", f"{name} = {value}  ({s['source']})")
 
 
 def _emit(table: Any) -> None:

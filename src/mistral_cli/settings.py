@@ -78,12 +78,12 @@ class Settings:
 
         options = {name: self[name] for name in GENERATION}
         for name in GENERATION:
-            source = self.values[name].source
-            if source == COMMAND_LINE:
-                continue  # the sampler's own message already names the option the user typed
             try:
                 GenerationOptions(**{name: options[name]})
             except UsageError as exc:
+                source = self.values[name].source
+                if source == COMMAND_LINE:
+                    raise  # the message already names the option the user typed
                 raise UsageError(f"{str(exc).rstrip('.')} (from {source}).") from None
         return options
 
