@@ -53,7 +53,9 @@ class KVCache:
         shape = (self.batch, self.n_kv_heads, new_cap, self.head_dim)
         for store in (self.k, self.v):
             for i in range(self.n_layers):
-                fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
+                # zeros where a static cache is read past its length: masked out, but garbage could be NaN and 0 * NaN
+                # is NaN in an attention that multiplies instead of skipping
+                fresh = (torch.zeros if self.static else torch.empty)(shape, dtype=self.dtype, device=self.device)
                 if i < len(store):
                     fresh[:, :, : self.length] = store[i][:, :, : self.length]
                     store[i] = fresh  # the old buffer is freed here, one layer at a time
