@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -14,7 +15,7 @@ import pytest
 
 from mistral_cli.errors import UsageError
 from mistral_cli.sampling import GenerationOptions
-from mistral_cli.settings import DEFAULTS, GENERATION, SPECS, config_path, env_var, resolve
+from mistral_cli.settings import DEFAULTS, GENERATION, SPECS, config_path, env_var, read_config, resolve
 
 
 @pytest.fixture
@@ -164,3 +165,12 @@ def test_complete_uses_the_settings_and_the_command_line_wins(env, config, hf_mo
     assert d["model"] == str(hf_model_dir)
     assert (d["options"]["max_tokens"], d["options"]["temperature"], d["options"]["top_k"]) == (2, 0.0, 7)
     assert d["usage"]["completion_tokens"] <= 2 and d["seed"] == 1
+
+
+def test_the_readme_example_config_is_valid(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert example, "README.md has no ```toml example"
+    path = tmp_path / "config.toml"
+    path.write_text(example.group(1), encoding="utf-8")
+    assert read_config(path) is not None and set(read_config(path)) == set(SPECS)
