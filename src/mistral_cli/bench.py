@@ -1,0 +1,515 @@
+"""Benchmark: our engine against transformers' `generate` on the same random-weight Mistral-shaped checkpoint.
+
+    python -m mistral_cli.bench --shape small --dtype fp32 bf16 --quantize none int8 int4
+    python -m mistral_cli.bench --shape 7b --dtype bf16 --prompt 64 --decode 8
+
+The checkpoint is written once, in bf16 safetensors with an HF config and the v1 tokenizer (from mistral-common),
+into a temporary folder. Each engine and setting then runs in its own subprocess, one after another, so a peak
+memory figure belongs to one run and a 7B model is in memory only once at a time. Per run: load time, peak
+resident memory (VmHWM) after loading and overall, time to first token, prefill and decode tokens/s, and the
+bytes of weights one decode step reads, as GB/s and as a fraction of the read bandwidth measured here (a float32
+sum over a 1 GiB buffer). Quantization's accuracy cost is each quantized run's logits against the unquantized
+run of the same dtype, teacher-forced over the first prompt tokens.
+
+Needs the test extras (transformers, mistral-common). llama.cpp runs are not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # tiny: for the smoke test only
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128),
+    # ~175M parameters with Mistral's proportions (GQA 4:1, MLP 3.5x); 349 MB in bf16, far larger than the caches
+    "small": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=3584),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
+}
+VOCAB = 32000
+EOS = 2
+SHARD_BYTES = 5 * 10**9  # like the published checkpoint: shards of about 5 GB
+
+
+@dataclass
+class RunSpec:
+    engine: str  # "ours" | "transformers"
+    folder: str
+    dtype: str  # "fp32" | "bf16"
+    quantize: str = "none"
+    prompt: int = 512
+    decode: int = 32
+    threads: int | None = None
+    accuracy_tokens: int = 0  # teacher-forced logits over this many prompt tokens, saved to logits_path
+    logits_path: str = ""
+
+
+@dataclass
+class RunResult:
+    engine: str
+    dtype: str
+    quantize: str
+    load_s: float
+    load_peak_gb: float  # VmHWM right after loading
+    peak_gb: float  # VmHWM at the end of the timed generation
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    weight_gb: float  # bytes one decode step reads: every weight but the embedding table (one row of it per token)
+    threads: int
+    tokens: list[int] = field(default_factory=list)
+    error: str = ""
+
+
+# --- the random checkpoint -----------------------------------------------------------------------------------------
+
+
+def n_params(shape: dict[str, Any]) -> int:
+    d, h, kv, hd, f, n = (shape[k] for k in ("dim", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "n_layers"))
+    return n * (d * hd * (2 * h + 2 * kv) + 3 * d * f + 2 * d) + 2 * VOCAB * d + d
+
+
+def hf_config(shape: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": shape["dim"],
+        "num_hidden_layers": shape["n_layers"],
+        "num_attention_heads": shape["n_heads"],
+        "num_key_value_heads": shape["n_kv_heads"],
+        "head_dim": shape["head_dim"],
+        "intermediate_size": shape["hidden_dim"],
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "max_position_embeddings": 32768,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": EOS,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def _tokenizer_file() -> Path:
+    try:
+        import mistral_common
+    except ImportError:
+        raise SystemExit("The benchmark needs mistral-common for the tokenizer: pip install -e '.[test]'") from None
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def write_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0) -> Path:
+    """Random bf16 weights in HF layout, generated and written a shard at a time (never the whole model)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    d, hd, f = shape["dim"], shape["head_dim"], shape["hidden_dim"]
+    q, kv = shape["n_heads"] * hd, shape["n_kv_heads"] * hd
+
+    def randn(*size: int, std: float) -> torch.Tensor:
+        return (torch.randn(*size, generator=g) * std).to(torch.bfloat16)
+
+    def tensors():
+        yield "model.embed_tokens.weight", randn(VOCAB, d, std=1.0)
+        for i in range(shape["n_layers"]):
+            p = f"model.layers.{i}."
+            yield p + "input_layernorm.weight", torch.ones(d, dtype=torch.bfloat16)
+            for name, rows, cols in (
+                ("self_attn.q_proj", q, d),
+                ("self_attn.k_proj", kv, d),
+                ("self_attn.v_proj", kv, d),
+                ("self_attn.o_proj", d, q),
+                ("mlp.gate_proj", f, d),
+                ("mlp.up_proj", f, d),
+                ("mlp.down_proj", d, f),
+            ):
+                yield p + name + ".weight", randn(rows, cols, std=cols**-0.5)
+            yield p + "post_attention_layernorm.weight", torch.ones(d, dtype=torch.bfloat16)
+        yield "model.norm.weight", torch.ones(d, dtype=torch.bfloat16)
+        head = randn(VOCAB, d, std=d**-0.5)
+        head[EOS] = 0  # an EOS logit of 0 is never the largest of 32000: greedy decoding never stops early
+        yield "lm_head.weight", head
+
+    names: list[list[str]] = []  # tensor names per shard, in order
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in [*tensors(), ("", None)]:
+        if shard and (t is None or size + t.numel() * 2 > SHARD_BYTES):
+            save_file(shard, str(folder / f"part-{len(names)}.safetensors"), metadata={"format": "pt"})
+            names.append(list(shard))
+            shard, size = {}, 0
+        if t is not None:
+            shard[name], size = t, size + t.numel() * 2
+    weight_map: dict[str, str] = {}
+    for i, shard_names in enumerate(names):  # HF's names need the number of shards, known only now
+        final = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        (folder / f"part-{i}.safetensors").rename(folder / final)
+        weight_map.update(dict.fromkeys(shard_names, final))
+    index = {"metadata": {"total_size": n_params(shape) * 2}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (folder / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
+    shutil.copy(_tokenizer_file(), folder / "tokenizer.model")
+    return folder
+
+
+# --- measurements --------------------------------------------------------------------------------------------------
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best of a few float32 sums over a buffer far larger than the caches, with all threads: GB/s read."""
+    import torch
+
+    buf = torch.ones(int(gib * 2**30) // 4)
+    buf.sum()  # first touch of the pages out of the timing
+    best = min(_timed(buf.sum) for _ in range(repeats))
+    return buf.numel() * 4 / best / 1e9
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peak_rss_gb() -> float:
+    """The process's resident-memory high-water mark (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+def prompt_ids(n: int, seed: int = 1) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, VOCAB, (n - 1,), generator=g).tolist()]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30 if hasattr(os, "sysconf") else 0
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+# --- the runs (each in its own process) ----------------------------------------------------------------------------
+
+
+def run_ours(spec: RunSpec) -> RunResult:
+    import torch
+
+    from mistral_cli.engine import Chunk, Done, Engine
+    from mistral_cli.sampling import GenerationOptions
+
+    t = time.perf_counter()
+    engine = Engine.load(
+        Path(spec.folder),
+        device="cpu",
+        dtype=spec.dtype,
+        quantize=spec.quantize,
+        max_context=spec.prompt + spec.decode + 8,
+    )
+    load_s = time.perf_counter() - t
+    load_peak = peak_rss_gb()
+    model = engine.model
+    weight_bytes = sum(
+        t.numel() * t.element_size()
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if not name.startswith("tok_embeddings")
+    )
+    prompt = prompt_ids(spec.prompt)
+    greedy = GenerationOptions(temperature=0, max_tokens=spec.decode)
+    for _ in engine.generate(prompt[:8], GenerationOptions(temperature=0, max_tokens=2)):
+        pass  # warm-up: thread pool and allocator, out of the timing
+    engine.reset()
+    t0 = time.perf_counter()
+    ttft = 0.0
+    for event in engine.generate(prompt, greedy):
+        if isinstance(event, Chunk) and not ttft:
+            ttft = time.perf_counter() - t0
+        elif isinstance(event, Done):
+            done = event
+    result = RunResult(
+        engine="ours",
+        dtype=spec.dtype,
+        quantize=spec.quantize,
+        load_s=load_s,
+        load_peak_gb=load_peak,
+        peak_gb=peak_rss_gb(),
+        ttft_s=ttft,
+        prefill_tok_s=done.prefill_tokens_per_s,
+        decode_tok_s=done.decode_tokens_per_s,
+        weight_gb=weight_bytes / 1e9,
+        threads=torch.get_num_threads(),
+        tokens=done.tokens,
+    )
+    if spec.accuracy_tokens:
+        x = torch.tensor([prompt[: spec.accuracy_tokens]])
+        with torch.inference_mode():
+            logits = model(x, model.new_cache(spec.accuracy_tokens), 0)[0]
+        torch.save(logits.float(), spec.logits_path)
+    return result
+
+
+class _TokenTimes:
+    """A transformers streamer that only notes when each generated token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        self.tokens.extend(int(v) for v in value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def run_transformers(spec: RunSpec) -> RunResult:
+    import torch
+    from transformers import MistralForCausalLM
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
+    t = time.perf_counter()
+    model = MistralForCausalLM.from_pretrained(spec.folder, dtype=dtype).eval()
+    load_s = time.perf_counter() - t
+    load_peak = peak_rss_gb()
+    prompt = torch.tensor([prompt_ids(spec.prompt)])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        model.generate(prompt[:, :8], max_new_tokens=2, **kw)  # warm-up, as for ours
+        timer = _TokenTimes()
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=spec.decode, streamer=timer, **kw)
+    ttft = timer.times[0] - t0
+    steps = len(timer.times) - 1
+    decode = steps / (timer.times[-1] - timer.times[0]) if steps > 0 else 0.0
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    result = RunResult(
+        engine="transformers",
+        dtype=spec.dtype,
+        quantize="none",
+        load_s=load_s,
+        load_peak_gb=load_peak,
+        peak_gb=peak_rss_gb(),
+        ttft_s=ttft,
+        prefill_tok_s=spec.prompt / ttft,  # the first token's time is mostly the prefill
+        decode_tok_s=decode,
+        weight_gb=weights / 1e9,
+        threads=torch.get_num_threads(),
+        tokens=timer.tokens,
+    )
+    if spec.accuracy_tokens:
+        with torch.inference_mode():
+            logits = model(prompt[:, : spec.accuracy_tokens]).logits[0]
+        torch.save(logits.float(), spec.logits_path)
+    return result
+
+
+def worker(spec: RunSpec) -> None:
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    run = run_ours if spec.engine == "ours" else run_transformers
+    print("RESULT " + json.dumps(asdict(run(spec))), flush=True)
+
+
+def spawn(spec: RunSpec, timeout: float | None) -> RunResult:
+    cmd = [sys.executable, "-m", "mistral_cli.bench", "--worker", json.dumps(asdict(spec))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return _failed(spec, f"timed out after {timeout:.0f} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return RunResult(**json.loads(line[len("RESULT ") :]))
+    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    return _failed(spec, tail[:300])
+
+
+def _failed(spec: RunSpec, error: str) -> RunResult:
+    return RunResult(spec.engine, spec.dtype, spec.quantize, 0, 0, 0, 0, 0, 0, 0, spec.threads or 0, error=error)
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+
+
+def accuracy(ref_path: Path, path: Path) -> dict[str, float]:
+    """Logit error and top-1 agreement of one run's teacher-forced logits against a reference run's."""
+    import torch
+
+    ref, got = torch.load(ref_path), torch.load(path)
+    diff = got - ref
+    return {
+        "max_abs_logit_err": float(diff.abs().max()),
+        "rel_rms_logit_err": float(diff.norm() / ref.norm()),
+        "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+        "positions": int(ref.shape[0]),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    bw = report["read_bandwidth_gbs"]
+    lines = [
+        f"Shape `{report['shape']}` ({report['params'] / 1e6:.0f}M parameters), prompt {report['prompt']} tokens, "
+        f"{report['decode']} decoded; read bandwidth measured {bw:.1f} GB/s.",
+        "",
+        "| engine | dtype | quant | load s | load peak GB | peak GB | TTFT s | prefill tok/s | decode tok/s "
+        "| weights GB | GB/s | of bandwidth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        if r["error"]:
+            lines.append(f"| {r['engine']} | {r['dtype']} | {r['quantize']} | failed: {r['error']} |")
+            continue
+        gbs = r["decode_tok_s"] * r["weight_gb"]
+        lines.append(
+            f"| {r['engine']} | {r['dtype']} | {r['quantize']} | {r['load_s']:.1f} | {r['load_peak_gb']:.2f} "
+            f"| {r['peak_gb']:.2f} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} "
+            f"| {r['weight_gb']:.3f} | {gbs:.1f} | {gbs / bw:.0%} |"
+        )
+    if report["accuracy"]:
+        lines += [
+            "",
+            "| run | against | max abs logit error | relative RMS error | top-1 agreement |",
+            "|---|---|---|---|---|",
+        ]
+        for a in report["accuracy"]:
+            lines.append(
+                f"| {a['run']} | {a['reference']} | {a['max_abs_logit_err']:.3f} | {a['rel_rms_logit_err']:.4f} "
+                f"| {a['top1_agreement']:.1%} of {a['positions']} |"
+            )
+    if report["ratios"]:
+        lines += ["", *(f"- {k}: {v:.2f}x" for k, v in report["ratios"].items())]
+    return "\n".join(lines)
+
+
+def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    ok = {(r["engine"], r["dtype"], r["quantize"]): r for r in runs if not r["error"]}
+    out: dict[str, float] = {}
+    for dtype in ("fp32", "bf16"):
+        ours, hf = ok.get(("ours", dtype, "none")), ok.get(("transformers", dtype, "none"))
+        if ours and hf:
+            out[f"decode ours/transformers {dtype}"] = ours["decode_tok_s"] / hf["decode_tok_s"]
+            out[f"prefill ours/transformers {dtype}"] = ours["prefill_tok_s"] / hf["prefill_tok_s"]
+        i8, i4 = ok.get(("ours", dtype, "int8")), ok.get(("ours", dtype, "int4"))
+        if i8 and ours:
+            out[f"decode int8/{dtype} (ours)"] = i8["decode_tok_s"] / ours["decode_tok_s"]
+        if i4 and i8:
+            out[f"decode int4/int8 ({dtype} activations)"] = i4["decode_tok_s"] / i8["decode_tok_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mistral_cli.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=list(SHAPES), default="small")
+    ap.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none", "int8", "int4"])
+    ap.add_argument("--engines", nargs="+", choices=["ours", "transformers"], default=["ours", "transformers"])
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    ap.add_argument("--decode", type=int, default=32, help="tokens to generate (default 32)")
+    ap.add_argument("--accuracy-tokens", type=int, default=128, help="teacher-forced positions for logit errors")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    ap.add_argument("--model-dir", type=Path, help="reuse (or keep) the random checkpoint in this folder")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer for the bandwidth measurement")
+    ap.add_argument("--json", type=Path, help="also write the full report here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(RunSpec(**json.loads(args.worker)))
+        return 0
+
+    shape = SHAPES[args.shape]
+    work = Path(tempfile.mkdtemp(prefix="mistral-bench-"))
+    folder = args.model_dir or work / "model"
+    try:
+        if not (folder / "config.json").is_file():
+            t = time.perf_counter()
+            write_checkpoint(folder, shape)
+            print(f"wrote a random {args.shape} checkpoint in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        bandwidth = read_bandwidth_gbs(args.bandwidth_gib)
+        runs: list[dict[str, Any]] = []
+        logits: dict[str, Path] = {}
+        acc_tokens = min(args.accuracy_tokens, args.prompt)
+        for dtype in args.dtype:
+            for engine in args.engines:
+                for q in args.quantize if engine == "ours" else ["none"]:
+                    name = f"{engine}-{dtype}-{q}"
+                    spec = RunSpec(engine, str(folder), dtype, q, args.prompt, args.decode, args.threads)
+                    if acc_tokens:
+                        spec.accuracy_tokens, spec.logits_path = acc_tokens, str(work / f"{name}.pt")
+                    need = n_params(shape) * (4 if dtype == "fp32" else 2)
+                    if q == "none" and need > 0.9 * _available():
+                        runs.append(asdict(_failed(spec, f"skipped: {need / 1e9:.1f} GB of weights do not fit")))
+                        continue
+                    print(f"running {name} ...", file=sys.stderr, flush=True)
+                    runs.append(asdict(spawn(spec, args.timeout)))
+                    if not runs[-1]["error"] and spec.logits_path:
+                        logits[name] = Path(spec.logits_path)
+        # every run against ours unquantized at the same dtype: transformers' row shows both compute one network
+        acc = [
+            {"run": name, "reference": ref, **accuracy(logits[ref], path)}
+            for name, path in logits.items()
+            if (ref := "ours-" + name.split("-")[1] + "-none") in logits and name != ref
+        ]
+        report = {
+            "shape": args.shape,
+            "params": n_params(shape),
+            "prompt": args.prompt,
+            "decode": args.decode,
+            "machine": machine(),
+            "torch_threads": args.threads,
+            "read_bandwidth_gbs": bandwidth,
+            "runs": runs,
+            "accuracy": acc,
+            "ratios": ratios(runs),
+        }
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        print(markdown(report))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _available() -> int:
+    from mistral_cli.devices import available_memory
+
+    return available_memory() or 1 << 62
+
+
+if __name__ == "__main__":
+    sys.exit(main())
