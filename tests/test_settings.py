@@ -98,6 +98,7 @@ def test_the_default_file_is_in_the_user_config_folder(tmp_path, monkeypatch):
         ("seed = true", "'seed' in the config file {path} must be an integer, not True."),
         ('device = "gpu"', "'device' in the config file {path} must be one of auto, cpu, cuda, mps, not 'gpu'."),
         ("stop = [1]", "'stop' in the config file {path} must be a string or a list of strings, not [1]."),
+        ("max-context = 0", "'max-context' in the config file {path} must be 1 or more, not 0."),
     ],
 )
 def test_a_bad_config_file_is_one_sentence_naming_file_and_key(env, config, text, message):
@@ -114,6 +115,7 @@ def test_a_bad_config_file_is_one_sentence_naming_file_and_key(env, config, text
     [
         ("MISTRAL_TEMPERATURE", "hot", "MISTRAL_TEMPERATURE must be a number, not 'hot'."),
         ("MISTRAL_MAX_TOKENS", "1.5", "MISTRAL_MAX_TOKENS must be an integer, not '1.5'."),
+        ("MISTRAL_MAX_CONTEXT", "-5", "MISTRAL_MAX_CONTEXT must be 1 or more, not -5."),
         ("MISTRAL_QUANTIZE", "int2", "MISTRAL_QUANTIZE must be one of none, int8, int4, not 'int2'."),
         ("MISTRAL_CONFIG", "/nonexistent/mistral.toml", "MISTRAL_CONFIG points to /nonexistent/mistral.toml"),
     ],

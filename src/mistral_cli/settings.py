@@ -27,6 +27,7 @@ class Spec:
     kind: type  # str, int, float or list (of str)
     default: Any
     choices: tuple[str, ...] = ()
+    minimum: int | None = None  # only where no later check (the sampler's) names the setting's source
 
 
 SPECS: dict[str, Spec] = {
@@ -34,7 +35,7 @@ SPECS: dict[str, Spec] = {
     "device": Spec(str, "auto", ("auto", "cpu", "cuda", "mps")),
     "dtype": Spec(str, "auto", ("auto", "bf16", "fp16", "fp32")),
     "quantize": Spec(str, "none", ("none", "int8", "int4")),
-    "max_context": Spec(int, None),
+    "max_context": Spec(int, None, minimum=1),
     "max_tokens": Spec(int, None),
     "temperature": Spec(float, 0.7),
     "top_p": Spec(float, 1.0),
@@ -159,6 +160,8 @@ def _check(spec: Spec, value: Any, where: str) -> Any:
         raise UsageError(f"{where} must be {_KIND_NAMES[spec.kind]}, not {value!r}.")
     if spec.choices and value not in spec.choices:
         raise UsageError(f"{where} must be one of {', '.join(spec.choices)}, not {value!r}.")
+    if spec.minimum is not None and value < spec.minimum:
+        raise UsageError(f"{where} must be {spec.minimum} or more, not {value!r}.")
     if spec.kind is float:
         return float(value)
     if spec.kind is list:
@@ -168,18 +171,13 @@ def _check(spec: Spec, value: Any, where: str) -> Any:
 
 def _from_env(name: str, spec: Spec, raw: str) -> Any:
     where = env_var(name)
-    if spec.kind is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise UsageError(f"{where} must be an integer, not {raw!r}.") from None
-    if spec.kind is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise UsageError(f"{where} must be a number, not {raw!r}.") from None
     if spec.kind is list:
         return [raw]  # one stop text; several go in the config file
+    if spec.kind in (int, float):
+        try:
+            return _check(spec, spec.kind(raw), where)
+        except ValueError:
+            raise UsageError(f"{where} must be {_KIND_NAMES[spec.kind]}, not {raw!r}.") from None
     return _check(spec, raw, where)
 
 
