@@ -20,7 +20,7 @@ T = TypeVar("T")
 DEFAULT_MODEL = DEFAULTS["model"]
 # Defaults shown by --help are the built-in ones; MISTRAL_* variables and the config file change them.
 SETTINGS_EPILOG = (
-    "Defaults can be set in the config file or MISTRAL_* variables; `mistral info` shows the values in effect."
+    "Defaults can be set in the config file or MISTRAL_* variables; `mistral info MODEL` shows the values in effect."
 )
 
 app = typer.Typer(
