@@ -308,12 +308,12 @@ def download(
         typer.Argument(help="Alias or Hugging Face repo id (with --url: any folder name). \\[env var: MISTRAL_MODEL]"),
     ] = DEFAULT_MODEL,
     revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub [default: main].")
+        str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub \\[default: main].")
     ] = None,
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", help="Hugging Face token [default: $HF_TOKEN, then the saved login].", show_default=False
+            "--token", help="Hugging Face token \\[default: $HF_TOKEN, then the saved login].", show_default=False
         ),
     ] = None,
     source: Annotated[
@@ -352,7 +352,9 @@ def download(
 @app.command()
 def info(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="Alias, repo id or folder [default: list local models].")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="Alias, repo id or folder \\[default: list local models].")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
     device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DTypeOpt = DEFAULT_DTYPE,
