@@ -419,6 +419,11 @@ def _guard(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
     except MemoryError:
         _error("Out of memory: try --quantize int8, a smaller --max-context, or --device cpu.")
         raise typer.Exit(1) from None
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, named so torch is not imported
+            raise
+        _error("The GPU ran out of memory: try --quantize int8 or int4, a smaller --max-context, or --device cpu.")
+        raise typer.Exit(1) from None
 
 
 def _error(message: str) -> None:
