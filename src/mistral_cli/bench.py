@@ -44,7 +44,7 @@ SHARD_BYTES = 5 * 10**9  # like the published checkpoint: shards of about 5 GB
 
 @dataclass
 class RunSpec:
-    engine: str  # "ours" | "transformers"
+    engine: str  # "ours" | "transformers" | "llama.cpp"
     folder: str
     dtype: str  # "fp32" | "bf16"
     quantize: str = "none"
@@ -53,6 +53,8 @@ class RunSpec:
     threads: int | None = None
     accuracy_tokens: int = 0  # teacher-forced logits over this many prompt tokens, saved to logits_path
     logits_path: str = ""
+    gguf: str = ""  # llama.cpp runs: the GGUF file
+    weight_bytes: int = 0  # llama.cpp runs: bytes of the GGUF's tensors but the embedding table
 
 
 @dataclass
@@ -165,6 +167,48 @@ def write_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0) -> Path
     (folder / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
     shutil.copy(_tokenizer_file(), folder / "tokenizer.model")
     return folder
+
+
+LLAMA_TYPES = {("fp32", "none"): "f32", ("bf16", "none"): "bf16", ("bf16", "int8"): "q8_0", ("bf16", "int4"): "q4_0"}
+
+
+def write_ggufs(
+    folder: Path, work: Path, converter: Path, wanted: list[tuple[str, str]]
+) -> dict[tuple[str, str], Path]:
+    """llama.cpp's own converter writes F32/BF16 GGUF files; Q8_0 and Q4_0 are quantized from the BF16 one."""
+    import llama_cpp
+
+    out: dict[tuple[str, str], Path] = {}
+    for dtype, q in sorted(wanted, key=lambda k: k[1] != "none"):  # the float files first
+        kind = LLAMA_TYPES.get((dtype, q))
+        if kind is None:
+            continue
+        path = work / f"model-{kind}.gguf"
+        if q == "none":
+            cmd = [sys.executable, str(converter), str(folder), "--outtype", kind, "--outfile", str(path)]
+            subprocess.run(cmd, check=True, capture_output=True)
+        else:
+            src = work / "model-bf16.gguf"
+            if not src.is_file():
+                subprocess.run(
+                    [sys.executable, str(converter), str(folder), "--outtype", "bf16", "--outfile", str(src)],
+                    check=True,
+                    capture_output=True,
+                )
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+            if llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize to {kind}")
+        out[(dtype, q)] = path
+    return out
+
+
+def gguf_weight_bytes(path: Path, converter: Path) -> int:
+    """Bytes of every tensor but the embedding table, read from the GGUF header with llama.cpp's gguf-py."""
+    sys.path.insert(0, str(converter.parent / "gguf-py"))
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name != "token_embd.weight")
 
 
 # --- measurements --------------------------------------------------------------------------------------------------
@@ -337,12 +381,72 @@ def run_transformers(spec: RunSpec) -> RunResult:
     return result
 
 
+def run_llama_cpp(spec: RunSpec) -> RunResult:
+    import llama_cpp
+    import numpy as np
+
+    threads = spec.threads or len(os.sched_getaffinity(0))
+    t = time.perf_counter()
+    # no mmap: the weights are read into memory at load, as the other engines do, so load time and memory compare
+    llm = llama_cpp.Llama(
+        spec.gguf,
+        n_ctx=spec.prompt + spec.decode + 8,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        use_mmap=False,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t
+    load_peak = peak_rss_gb()
+    prompt = prompt_ids(spec.prompt)
+
+    def last_logits() -> np.ndarray:  # llama-cpp-python keeps logits only with logits_all: read the context's
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+    llm.eval(prompt[:8])  # warm-up, as for the others
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    tokens = [int(last_logits().argmax())]
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    while len(tokens) < spec.decode:
+        llm.eval([tokens[-1]])
+        tokens.append(int(last_logits().argmax()))
+    decode_s = time.perf_counter() - t1
+    result = RunResult(
+        engine="llama.cpp",
+        dtype=spec.dtype,
+        quantize=spec.quantize,
+        load_s=load_s,
+        load_peak_gb=load_peak,
+        peak_gb=peak_rss_gb(),
+        ttft_s=ttft,
+        prefill_tok_s=spec.prompt / ttft,
+        decode_tok_s=(len(tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+        weight_gb=spec.weight_bytes / 1e9,
+        threads=threads,
+        tokens=tokens,
+    )
+    if spec.accuracy_tokens:
+        llm.reset()
+        rows = []
+        for tok in prompt[: spec.accuracy_tokens]:  # one position at a time: logits_all would need a second model
+            llm.eval([tok])
+            rows.append(last_logits().copy())
+        import torch
+
+        torch.save(torch.from_numpy(np.stack(rows)).float(), spec.logits_path)
+    return result
+
+
 def worker(spec: RunSpec) -> None:
     if spec.threads:
         import torch
 
         torch.set_num_threads(spec.threads)
-    run = run_ours if spec.engine == "ours" else run_transformers
+    run = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[spec.engine]
     print("RESULT " + json.dumps(asdict(run(spec))), flush=True)
 
 
@@ -419,16 +523,18 @@ def markdown(report: dict[str, Any]) -> str:
 def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
     ok = {(r["engine"], r["dtype"], r["quantize"]): r for r in runs if not r["error"]}
     out: dict[str, float] = {}
-    for dtype in ("fp32", "bf16"):
-        ours, hf = ok.get(("ours", dtype, "none")), ok.get(("transformers", dtype, "none"))
-        if ours and hf:
-            out[f"decode ours/transformers {dtype}"] = ours["decode_tok_s"] / hf["decode_tok_s"]
-            out[f"prefill ours/transformers {dtype}"] = ours["prefill_tok_s"] / hf["prefill_tok_s"]
-        i8, i4 = ok.get(("ours", dtype, "int8")), ok.get(("ours", dtype, "int4"))
-        if i8 and ours:
-            out[f"decode int8/{dtype} (ours)"] = i8["decode_tok_s"] / ours["decode_tok_s"]
-        if i4 and i8:
-            out[f"decode int4/int8 ({dtype} activations)"] = i4["decode_tok_s"] / i8["decode_tok_s"]
+
+    def ratio(label: str, key: str, a: tuple[str, str, str], b: tuple[str, str, str]) -> None:
+        if a in ok and b in ok and ok[b][key] > 0:
+            out[label] = ok[a][key] / ok[b][key]
+
+    for d in ("fp32", "bf16"):
+        ratio(f"decode ours/transformers {d}", "decode_tok_s", ("ours", d, "none"), ("transformers", d, "none"))
+        ratio(f"prefill ours/transformers {d}", "prefill_tok_s", ("ours", d, "none"), ("transformers", d, "none"))
+        ratio(f"decode int8/{d} (ours)", "decode_tok_s", ("ours", d, "int8"), ("ours", d, "none"))
+        ratio(f"decode int4/int8 ({d} activations)", "decode_tok_s", ("ours", d, "int4"), ("ours", d, "int8"))
+        for q in ("none", "int8", "int4"):
+            ratio(f"decode ours/llama.cpp {d} {q}", "decode_tok_s", ("ours", d, q), ("llama.cpp", d, q))
     return out
 
 
@@ -437,7 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
     ap.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none", "int8", "int4"])
-    ap.add_argument("--engines", nargs="+", choices=["ours", "transformers"], default=["ours", "transformers"])
+    ap.add_argument(
+        "--engines", nargs="+", choices=["ours", "transformers", "llama.cpp"], default=["ours", "transformers"]
+    )
+    ap.add_argument(
+        "--llama-cpp-convert",
+        type=Path,
+        help="llama.cpp's convert_hf_to_gguf.py (from a llama.cpp checkout), for --engines llama.cpp",
+    )
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     ap.add_argument("--decode", type=int, default=32, help="tokens to generate (default 32)")
     ap.add_argument("--accuracy-tokens", type=int, default=128, help="teacher-forced positions for logit errors")
@@ -461,14 +574,25 @@ def main(argv: list[str] | None = None) -> int:
             write_checkpoint(folder, shape)
             print(f"wrote a random {args.shape} checkpoint in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         bandwidth = read_bandwidth_gbs(args.bandwidth_gib)
+        ggufs: dict[tuple[str, str], Path] = {}
+        if "llama.cpp" in args.engines:
+            if not args.llama_cpp_convert:
+                raise SystemExit("--engines llama.cpp needs --llama-cpp-convert PATH/convert_hf_to_gguf.py")
+            wanted = [(d, q) for d in args.dtype for q in args.quantize]
+            ggufs = write_ggufs(folder, work, args.llama_cpp_convert, wanted)
         runs: list[dict[str, Any]] = []
         logits: dict[str, Path] = {}
         acc_tokens = min(args.accuracy_tokens, args.prompt)
         for dtype in args.dtype:
             for engine in args.engines:
-                for q in args.quantize if engine == "ours" else ["none"]:
+                for q in args.quantize if engine != "transformers" else ["none"]:
                     name = f"{engine}-{dtype}-{q}"
                     spec = RunSpec(engine, str(folder), dtype, q, args.prompt, args.decode, args.threads)
+                    if engine == "llama.cpp":
+                        if (dtype, q) not in ggufs:
+                            continue  # no llama.cpp type for it (Q8_0/Q4_0 come from the BF16 file)
+                        spec.gguf = str(ggufs[dtype, q])
+                        spec.weight_bytes = gguf_weight_bytes(ggufs[dtype, q], args.llama_cpp_convert)
                     if acc_tokens:
                         spec.accuracy_tokens, spec.logits_path = acc_tokens, str(work / f"{name}.pt")
                     need = n_params(shape) * (4 if dtype == "fp32" else 2)
