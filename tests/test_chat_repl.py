@@ -133,9 +133,11 @@ def test_terminal_session(tmux, hf_model_dir, tmp_path):
     t.wait(r"max_tokens = None")
     t.type("Tell me a long story")
     t.keys("Enter")
-    time.sleep(1.5)
+    t.wait(r"> Tell me a long story\n(?!.*thinking)\S")  # the reply has begun
+    time.sleep(0.5)
     t.keys("C-c")
     t.wait(r"\[interrupted\]")
+    t.wait(r"Alt\+Enter new line")  # the status line: the prompt is back
     t.type("half-typed words")
     t.keys("C-c")
     t.type("/info")

@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
@@ -537,8 +537,8 @@ class Chat:
 # -------------------------------------------------------------------------------------------------------- input
 
 
-def _terminal_lines(chat: Chat) -> Iterable[str]:
-    """Inputs from a prompt-toolkit prompt; Ctrl-C clears the line, Ctrl-D ends."""
+def _terminal_reader(chat: Chat) -> Callable[[], str | None]:
+    """Reads inputs with a prompt-toolkit prompt; Ctrl-C clears the line, Ctrl-D (None) ends."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
     from prompt_toolkit.completion import Completer, Completion, PathCompleter
@@ -593,8 +593,8 @@ def _terminal_lines(chat: Chat) -> Iterable[str]:
         else:
             buf.validate_and_handle()
 
+    # Not Ctrl-J: keys typed while a reply streams reach the prompt with Enter as "\n", which must still send.
     @keys.add("escape", "enter")
-    @keys.add("c-j")
     def _newline(event) -> None:  # type: ignore[no-untyped-def]
         event.current_buffer.insert_text("\n")
 
@@ -609,20 +609,27 @@ def _terminal_lines(chat: Chat) -> Iterable[str]:
         prompt_continuation=lambda width, line_number, wrapped: "." * (width - 1) + " ",
         style=Style.from_dict({"prompt": "bold"}),
     )
-    while True:
+
+    def read() -> str | None:
         try:
-            yield session.prompt([("class:prompt", "> ")])
+            return session.prompt([("class:prompt", "> ")])
         except KeyboardInterrupt:
-            continue
+            return ""
         except EOFError:
-            return
+            return None
+
+    return read
 
 
-def _stdin_lines() -> Iterable[str]:
-    """Inputs from a pipe or file, one per line; bad UTF-8 is replaced rather than fatal."""
+def _stdin_reader() -> Callable[[], str | None]:
+    """Reads inputs from a pipe or file, one per line (None at the end); bad UTF-8 is replaced, not fatal."""
     stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-    for line in stream:
-        yield line.rstrip("\r\n")
+
+    def read() -> str | None:
+        line = stream.readline()
+        return line.rstrip("\r\n") if line else None
+
+    return read
 
 
 # ------------------------------------------------------------------------------------------------------ start-up
@@ -707,9 +714,13 @@ def run_chat(
         )
     if load is not None:
         chat.load(load, system)
-    lines = _terminal_lines(chat) if interactive else _stdin_lines()
-    for line in lines:
-        if not chat.handle(line):
-            break
+    read = _terminal_reader(chat) if interactive else _stdin_reader()
+    while True:
+        try:
+            line = read()
+            if line is None or not chat.handle(line):
+                break
+        except KeyboardInterrupt:
+            continue  # a Ctrl-C just after a reply, before the prompt is back, only stops what was running
     if not interactive and chat.failures:
         raise MistralError(f"{_count(chat.failures, 'input')} failed; see the errors above.")
