@@ -144,6 +144,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._inv_freq_table: torch.Tensor | None = None  # RoPE frequencies, a plain attribute (not in the state)
 
     def new_cache(self, max_len: int | None = None, *, batch: int = 1, static: bool = False) -> KVCache:
         ref = self.tok_embeddings.weight  # never quantized: its dtype is the activations' dtype
@@ -198,26 +199,26 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         cache: KVCache,
-        pos: int | torch.Tensor,
+        write_at: int | torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         last_only: bool,
     ) -> torch.Tensor:
+        """write_at: where the cache takes the new keys/values, the start as an int (growing cache, written by
+        slicing) or the positions tensor itself (static cache, written by index)."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self._inv_freq(x.device))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, pos, mask)
+            x = layer(x, cos, sin, cache, i, write_at, mask)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        # computed once per device: a plain attribute, not a buffer, so loading on the meta device leaves it alone
-        cached = self.__dict__.get("_inv_freq_table")
-        if cached is None or cached.device != device:
-            cached = inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device)
-            self.__dict__["_inv_freq_table"] = cached
-        return cached
+        # made on first use, not in __init__: the model is built on the meta device and only then filled
+        if self._inv_freq_table is None or self._inv_freq_table.device != device:
+            self._inv_freq_table = inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device)
+        return self._inv_freq_table
 
     def position_mask(self, positions: torch.Tensor, L: int) -> torch.Tensor:
         """Boolean (T, L) mask from query positions held in a tensor: True where a query may see key j."""
