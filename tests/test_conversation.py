@@ -189,6 +189,18 @@ def test_load_gathers_system_messages_into_the_system_prompt(tok, tmp_path):
     assert conv.system == "S1\n\nS2" and conv.exchanges == [Exchange("a\n\nb", "c", "stop")]
 
 
+def test_load_ignores_metadata_it_does_not_know(tok, tmp_path):
+    path = tmp_path / "m.json"
+    messages = [
+        {"role": "user", "content": "a", "metadata": {"cut": 5, "other": [1]}},
+        {"role": "assistant", "content": "b"},
+    ]
+    path.write_text(json.dumps(messages), encoding="utf-8")
+    conv = Conversation(tok)
+    assert conv.load(path)["other"] == [1]
+    assert conv.exchanges == [Exchange("a", "b", "stop")]
+
+
 def test_load_errors_leave_the_conversation_alone(tok, tmp_path):
     conv = chat(tok, None, [("a", "b")])
     (tmp_path / "bad.json").write_text("{", encoding="utf-8")

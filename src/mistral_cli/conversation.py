@@ -186,7 +186,8 @@ class Conversation:
         """Replace the history (and system prompt) with a saved conversation; returns its metadata."""
         messages, metadata = load_conversation(path)
         cut = {}
-        for item in metadata.get("cut") or []:
+        items = metadata.get("cut")
+        for item in items if isinstance(items, list) else []:  # metadata from elsewhere may be anything
             if isinstance(item, dict) and isinstance(item.get("message"), int):
                 cut[item["message"]] = str(item.get("finish_reason") or "interrupted")
         self.system = _join(*(m.content for m in messages if m.role == "system")) or None
