@@ -17,6 +17,8 @@ import pytest
 
 from mistral_cli.chat_format import Message, encode_chat
 from mistral_cli.engine import Done, Engine
+from mistral_cli.errors import UsageError
+from mistral_cli.repl import kilo, parse_option, split_markdown
 from mistral_cli.sampling import GenerationOptions
 
 CONTEXT = "2048"  # small: the tiny model's attention then costs little
@@ -44,10 +46,10 @@ def greedy_reply(folder: Path, text: str, n: int) -> str:
 class Tmux:
     """A program in a detached tmux session of its own server: keys in, screen text out."""
 
-    def __init__(self, command: str, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, command: str, env: dict[str, str], cwd: Path, height: int = 40) -> None:
         self.base = ["tmux", "-L", f"mistral-test-{uuid.uuid4().hex[:8]}", "-f", "/dev/null"]
         shell = f"{command}; echo EXIT=$?; sleep 60"
-        subprocess.run([*self.base, "new-session", "-d", "-s", "t", "-x", "100", "-y", "40", shell],
+        subprocess.run([*self.base, "new-session", "-d", "-s", "t", "-x", "100", "-y", str(height), shell],
                        env=env, cwd=cwd, check=True)  # fmt: skip
 
     def keys(self, *keys: str) -> None:
@@ -236,3 +238,64 @@ def test_piped_load_system_and_context_management(hf_model_dir, tmp_path):
         "Hi",
         *(f"Question {i} about the weather?" for i in range(6)),
     ]
+
+
+STREAM_SCRIPT = """
+import sys, time
+from rich.console import Console
+from mistral_cli.repl import MarkdownView
+text = sys.argv[1]
+view = MarkdownView(Console(), "thinking")
+for i in range(0, len(text), 4):
+    view.add(text[i : i + 4])
+    time.sleep(0.003)
+view.end("interrupted")
+print("DONE")
+"""
+
+
+def test_a_long_markdown_reply_streams_without_lost_or_repeated_lines(tmux, tmp_path):
+    paragraphs = [f"Paragraph {i} says **hello** to line {i}." for i in range(25)]
+    code = "".join(f"value_{i} = {i}\n" for i in range(30))
+    text = "\n\n".join(paragraphs[:10]) + f"\n\n```python\n{code}```\n\n" + "\n\n".join(paragraphs[10:])
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM_SCRIPT, encoding="utf-8")
+    t = Tmux(f"{shlex.quote(sys.executable)} {script} {shlex.quote(text)}", chat_env(tmp_path), tmp_path, height=15)
+    try:
+        screen = t.wait(r"DONE")
+    finally:
+        t.close()
+    for i in range(25):  # the screen is 15 lines: most of this was printed for good while it streamed
+        assert len(re.findall(rf"Paragraph {i} says hello to line {i}\.", screen)) == 1, screen
+    for i in range(30):
+        assert len(re.findall(rf"value_{i} = {i}\b", screen)) == 1, screen
+    assert "[interrupted]" in screen
+
+
+def test_split_markdown():
+    assert split_markdown("one\n\ntwo\n\nthr") == ("one\n\ntwo\n\n", "thr")
+    assert split_markdown("no blank line yet") == ("", "no blank line yet")
+    # inside a code block: closed in the first part, reopened in the second
+    head, rest = split_markdown("intro\n\n```py\na = 1\nb = 2\nc =")
+    assert (head, rest) == ("intro\n\n```py\na = 1\nb = 2\n```\n", "```py\nc =")
+    # a blank line inside a code block is not a split point
+    assert split_markdown("```\na\n\nb\n```\n\nafter") == ("```\na\n\nb\n```\n\n", "after")
+
+
+def test_parse_option():
+    opts = GenerationOptions()
+    assert parse_option("temperature", "0", opts).temperature == 0.0
+    assert parse_option("--max-tokens", "12", opts).max_tokens == 12
+    assert parse_option("max_tokens", "none", parse_option("max_tokens", "5", opts)).max_tokens is None
+    assert parse_option("stop", "###", opts).stop == ["###"]
+    assert parse_option("seed", "random", opts).seed is None
+    with pytest.raises(UsageError, match="Unknown option 'heat'"):
+        parse_option("heat", "1", opts)
+    with pytest.raises(UsageError, match="top_k needs a whole number"):
+        parse_option("top_k", "1.5", opts)
+    with pytest.raises(UsageError, match="--top-p must be in"):
+        parse_option("top_p", "2", opts)
+
+
+def test_kilo():
+    assert [kilo(n) for n in (0, 999, 1229, 2048, 32768)] == ["0", "999", "1.2k", "2k", "32k"]
