@@ -693,7 +693,9 @@ def run_chat(
     err = Console(stderr=True, highlight=False)
     err.soft_wrap = not err.is_terminal
     paths = _resolve(model, err, interactive)
-    engine = _load_engine(paths, err, device=device, dtype=dtype, quantize=quantize, max_context=max_context)
+    engine = _load_engine(
+        paths, err, device=device, dtype=dtype, quantize=quantize, max_context=max_context, compile=compile
+    )
     name = paths.folder.name if paths.source == "local" else paths.name
     chat = Chat(
         engine,
