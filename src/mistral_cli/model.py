@@ -54,12 +54,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+UPCAST_BLOCK = 1 << 21  # weights converted at a time by blocked_linear: 8 MiB in float32
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ weight.T computed in `dtype`, converting the weight (any dtype) a block of rows at a time.
+
+    A whole converted copy of a large weight is a fresh allocation that the OS must page in on every call, which
+    costs more than the GEMM itself for short prompts; blocks of a few MiB are reused by the allocator.
+    """
+    N, K = weight.shape
+    rows = max(1, UPCAST_BLOCK // K)
+    xd = x.reshape(-1, K).to(dtype)
+    out = torch.empty(xd.shape[0], N, dtype=dtype, device=x.device)
+    for i in range(0, N, rows):
+        torch.mm(xd, weight[i : i + rows].to(dtype).T, out=out[:, i : i + rows])
+    return out.reshape(*x.shape[:-1], N)
+
+
 class Linear(nn.Linear):
     """nn.Linear that can run products of several rows in float32 while its weight stays in bf16/fp16.
 
-    `upcast` is set at load on CPUs without fast bf16 (devices.slow_half_matmul): there a bf16 GEMM runs several
-    times slower than converting the weight and doing a float32 one, while a single row (a decode step) is a
-    bandwidth-bound product where the half-size weight wins.
+    `upcast` is set at load on CPUs without fast bf16 (devices.slow_half_matmul): there a bf16 GEMM costs as much
+    per row as a whole decode step, so a prompt is several times faster converted to float32 block by block; a
+    single row (a decode step) is a bandwidth-bound product where the half-size weight wins.
     """
 
     upcast = False
@@ -69,7 +87,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.upcast and x.dtype != torch.float32 and x.numel() > x.shape[-1]:
-            return F.linear(x.float(), self.weight.float()).to(x.dtype)
+            return blocked_linear(x, self.weight, torch.float32).to(x.dtype)
         return F.linear(x, self.weight)
 
 

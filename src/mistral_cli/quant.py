@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_cli.model import blocked_linear
+
 MODES = ("int8", "int4")
 INT4_GROUP = 64  # weights per int4 scale/zero pair; 32, 64, 128 or 256
 KERNEL_MAX_ROWS = 16  # int8: above this many rows, dequantizing and one float GEMM is faster than the kernel
@@ -78,8 +80,11 @@ class WeightOnlyInt8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.scales)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
-        y = F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
-        return y.to(x.dtype)
+        if x.device.type == "cpu":  # dequantized a block at a time: no page faults for a full-size float copy
+            y = blocked_linear(x, self.weight, dtype)
+        else:  # one expression that torch.compile fuses into the matmul
+            y = F.linear(x.to(dtype), self.weight.to(dtype))
+        return (y * self.scales.to(dtype)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
