@@ -200,7 +200,9 @@ def load_state(weights: WeightFiles, cfg: ModelConfig, placement: Placement) -> 
         if not is_hf and native.endswith(("attention.wq.weight", "attention.wk.weight")):
             heads = cfg.n_heads if ".wq." in native else cfg.n_kv_heads
             tensor = native_to_hf_rope(tensor, heads, cfg.head_dim)
-        tensor = tensor.to(device=placement.device, dtype=placement.dtype)
+        # copy even when nothing changes: a tensor from safetensors or an mmap'd .pth is a view of the file's
+        # mapping, which would keep the whole file mapped and resident beside the model
+        tensor = tensor.to(device=placement.device, dtype=placement.dtype, copy=True)
         fused = _fused_target(native)
         if fused is None:
             yield native, tensor
