@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _available() -> int:
-    from mistral_cli.devices import available_memory
+    from mistral_cli.hardware import available_memory
 
     return available_memory() or 1 << 62
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import platform
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
 from mistral_cli.errors import MistralError
+from mistral_cli.hardware import auto_dtype, cpu_has_fast_bf16
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -28,22 +26,6 @@ class Placement:
         return f"{self.device.type} {self.dtype_name}"
 
 
-@cache
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are fast on a CPU only with AVX512-BF16 or AMX (TECH.md section 7); elsewhere they are slow."""
-    if platform.system() == "Linux":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        return bool(flags & {"avx512_bf16", "amx_bf16"})
-        except OSError:
-            return False
-    # Apple M2 and later have BF16 instructions; on M1 torch still runs bf16 correctly
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
 def slow_half_matmul(placement: Placement) -> bool:
     """Whether bf16/fp16 matrix products here are much slower than float32 ones (a CPU without AVX512-BF16/AMX)."""
     return (
@@ -51,20 +33,6 @@ def slow_half_matmul(placement: Placement) -> bool:
         and placement.dtype in (torch.bfloat16, torch.float16)
         and not cpu_has_fast_bf16()
     )
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -90,17 +58,8 @@ def pick_dtype(name: str, device: torch.device, n_params: int = 0) -> torch.dtyp
         if name not in DTYPES:
             raise MistralError(f"Unknown dtype {name!r}: use auto, bf16, fp16 or fp32.")
         return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    if cpu_has_fast_bf16():
-        return torch.bfloat16
-    # fp32 is the fast path on such CPUs, but it doubles the weights: take bf16 when fp32 would not fit in memory.
-    free = available_memory()
-    if free is not None and n_params * 4 > 0.85 * free:
-        return torch.bfloat16
-    return torch.float32
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return DTYPES[auto_dtype(device.type, n_params, cuda_bf16)]
 
 
 def pick(device: str = "auto", dtype: str = "auto", n_params: int = 0) -> Placement:

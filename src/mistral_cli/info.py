@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_cli.config import ModelConfig
+from mistral_cli.hardware import auto_dtype
 from mistral_cli.models import (
     SOURCE_FILE,
     V1_TOKENIZER_SHA256,
@@ -162,16 +163,7 @@ def detect_device(requested: str = "auto") -> tuple[str, str]:
 
 def pick_dtype(requested: str, device: str, n_params: int) -> str:
     """`auto` as the loader resolves it: bf16 on cuda, fp16 on mps, on a CPU bf16 where it is fast, else fp32."""
-    if requested != "auto":
-        return requested
-    if device == "cuda":
-        return "bf16"
-    if device == "mps":
-        return "fp16"
-    if _cpu_has_fast_bf16():
-        return "bf16"
-    free = _available_memory()
-    return "bf16" if free is not None and n_params * 4 > 0.85 * free else "fp32"
+    return requested if requested != "auto" else auto_dtype(device, n_params)
 
 
 def _torch_lib() -> Path | None:
@@ -179,33 +171,6 @@ def _torch_lib() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0]) / "lib"
-
-
-def _cpu_has_fast_bf16() -> bool:
-    if sys.platform == "darwin":
-        return platform.machine() == "arm64"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _tokenizer(path: Path) -> dict[str, Any]:
