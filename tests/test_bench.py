@@ -26,7 +26,7 @@ def test_random_checkpoint_is_sharded_and_loads(tmp_path, monkeypatch):
 def test_bench_smoke_report(tmp_path, capsys):
     out = tmp_path / "report.json"
     args = ["--shape", "tiny", "--dtype", "fp32", "--quantize", "none", "int8", "--prompt", "12", "--decode", "3"]
-    args += ["--accuracy-tokens", "6", "--bandwidth-gib", "0.0625", "--json", str(out)]
+    args += ["--accuracy-tokens", "6", "--bandwidth-gib", "0.0625", "--repeats", "1", "--json", str(out)]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
     assert report["shape"] == "tiny" and report["read_bandwidth_gbs"] > 0 and report["machine"]

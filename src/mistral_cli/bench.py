@@ -9,9 +9,12 @@ memory figure belongs to one run and a 7B model is in memory only once at a time
 resident memory (VmHWM) after loading and overall, time to first token, prefill and decode tokens/s, and the
 bytes of weights one decode step reads, as GB/s and as a fraction of the read bandwidth measured here (a float32
 sum over a 1 GiB buffer). Quantization's accuracy cost is each quantized run's logits against the unquantized
-run of the same dtype, teacher-forced over the first prompt tokens.
+run of the same dtype, teacher-forced over the first prompt tokens. Each run times `--repeats` generations and
+keeps the best of each figure, since other work on the machine only ever slows a run down.
 
-Needs the test extras (transformers, mistral-common). llama.cpp runs are not included.
+Needs the test extras (transformers, mistral-common). llama.cpp (`--engines llama.cpp`) needs llama-cpp-python and
+a llama.cpp checkout for its converter (`--llama-cpp-convert .../convert_hf_to_gguf.py`); it runs F32/BF16 files
+from that converter and Q8_0/Q4_0 files quantized from the BF16 one, for our fp32/bf16, int8 and int4 rows.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RunSpec:
     prompt: int = 512
     decode: int = 32
     threads: int | None = None
+    repeats: int = 1  # timed generations; the best of each figure is kept
     accuracy_tokens: int = 0  # teacher-forced logits over this many prompt tokens, saved to logits_path
     logits_path: str = ""
     gguf: str = ""  # llama.cpp runs: the GGUF file
@@ -262,6 +266,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
+def best_of(repeats: int, timed_run: Any) -> tuple[float, float, float, list[int]]:
+    """Run `timed_run() -> (ttft_s, prefill tok/s, decode tok/s, tokens)` and keep the best of each figure: other
+    work on a shared machine only ever makes a run slower."""
+    runs = [timed_run() for _ in range(max(1, repeats))]
+    return min(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs), runs[-1][3]
+
+
 # --- the runs (each in its own process) ----------------------------------------------------------------------------
 
 
@@ -291,14 +302,19 @@ def run_ours(spec: RunSpec) -> RunResult:
     greedy = GenerationOptions(temperature=0, max_tokens=spec.decode)
     for _ in engine.generate(prompt[:8], GenerationOptions(temperature=0, max_tokens=2)):
         pass  # warm-up: thread pool and allocator, out of the timing
-    engine.reset()
-    t0 = time.perf_counter()
-    ttft = 0.0
-    for event in engine.generate(prompt, greedy):
-        if isinstance(event, Chunk) and not ttft:
-            ttft = time.perf_counter() - t0
-        elif isinstance(event, Done):
-            done = event
+
+    def timed_run() -> tuple[float, float, float, list[int]]:
+        engine.reset()
+        t0 = time.perf_counter()
+        ttft = 0.0
+        for event in engine.generate(prompt, greedy):
+            if isinstance(event, Chunk) and not ttft:
+                ttft = time.perf_counter() - t0
+            elif isinstance(event, Done):
+                done = event
+        return ttft, done.prefill_tokens_per_s, done.decode_tokens_per_s, done.tokens
+
+    ttft, prefill, decode, tokens = best_of(spec.repeats, timed_run)
     result = RunResult(
         engine="ours",
         dtype=spec.dtype,
@@ -307,11 +323,11 @@ def run_ours(spec: RunSpec) -> RunResult:
         load_peak_gb=load_peak,
         peak_gb=peak_rss_gb(),
         ttft_s=ttft,
-        prefill_tok_s=done.prefill_tokens_per_s,
-        decode_tok_s=done.decode_tokens_per_s,
+        prefill_tok_s=prefill,
+        decode_tok_s=decode,
         weight_gb=weight_bytes / 1e9,
         threads=torch.get_num_threads(),
-        tokens=done.tokens,
+        tokens=tokens,
     )
     if spec.accuracy_tokens:
         x = torch.tensor([prompt[: spec.accuracy_tokens]])
@@ -353,12 +369,18 @@ def run_transformers(spec: RunSpec) -> RunResult:
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         model.generate(prompt[:, :8], max_new_tokens=2, **kw)  # warm-up, as for ours
+
+    def timed_run() -> tuple[float, float, float, list[int]]:
         timer = _TokenTimes()
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=spec.decode, streamer=timer, **kw)
-    ttft = timer.times[0] - t0
-    steps = len(timer.times) - 1
-    decode = steps / (timer.times[-1] - timer.times[0]) if steps > 0 else 0.0
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(prompt, max_new_tokens=spec.decode, streamer=timer, **kw)
+        ttft = timer.times[0] - t0
+        steps = len(timer.times) - 1
+        decode = steps / (timer.times[-1] - timer.times[0]) if steps > 0 else 0.0
+        return ttft, spec.prompt / ttft, decode, timer.tokens  # the first token's time is mostly the prefill
+
+    ttft, prefill, decode, tokens = best_of(spec.repeats, timed_run)
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     result = RunResult(
         engine="transformers",
@@ -368,11 +390,11 @@ def run_transformers(spec: RunSpec) -> RunResult:
         load_peak_gb=load_peak,
         peak_gb=peak_rss_gb(),
         ttft_s=ttft,
-        prefill_tok_s=spec.prompt / ttft,  # the first token's time is mostly the prefill
+        prefill_tok_s=prefill,
         decode_tok_s=decode,
         weight_gb=weights / 1e9,
         threads=torch.get_num_threads(),
-        tokens=timer.tokens,
+        tokens=tokens,
     )
     if spec.accuracy_tokens:
         with torch.inference_mode():
@@ -405,16 +427,21 @@ def run_llama_cpp(spec: RunSpec) -> RunResult:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
     llm.eval(prompt[:8])  # warm-up, as for the others
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    tokens = [int(last_logits().argmax())]
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    while len(tokens) < spec.decode:
-        llm.eval([tokens[-1]])
-        tokens.append(int(last_logits().argmax()))
-    decode_s = time.perf_counter() - t1
+
+    def timed_run() -> tuple[float, float, float, list[int]]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tokens = [int(last_logits().argmax())]
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        while len(tokens) < spec.decode:
+            llm.eval([tokens[-1]])
+            tokens.append(int(last_logits().argmax()))
+        decode_s = time.perf_counter() - t1
+        return ttft, spec.prompt / ttft, (len(tokens) - 1) / decode_s if decode_s > 0 else 0.0, tokens
+
+    ttft, prefill, decode, tokens = best_of(spec.repeats, timed_run)
     result = RunResult(
         engine="llama.cpp",
         dtype=spec.dtype,
@@ -423,8 +450,8 @@ def run_llama_cpp(spec: RunSpec) -> RunResult:
         load_peak_gb=load_peak,
         peak_gb=peak_rss_gb(),
         ttft_s=ttft,
-        prefill_tok_s=spec.prompt / ttft,
-        decode_tok_s=(len(tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+        prefill_tok_s=prefill,
+        decode_tok_s=decode,
         weight_gb=spec.weight_bytes / 1e9,
         threads=threads,
         tokens=tokens,
@@ -554,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     ap.add_argument("--decode", type=int, default=32, help="tokens to generate (default 32)")
     ap.add_argument("--accuracy-tokens", type=int, default=128, help="teacher-forced positions for logit errors")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="threads in every run (default: torch's, all cores)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generations per run; the best is reported")
     ap.add_argument("--model-dir", type=Path, help="reuse (or keep) the random checkpoint in this folder")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer for the bandwidth measurement")
@@ -587,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             for engine in args.engines:
                 for q in args.quantize if engine != "transformers" else ["none"]:
                     name = f"{engine}-{dtype}-{q}"
-                    spec = RunSpec(engine, str(folder), dtype, q, args.prompt, args.decode, args.threads)
+                    spec = RunSpec(engine, str(folder), dtype, q, args.prompt, args.decode, args.threads, args.repeats)
                     if engine == "llama.cpp":
                         if (dtype, q) not in ggufs:
                             continue  # no llama.cpp type for it (Q8_0/Q4_0 come from the BF16 file)
