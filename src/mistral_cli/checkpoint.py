@@ -8,7 +8,6 @@ the final weights.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings
@@ -22,6 +21,7 @@ from mistral_cli.config import ModelConfig
 from mistral_cli.devices import Placement, slow_half_matmul
 from mistral_cli.errors import MistralError
 from mistral_cli.model import Transformer
+from mistral_cli.models import weight_paths
 from mistral_cli.quant import is_quantized_layer, quantized_linear, replace_module
 
 HF_TO_NATIVE = {
@@ -56,40 +56,8 @@ class WeightFiles:
 
 
 def find_weights(folder: Path) -> WeightFiles:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise MistralError(f"{index} is not a valid safetensors index (no weight_map).") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise MistralError(f"{folder / missing[0]} is missing (listed in {index.name}); download the model again.")
-        return WeightFiles("safetensors", tuple(folder / n for n in names))
-    for name in ("model.safetensors", "consolidated.safetensors"):
-        if (folder / name).is_file():
-            return WeightFiles("safetensors", (folder / name,))
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        return WeightFiles("safetensors", tuple(shards))
-    pth = sorted(folder.glob("consolidated.*.pth"))
-    if len(pth) > 1:
-        raise MistralError(
-            f"{folder} holds a checkpoint split for model parallelism ({len(pth)} .pth files); "
-            "only single-file checkpoints are supported."
-        )
-    if pth:
-        return WeightFiles("pth", (pth[0],))
-    hint = (
-        " (only PyTorch .bin files, which are not supported: use the safetensors files)"
-        if any(folder.glob("pytorch_model*.bin"))
-        else ""
-    )
-    raise MistralError(
-        f"{folder} has no model weights{hint}: expected model*.safetensors, consolidated.safetensors "
-        "or consolidated.00.pth."
-    )
+    files = weight_paths(folder)  # the one place that decides which files hold a folder's weights
+    return WeightFiles("pth" if files[0].suffix == ".pth" else "safetensors", files)
 
 
 def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]:

@@ -193,11 +193,25 @@ def weight_paths(folder: Path) -> tuple[Path, ...]:
     for single in ("model.safetensors", "consolidated.safetensors"):
         if (folder / single).is_file():
             return (folder / single,)
-    found = sorted(folder.glob("model-*-of-*.safetensors")) or sorted(folder.glob("consolidated.*.pth"))
-    if found:
-        return tuple(found)
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        return tuple(shards)
+    pth = sorted(folder.glob("consolidated.*.pth"))
+    if len(pth) > 1:
+        raise MistralError(
+            f"{folder} holds a checkpoint split for model parallelism ({len(pth)} .pth files); "
+            "only single-file checkpoints are supported."
+        )
+    if pth:
+        return (pth[0],)
+    hint = (
+        " (only PyTorch .bin files, which are not supported: use the safetensors files)"
+        if any(folder.glob("pytorch_model*.bin"))
+        else ""
+    )
     raise MistralError(
-        f"{folder} has no model weights: expected model*.safetensors, consolidated.safetensors or consolidated.00.pth."
+        f"{folder} has no model weights{hint}: expected model*.safetensors, consolidated.safetensors "
+        "or consolidated.00.pth."
     )
 
 
