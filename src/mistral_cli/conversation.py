@@ -150,6 +150,10 @@ class Conversation:
         budget = max(max_context - room, 1)
         full = self.ids()
         ids, keep_from = full, 0
+        if len(ids) > budget:
+            # Dropping from the start moves every position, so the whole rest is prefilled again: free a quarter
+            # of the context more than needed, so that the next turns reuse the cache instead of paying that each time.
+            budget = max(budget - max_context // 4, 1)
         while len(ids) > budget and keep_from < len(self.exchanges) - 1:
             keep_from += 1
             ids = self.ids(self.exchanges[keep_from:])
