@@ -92,6 +92,23 @@ def test_int4_kernel_and_fallback_agree(monkeypatch):
     torch.testing.assert_close(fast(x), ref, rtol=0, atol=4 * BF16_ULP * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+def test_quantizing_in_row_blocks_changes_nothing(monkeypatch, kernel):
+    """Layers are quantized a block of rows at a time (small temporaries); the CPU int4 kernel's packing of
+    separate blocks must equal one packing of the whole weight."""
+    monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", kernel)
+    w, x = _weight(n=208, k=256), _x(3)  # 208 rows: blocks of 64, 64, 64 and 16
+    whole4, whole8 = WeightOnlyInt4Linear(w, group=32), WeightOnlyInt8Linear(w)
+    monkeypatch.setattr(quant, "QUANT_BLOCK", 64 * 256)
+    assert len(quant.row_blocks(208, 256)) == 4
+    blocked4, blocked8 = WeightOnlyInt4Linear(w, group=32), WeightOnlyInt8Linear(w)
+    assert torch.equal(blocked4.weight, whole4.weight) and torch.equal(
+        blocked4.scales_and_zeros, whole4.scales_and_zeros
+    )
+    assert torch.equal(blocked8.weight, whole8.weight) and torch.equal(blocked8.scales, whole8.scales)
+    torch.testing.assert_close(blocked4(x), whole4(x), rtol=0, atol=0)
+
+
 def test_int4_group_fits_narrow_layers():
     assert quant.int4_group(4096) == 64 and quant.int4_group(96) == 32 and quant.int4_group(48, 64) == 16
 

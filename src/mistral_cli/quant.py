@@ -26,6 +26,7 @@ from mistral_cli.model import blocked_linear
 MODES = ("int8", "int4")
 INT4_GROUP = 64  # weights per int4 scale/zero pair; 32, 64, 128 or 256
 KERNEL_MAX_ROWS = 16  # int8: above this many rows, dequantizing and one float GEMM is faster than the kernel
+QUANT_BLOCK = 1 << 20  # weights quantized at a time: small float32 temporaries, reused with no page faults
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
@@ -54,6 +55,13 @@ def int4_weights(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return q, torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
+def row_blocks(N: int, K: int) -> list[slice]:
+    """Slices of rows to quantize one at a time; starts at multiples of 64, which the CPU int4 kernel's packing
+    (blocks of 32 or 64 rows, each stored contiguously) needs so that blocks packed apart equal one packing."""
+    rows = max(64, QUANT_BLOCK // K // 64 * 64)
+    return [slice(i, min(N, i + rows)) for i in range(0, N, rows)]
+
+
 def int4_group(K: int, group: int = INT4_GROUP) -> int:
     """The largest group of at most `group` that divides K (small test models have narrow layers)."""
     while K % group and group > 1:
@@ -68,8 +76,11 @@ class WeightOnlyInt8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.upcast = upcast  # multi-row products in float32 (CPUs without fast bf16)
-        q, scales = int8_weights(weight)
         self.kernel = _HAS_INT8_KERNEL and weight.device.type == "cpu"
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(self.out_features, device=weight.device)
+        for rows in row_blocks(*weight.shape):
+            q[rows], scales[rows] = int8_weights(weight[rows])
         self.register_buffer("weight", q)
         # the CPU kernel takes scales in the activation dtype it runs in: bf16
         self.register_buffer("scales", scales.to(torch.bfloat16 if self.kernel else weight.dtype))
@@ -98,17 +109,20 @@ class WeightOnlyInt4Linear(nn.Module):
         self.out_features, self.in_features = N, K = weight.shape
         self.group = int4_group(K, group)
         self.upcast = upcast
-        q, scales_and_zeros = int4_weights(weight, self.group)
         # torch's CPU kernel: groups of 32..256, N a multiple of 16 (its packing works on blocks of rows)
         self.kernel = (
             _HAS_INT4_KERNEL and weight.device.type == "cpu" and self.group in (32, 64, 128, 256) and N % 16 == 0
         )
-        if self.kernel:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
-        else:
-            packed = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd column high
-            scales_and_zeros = scales_and_zeros.to(weight.dtype)
+        packed = torch.empty(N, K // 2, dtype=torch.uint8, device=weight.device)
+        scales_and_zeros = torch.empty(K // self.group, N, 2, device=weight.device)
+        for rows in row_blocks(N, K):
+            q, scales_and_zeros[:, rows] = int4_weights(weight[rows], self.group)
+            if self.kernel:
+                packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            else:
+                packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd high
+        # the kernel reads scales in its activation dtype, bf16
+        scales_and_zeros = scales_and_zeros.to(torch.bfloat16 if self.kernel else weight.dtype)
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
