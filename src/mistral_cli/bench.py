@@ -179,32 +179,34 @@ LLAMA_TYPES = {("fp32", "none"): "f32", ("bf16", "none"): "bf16", ("bf16", "int8
 def write_ggufs(
     folder: Path, work: Path, converter: Path, wanted: list[tuple[str, str]]
 ) -> dict[tuple[str, str], Path]:
-    """llama.cpp's own converter writes F32/BF16 GGUF files; Q8_0 and Q4_0 are quantized from the BF16 one."""
-    import llama_cpp
+    """llama.cpp's own converter writes F32/BF16 GGUF files; Q8_0 and Q4_0 are quantized from the BF16 one.
 
-    out: dict[tuple[str, str], Path] = {}
-    for dtype, q in sorted(wanted, key=lambda k: k[1] != "none"):  # the float files first
-        kind = LLAMA_TYPES.get((dtype, q))
-        if kind is None:
-            continue
+    Files already in `work` are reused (with --model-dir they are kept beside the checkpoint)."""
+
+    def convert(kind: str) -> Path:
         path = work / f"model-{kind}.gguf"
-        if q == "none":
+        if not path.is_file():
             cmd = [sys.executable, str(converter), str(folder), "--outtype", kind, "--outfile", str(path)]
             subprocess.run(cmd, check=True, capture_output=True)
-        else:
-            src = work / "model-bf16.gguf"
-            if not src.is_file():
-                subprocess.run(
-                    [sys.executable, str(converter), str(folder), "--outtype", "bf16", "--outfile", str(src)],
-                    check=True,
-                    capture_output=True,
-                )
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
-            if llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), params) != 0:
-                raise RuntimeError(f"llama.cpp could not quantize to {kind}")
-        out[(dtype, q)] = path
-    return out
+        return path
+
+    def quantize(kind: str) -> Path:
+        path, src = work / f"model-{kind}.gguf", convert("bf16")
+        if not path.is_file():
+            # in a child process: llama.cpp logs every tensor on the C stderr, which a parent cannot silence
+            code = (
+                "import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
+                f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{kind.upper()}; "
+                "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))"
+            )
+            subprocess.run([sys.executable, "-c", code, str(src), str(path)], check=True, capture_output=True)
+        return path
+
+    return {
+        (dtype, q): convert(kind) if q == "none" else quantize(kind)
+        for dtype, q in wanted
+        if (kind := LLAMA_TYPES.get((dtype, q)))
+    }
 
 
 def gguf_weight_bytes(path: Path, converter: Path) -> int:
@@ -607,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.llama_cpp_convert:
                 raise SystemExit("--engines llama.cpp needs --llama-cpp-convert PATH/convert_hf_to_gguf.py")
             wanted = [(d, q) for d in args.dtype for q in args.quantize]
-            ggufs = write_ggufs(folder, work, args.llama_cpp_convert, wanted)
+            ggufs = write_ggufs(folder, folder if args.model_dir else work, args.llama_cpp_convert, wanted)
         runs: list[dict[str, Any]] = []
         logits: dict[str, Path] = {}
         acc_tokens = min(args.accuracy_tokens, args.prompt)
