@@ -1,7 +1,7 @@
 """Benchmark: our engine against transformers' `generate` on the same random-weight Mistral-shaped checkpoint.
 
     python -m mistral_cli.bench --shape small --dtype fp32 bf16 --quantize none int8 int4
-    python -m mistral_cli.bench --shape 7b --dtype bf16 --prompt 64 --decode 8
+    python -m mistral_cli.bench --shape 7b --dtype bf16 --prompt 128 --decode 16 --repeats 2
 
 The checkpoint is written once, in bf16 safetensors with an HF config and the v1 tokenizer (from mistral-common),
 into a temporary folder. Each engine and setting then runs in its own subprocess, one after another, so a peak
@@ -20,6 +20,7 @@ from that converter and Q8_0/Q4_0 files quantized from the BF16 one, for our fp3
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -154,7 +155,7 @@ def write_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0) -> Path
     names: list[list[str]] = []  # tensor names per shard, in order
     shard: dict[str, torch.Tensor] = {}
     size = 0
-    for name, t in [*tensors(), ("", None)]:
+    for name, t in itertools.chain(tensors(), [("", None)]):  # a generator: one shard in memory at a time
         if shard and (t is None or size + t.numel() * 2 > SHARD_BYTES):
             save_file(shard, str(folder / f"part-{len(names)}.safetensors"), metadata={"format": "pt"})
             names.append(list(shard))
