@@ -117,7 +117,9 @@ def run_complete(
     from mistral_cli.models import resolve_model
 
     paths = resolve_model(model)
-    engine = Engine.load(paths.folder, device=device, dtype=dtype, quantize=quantize, max_context=max_context)
+    engine = Engine.load(
+        paths.folder, device=device, dtype=dtype, quantize=quantize, max_context=max_context, compile=compile
+    )
     if verbose:
         sys.stderr.write(f"mistral: loaded {paths.folder} on {engine.placement} in {engine.load_s:.2f} s\n")
     ids = build_prompt(engine.tokenizer, text, instruct=instruct, system=system, messages=conversation)
