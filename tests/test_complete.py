@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,7 +48,10 @@ def tok(hf_model_dir) -> Tokenizer:
 
 def test_raw_greedy_equals_transformers(hf_model_dir, tiny_spec, tiny_sd, tok):
     prompt = "The capital of France is"
-    proc = run("complete", "-m", str(hf_model_dir), "--temperature", "0", "--max-tokens", "24", prompt)
+    # the reference runs in float32; `auto` is bf16 on most CPUs
+    proc = run(
+        "complete", "-m", str(hf_model_dir), "--dtype", "fp32", "--temperature", "0", "--max-tokens", "24", prompt
+    )
     assert proc.returncode == 0, proc.err
     assert proc.err == ""
     ids = [tok.bos_id, *tok.encode(prompt)]
@@ -62,7 +66,7 @@ def test_raw_greedy_equals_transformers(hf_model_dir, tiny_spec, tiny_sd, tok):
 def test_instruct_and_messages_greedy_equal_transformers(hf_model_dir, tiny_spec, tiny_sd, tok, tmp_path):
     ids = encode_chat(tok, [Message("user", "Write a haiku about tea.")], system="Be brief.")
     expected = tok.decode(greedy_reference(tiny_spec, tiny_sd, ids, 20))
-    proc = run("complete", "-m", str(hf_model_dir), "-t", "0", "-n", "20", "--instruct", "--system", "Be brief.",
+    proc = run("complete", "-m", str(hf_model_dir), "--dtype", "fp32", "-t", "0", "-n", "20", "--instruct", "--system", "Be brief.",
                stdin="Write a haiku about tea.")  # fmt: skip
     assert proc.returncode == 0, proc.err
     assert proc.out.rstrip("\n") == expected.rstrip("\n")
@@ -77,7 +81,7 @@ def test_instruct_and_messages_greedy_equal_transformers(hf_model_dir, tiny_spec
     path.write_text(json.dumps(convo), encoding="utf-8")
     ids = encode_chat(tok, [Message(m["role"], m["content"]) for m in convo])
     expected = tok.decode(greedy_reference(tiny_spec, tiny_sd, ids, 20))
-    proc = run("complete", "-m", str(hf_model_dir), "-t", "0", "-n", "20", "--messages", str(path))
+    proc = run("complete", "-m", str(hf_model_dir), "--dtype", "fp32", "-t", "0", "-n", "20", "--messages", str(path))
     assert proc.returncode == 0, proc.err
     assert proc.out.rstrip("\n") == expected.rstrip("\n")
 
@@ -177,6 +181,23 @@ def test_echo_and_verbose(hf_model_dir):
     assert proc.returncode == 0
     assert proc.out.startswith("Roses are")
     assert "tokens/s" in proc.err
+
+
+def test_threads_and_default_dtype(hf_model_dir):
+    base = run("complete", "-m", str(hf_model_dir), "-n", "6", "-t", "0", "--verbose", "Roses are")
+    assert base.returncode == 0, base.err
+    assert re.search(r"on cpu (bf16|fp32), \d+ threads? in", base.err), base.err
+    one = run("complete", "-m", str(hf_model_dir), "-n", "6", "-t", "0", "--verbose", "--threads", "1", "Roses are")
+    assert one.returncode == 0 and "on cpu" in one.err and ", 1 thread in" in one.err, one.err
+    assert one.out == base.out  # the thread count changes the speed, not the text
+    env = run("complete", "-m", str(hf_model_dir), "-n", "2", "--verbose", "Roses are", env={"MISTRAL_THREADS": "1"})
+    assert ", 1 thread in" in env.err, env.err
+    for bad, needle in ((["--threads", "0"], "--threads must be 1 or more"),
+                        (["--threads", "two"], "Invalid value for '--threads'")):  # fmt: skip
+        proc = run("complete", "-m", str(hf_model_dir), "-n", "2", *bad, "Roses are")
+        assert proc.returncode != 0 and needle in proc.err and "Traceback" not in proc.err, proc.err
+    proc = run("complete", "-m", str(hf_model_dir), "-n", "2", "Roses are", env={"MISTRAL_THREADS": "0"})
+    assert proc.returncode != 0 and "MISTRAL_THREADS must be 1 or more" in proc.err, proc.err
 
 
 def test_engine_reuses_cache_for_extended_prompt(hf_model_dir, tok):

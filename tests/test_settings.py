@@ -42,7 +42,7 @@ def mistral(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 def test_defaults_match_the_sampler():
     assert {name: DEFAULTS[name] for name in GENERATION} == {**asdict(GenerationOptions()), "stop": ()}
-    assert set(SPECS) == {"model", "device", "dtype", "quantize", "max_context", *GENERATION}
+    assert set(SPECS) == {"model", "device", "dtype", "quantize", "max_context", "threads", *GENERATION}
 
 
 def test_precedence_command_line_then_env_then_file_then_default(config):
@@ -62,12 +62,12 @@ def test_precedence_command_line_then_env_then_file_then_default(config):
 
 def test_every_setting_from_the_environment(config):
     values = {"model": "org/name", "device": "cpu", "dtype": "fp16", "quantize": "int8", "max_context": "2048",
-              "max_tokens": "12", "temperature": "0", "top_p": "0.9", "top_k": "5", "min_p": "0.05",
+              "threads": "3", "max_tokens": "12", "temperature": "0", "top_p": "0.9", "top_k": "5", "min_p": "0.05",
               "repeat_penalty": "1.1", "seed": "7", "stop": "END"}  # fmt: skip
     assert set(values) == set(SPECS)
     s = resolve({}, {"MISTRAL_CONFIG": str(config), **{env_var(k): v for k, v in values.items()}})
     assert {k: s[k] for k in SPECS} == {"model": "org/name", "device": "cpu", "dtype": "fp16", "quantize": "int8",
-                                        "max_context": 2048, "max_tokens": 12, "temperature": 0.0, "top_p": 0.9,
+                                        "max_context": 2048, "threads": 3, "max_tokens": 12, "temperature": 0.0, "top_p": 0.9,
                                         "top_k": 5, "min_p": 0.05, "repeat_penalty": 1.1, "seed": 7,
                                         "stop": ["END"]}  # fmt: skip
     assert all(s.values[k].source == f"env {env_var(k)}" for k in SPECS)

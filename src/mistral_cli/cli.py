@@ -169,7 +169,8 @@ DTypeOpt = Annotated[
     DType,
     typer.Option(
         "--dtype",
-        help="Compute dtype: auto is bf16 on cuda, fp16 on mps, bf16 or fp32 on cpu. \\[env var: MISTRAL_DTYPE]",
+        help="Compute dtype: auto is bf16 on cuda, fp16 on mps, bf16 on cpu (fp32 on CPUs without AVX2/NEON). "
+        "\\[env var: MISTRAL_DTYPE]",
         rich_help_panel="Hardware",
     ),
 ]
@@ -187,6 +188,15 @@ MaxContext = Annotated[
     typer.Option(
         "--max-context",
         help="Context size in tokens \\[default: the model's, 32768 for v0.2]. \\[env var: MISTRAL_MAX_CONTEXT]",
+        rich_help_panel="Hardware",
+    ),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for the model \\[default: one per core]; fewer leaves cores to other work. "
+        "\\[env var: MISTRAL_THREADS]",
         rich_help_panel="Hardware",
     ),
 ]
@@ -216,6 +226,7 @@ def complete(
     dtype: DTypeOpt = DEFAULT_DTYPE,
     quantize: QuantizeOpt = DEFAULT_QUANTIZE,
     max_context: MaxContext = DEFAULTS["max_context"],
+    threads: Threads = DEFAULTS["threads"],
     compile: Compile = False,
     verbose: Verbose = False,
     instruct: Annotated[
@@ -280,6 +291,7 @@ def chat(
     dtype: DTypeOpt = DEFAULT_DTYPE,
     quantize: QuantizeOpt = DEFAULT_QUANTIZE,
     max_context: MaxContext = DEFAULTS["max_context"],
+    threads: Threads = DEFAULTS["threads"],
     compile: Compile = False,
     verbose: Verbose = False,
     system: Annotated[str | None, typer.Option("--system", help="System prompt for the conversation.")] = None,
@@ -399,6 +411,7 @@ def _generate(ctx: typer.Context, run: Callable[..., None], /, **kwargs: object)
         dtype=s["dtype"],
         quantize=s["quantize"],
         max_context=s["max_context"],
+        threads=s["threads"],
         **kwargs,
     )
 

@@ -89,6 +89,7 @@ def run_complete(
     quantize: str,
     max_context: int | None,
     compile: bool,
+    threads: int | None = None,
     verbose: bool,
     instruct: bool,
     system: str | None,
@@ -118,10 +119,16 @@ def run_complete(
 
     paths = resolve_model(model)
     engine = Engine.load(
-        paths.folder, device=device, dtype=dtype, quantize=quantize, max_context=max_context, compile=compile
+        paths.folder,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        max_context=max_context,
+        threads=threads,
+        compile=compile,
     )
     if verbose:
-        sys.stderr.write(f"mistral: loaded {paths.folder} on {engine.placement} in {engine.load_s:.2f} s\n")
+        sys.stderr.write(f"mistral: loaded {paths.folder} on {engine.hardware} in {engine.load_s:.2f} s\n")
     ids = build_prompt(engine.tokenizer, text, instruct=instruct, system=system, messages=conversation)
     if truncate and len(ids) >= engine.max_context:
         ids = truncate_prompt(

@@ -1,4 +1,4 @@
-"""Device and dtype, chosen once at load: auto = cuda bf16 > mps fp16 > cpu bf16 where the CPU has it, else fp32."""
+"""Device and dtype, chosen once at load: auto = cuda bf16 > mps fp16 > cpu bf16 (fp32 on CPUs with no SIMD bf16)."""
 
 from __future__ import annotations
 

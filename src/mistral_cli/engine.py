@@ -98,9 +98,11 @@ class Engine:
         max_context: int,
         load_s: float = 0.0,
         *,
+        quantize: str = "none",
         compile: bool = False,
     ) -> None:
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
+        self.quantize = quantize
         self.cfg: ModelConfig = model.cfg
         self.max_context = max_context
         self.load_s = load_s
@@ -118,9 +120,14 @@ class Engine:
         dtype: str = "auto",
         quantize: str = "none",
         max_context: int | None = None,
+        threads: int | None = None,
         compile: bool = False,
     ) -> Engine:
         t0 = time.perf_counter()
+        if threads is not None:
+            if threads < 1:
+                raise MistralError(f"--threads must be 1 or more, not {threads}.")
+            torch.set_num_threads(threads)
         cfg = ModelConfig.from_folder(folder)
         tokenizer = Tokenizer(folder / "tokenizer.model")
         if tokenizer.vocab_size != cfg.vocab_size:
@@ -133,7 +140,17 @@ class Engine:
         placement = pick(device, dtype, cfg.n_params)
         model = load_model(folder, placement, cfg, quantize=quantize)  # quantized tensor by tensor as it loads
         context = max_context or cfg.max_context
-        return cls(model, tokenizer, placement, context, time.perf_counter() - t0, compile=compile)
+        load_s = time.perf_counter() - t0
+        return cls(model, tokenizer, placement, context, load_s, quantize=quantize, compile=compile)
+
+    @property
+    def hardware(self) -> str:
+        """'cpu bf16 int8, 2 threads' or 'cuda bf16': what --verbose and the chat banner show."""
+        parts = [str(self.placement) + ("" if self.quantize == "none" else f" {self.quantize}")]
+        if self.placement.device.type == "cpu":
+            n = torch.get_num_threads()
+            parts.append(f"{n} thread{'s' if n != 1 else ''}")
+        return ", ".join(parts)
 
     def reset(self) -> None:
         self.cache.reset()

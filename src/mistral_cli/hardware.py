@@ -1,4 +1,4 @@
-"""What the machine offers, read without torch so `mistral info` can answer instantly: CPU bf16, free memory,
+"""What the machine offers, read without torch so `mistral info` can answer instantly: CPU flags, free memory,
 and the dtype that `auto` resolves to."""
 
 from __future__ import annotations
@@ -9,19 +9,41 @@ from functools import cache
 
 
 @cache
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are fast on a CPU only with AVX512-BF16 or AMX (TECH.md section 7); elsewhere they are slow."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
     if platform.system() == "Linux":
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
                 for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    if line.startswith(("flags", "Features")):  # x86 and arm64 spellings
+                        return frozenset(line.split(":", 1)[1].split())
         except OSError:
-            return False
-    # Apple M2 and later have BF16 instructions; on M1 torch still runs bf16 correctly
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
+            pass
+    return frozenset()
+
+
+def _arm64() -> bool:
+    return platform.machine().lower() in ("arm64", "aarch64")
+
+
+@cache
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matrix *products* are fast on a CPU only with AVX512-BF16 or AMX (TECH.md section 7), or on Apple
+    silicon; elsewhere torch runs a bf16 GEMM several times slower than a float32 one."""
+    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return True
+    return platform.system() == "Darwin" and _arm64()
+
+
+@cache
+def cpu_bf16_decode_ok() -> bool:
+    """Whether bf16 weights decode at least as fast as float32 ones: true wherever torch converts bf16 with SIMD
+    (AVX2 or AVX-512 on x86, NEON on arm64). A decode step is a matrix-vector product bound by memory bandwidth,
+    and bf16 weights are half the bytes: on a 2-core AVX2 machine a bf16 decode step is 1.6x faster than a float32
+    one even though a bf16 GEMM is slower (BENCHMARKS.md). Prompts still run in float32 blocks there (model.py)."""
+    if cpu_has_fast_bf16() or _arm64():
+        return True
+    return bool(cpu_flags() & {"avx2", "avx512f"})
 
 
 def available_memory() -> int | None:
@@ -39,13 +61,14 @@ def available_memory() -> int | None:
 
 
 def auto_dtype(device_type: str, n_params: int, cuda_bf16: bool = True) -> str:
-    """The dtype name `auto` means: bf16 on cuda (fp16 on old GPUs), fp16 on mps, bf16 or fp32 on a CPU."""
+    """The dtype name `auto` means: bf16 on cuda (fp16 on old GPUs), fp16 on mps; on a CPU bf16 wherever it
+    decodes fast (AVX2/AVX-512/NEON: nearly every CPU of the last ten years), else fp32 if it fits in memory."""
     if device_type == "cuda":
         return "bf16" if cuda_bf16 else "fp16"
     if device_type == "mps":
         return "fp16"
-    if cpu_has_fast_bf16():
+    if cpu_bf16_decode_ok():
         return "bf16"
-    # fp32 is the fast path on such CPUs, but it doubles the weights: take bf16 when fp32 would not fit in memory.
+    # an old CPU with no SIMD bf16 conversion: fp32 is faster, unless the doubled weights would not fit
     free = available_memory()
     return "bf16" if free is not None and n_params * 4 > 0.85 * free else "fp32"

@@ -162,7 +162,7 @@ def detect_device(requested: str = "auto") -> tuple[str, str]:
 
 
 def pick_dtype(requested: str, device: str, n_params: int) -> str:
-    """`auto` as the loader resolves it: bf16 on cuda, fp16 on mps, on a CPU bf16 where it is fast, else fp32."""
+    """`auto` as the loader resolves it: bf16 on cuda, fp16 on mps, on a CPU bf16 (fp32 with no SIMD bf16)."""
     return requested if requested != "auto" else auto_dtype(device, n_params)
 
 

@@ -295,11 +295,10 @@ class Chat:
         markdown: bool,
         verbose: bool = False,
         folder: Path | None = None,
-        quantize: str = "none",
     ) -> None:
         self.engine, self.conv, self.opts = engine, conversation, options
         self.model, self.folder = model, folder
-        self.hardware = f"{engine.placement}" + ("" if quantize == "none" else f" {quantize}")
+        self.hardware = engine.hardware
         self.out, self.notes = out, notes  # command output; incidental notes (stderr when not interactive)
         self.markdown, self.verbose = markdown, verbose
         self.failures = 0
@@ -684,6 +683,7 @@ def run_chat(
     compile: bool,
     verbose: bool,
     system: str | None,
+    threads: int | None = None,
     load: Path | None,
 ) -> None:
     opts = GenerationOptions(**options)  # validated before the slow model load
@@ -694,7 +694,14 @@ def run_chat(
     err.soft_wrap = not err.is_terminal
     paths = _resolve(model, err, interactive)
     engine = _load_engine(
-        paths, err, device=device, dtype=dtype, quantize=quantize, max_context=max_context, compile=compile
+        paths,
+        err,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        max_context=max_context,
+        threads=threads,
+        compile=compile,
     )
     name = paths.folder.name if paths.source == "local" else paths.name
     chat = Chat(
@@ -707,7 +714,6 @@ def run_chat(
         markdown=out.is_terminal,
         verbose=verbose,
         folder=paths.folder,
-        quantize=quantize,
     )
     if verbose or interactive:
         chat.note(

@@ -36,6 +36,7 @@ SPECS: dict[str, Spec] = {
     "dtype": Spec(str, "auto", ("auto", "bf16", "fp16", "fp32")),
     "quantize": Spec(str, "none", ("none", "int8", "int4")),
     "max_context": Spec(int, None, minimum=1),
+    "threads": Spec(int, None, minimum=1),
     "max_tokens": Spec(int, None),
     "temperature": Spec(float, 0.7),
     "top_p": Spec(float, 1.0),
