@@ -12,7 +12,7 @@ from mistral_cli import checkpoint, quant
 from mistral_cli.checkpoint import load_model
 from mistral_cli.devices import Placement
 from mistral_cli.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear, int4_weights, int8_weights
-from tiny import TinySpec, write_hf
+from tiny import TinySpec, random_state_dict, write_hf
 
 FP32 = Placement(torch.device("cpu"), torch.float32)
 BF16_ULP = 2.0**-8  # relative rounding error of one bf16 value
@@ -262,3 +262,16 @@ def test_bf16_prefill_runs_in_float32_on_slow_cpus(model_dir):
 
 def test_tiny_spec_is_what_these_bounds_were_set_on(tiny_spec):
     assert tiny_spec == TinySpec()
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_info_memory_estimate_is_the_loaded_size(tmp_path, mode):
+    """`mistral info` estimates the weights without torch; it must equal what a load really holds."""
+    from mistral_cli.config import ModelConfig
+    from mistral_cli.info import memory_needed
+
+    spec = TinySpec(dim=128, hidden_dim=256, head_dim=32, n_heads=4, n_kv_heads=2)
+    folder = write_hf(tmp_path, spec, random_state_dict(spec), dtype=torch.bfloat16)
+    model = load_model(folder, Placement(torch.device("cpu"), torch.bfloat16), quantize=mode)
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert memory_needed(ModelConfig.from_folder(folder), "bf16", mode, 0)["weights_bytes"] == held

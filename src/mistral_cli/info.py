@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from mistral_cli.settings import Settings
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+INT4_GROUP = 64  # quant.INT4_GROUP (not imported: quant imports torch)
 SAFETENSORS_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
@@ -121,13 +122,18 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int) 
     embed = config.vocab_size * config.dim
     norms = (2 * config.n_layers + 1) * config.dim
     linear = config.n_params - embed - norms
-    if quantize == "int8":  # one byte a weight and a scale per output row
+    # the layouts of quant.py: int8 is a byte a weight and a scale per output row; int4 is half a byte a weight
+    # and a scale and a zero per group of INT4_GROUP inputs in the blocks, with the output head in int8
+    head = config.vocab_size * config.dim
+    head_int8 = head + config.vocab_size * size
+    if quantize == "int8":
         rows = config.n_layers * (
             (config.n_heads + 2 * config.n_kv_heads) * config.head_dim + config.dim * 2 + config.hidden_dim * 2
         )
-        linear_bytes = linear + (rows + config.vocab_size) * size
-    elif quantize == "int4":  # half a byte a weight, a scale and a zero point per group of 128
-        linear_bytes = linear // 2 + (linear // 128) * 2 * size
+        linear_bytes = (linear - head) + rows * size + head_int8
+    elif quantize == "int4":
+        blocks = linear - head
+        linear_bytes = blocks // 2 + blocks // INT4_GROUP * 2 * size + head_int8
     else:
         linear_bytes = linear * size
     weights = linear_bytes + (embed + norms) * size
