@@ -32,6 +32,7 @@ def chat_env(tmp_path: Path) -> dict[str, str]:
         "HF_HOME": str(tmp_path / "hf"),
         "MISTRAL_HOME": str(tmp_path / "models"),
         "MISTRAL_CHAT_HISTORY": str(tmp_path / "history"),
+        "MISTRAL_DTYPE": "fp32",  # the replies are compared with greedy_reply, which runs in float32
     }
 
 
