@@ -145,3 +145,43 @@ def test_info_is_instant_and_never_imports_torch(env, tmp_path):
     seconds, torch_loaded, hub_loaded = r.stdout.split()
     assert torch_loaded == "False" and hub_loaded == "False"
     assert float(seconds) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "free", "want"),
+    [
+        ("x86_64", {"sse4_2", "avx2", "fma"}, 64e9, "bf16"),  # AVX2: bf16 decodes faster even without bf16 math
+        ("x86_64", {"avx512f", "avx512_bf16"}, 64e9, "bf16"),
+        ("x86_64", {"sse4_2"}, 64e9, "fp32"),  # no SIMD bf16 conversion: fp32 when it fits
+        ("x86_64", {"sse4_2"}, 20e9, "bf16"),  # ... and bf16 when fp32 (29 GB) would not
+        ("aarch64", {"fp", "asimd"}, 64e9, "bf16"),
+    ],
+)
+def test_auto_dtype_on_a_cpu(monkeypatch, machine, flags, free, want):
+    from mistral_cli import hardware
+
+    monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "available_memory", lambda: int(free))
+    for cached in (hardware.cpu_has_fast_bf16, hardware.cpu_bf16_decode_ok):
+        cached.cache_clear()
+    try:
+        assert hardware.auto_dtype("cpu", 7_241_732_096) == want
+        assert hardware.auto_dtype("cuda", 7_241_732_096) == "bf16" and hardware.auto_dtype("mps", 1) == "fp16"
+    finally:
+        for cached in (hardware.cpu_has_fast_bf16, hardware.cpu_bf16_decode_ok):
+            cached.cache_clear()
+
+
+def test_cpu_flags_are_read_from_this_machine():
+    from mistral_cli import hardware
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = hardware.cpu_flags()
+    assert flags, "no flags line found in /proc/cpuinfo"
+    # the answer agrees with what torch itself detects for its vectorized kernels
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        assert hardware.cpu_bf16_decode_ok()
