@@ -109,6 +109,22 @@ def test_quantizing_in_row_blocks_changes_nothing(monkeypatch, kernel):
     torch.testing.assert_close(blocked4(x), whole4(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("sizes", [(128, 64, 64), (64, 32, 32)], ids=["aligned", "unaligned"])
+def test_a_layer_from_row_parts_equals_one_from_the_whole(monkeypatch, kernel, sizes):
+    """q/k/v and gate/up are quantized from their parts as loaded, never concatenated in float."""
+    monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", kernel)
+    monkeypatch.setattr(quant, "QUANT_BLOCK", 32 * 256)  # several blocks per part
+    w = _weight(n=sum(sizes), k=256)
+    parts = list(w.split(list(sizes)))
+    for make in (lambda t: WeightOnlyInt8Linear(t), lambda t: WeightOnlyInt4Linear(t, group=32)):
+        whole, split = make(w), make(parts)
+        assert (split.out_features, split.in_features) == (w.shape[0], 256)
+        for name, buf in whole.named_buffers():
+            assert torch.equal(buf, dict(split.named_buffers())[name]), name
+    assert len(quant.as_parts(parts, align=64)) == (3 if sizes[0] % 64 == 0 and sizes[1] % 64 == 0 else 1)
+
+
 def test_int4_group_fits_narrow_layers():
     assert quant.int4_group(4096) == 64 and quant.int4_group(96) == 32 and quant.int4_group(48, 64) == 16
 
@@ -164,15 +180,16 @@ def test_int8_greedy_generation_follows_float(model_dir):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_load_never_holds_the_float_model(monkeypatch, model_dir, tiny_spec, mode):
     """Each float linear weight is gone before the next one is read, so at most one is alive at a time."""
-    alive: list[weakref.ref] = []
+    alive: list[list[weakref.ref]] = []  # per quantized layer, its float tensor or the parts it is made of
     worst = 0
 
-    def spy(weights, cfg, placement):
+    def spy(weights, cfg, placement, **kw):
         nonlocal worst
-        for name, tensor in real(weights, cfg, placement):
-            worst = max(worst, sum(r() is not None for r in alive))
+        for name, tensor in real(weights, cfg, placement, **kw):
+            worst = max(worst, sum(any(r() is not None for r in refs) for refs in alive))
             if quant.is_quantized_layer(name):
-                alive.append(weakref.ref(tensor))
+                assert not isinstance(tensor, torch.Tensor) or not name.endswith(("wqkv.weight", "w13.weight"))
+                alive.append([weakref.ref(t) for t in ([tensor] if isinstance(tensor, torch.Tensor) else tensor)])
             yield name, tensor
 
     real = checkpoint.load_state
@@ -180,7 +197,7 @@ def test_quantized_load_never_holds_the_float_model(monkeypatch, model_dir, tiny
     model = load_model(model_dir, FP32, quantize=mode)
     assert len(alive) == 4 * tiny_spec.n_layers + 1
     assert worst <= 1  # the loop variable still holds the previous tensor while the next one is read
-    assert all(r() is None for r in alive)
+    assert all(r() is None for refs in alive for r in refs)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 

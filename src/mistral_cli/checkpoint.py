@@ -244,8 +244,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_state(weights: WeightFiles, cfg: ModelConfig, placement: Placement) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (our parameter name, tensor on the target device and dtype), fusing q/k/v and gate/up."""
+def load_state(
+    weights: WeightFiles, cfg: ModelConfig, placement: Placement, *, fuse: bool = True
+) -> Iterator[tuple[str, torch.Tensor | list[torch.Tensor]]]:
+    """Yield (our parameter name, tensor on the target device and dtype), fusing q/k/v and gate/up.
+
+    With fuse=False a fused parameter comes as the list of its parts, in row order, for a consumer that turns
+    them into something else (quantized rows) and would only throw the concatenated float tensor away.
+    """
     shapes = expected_shapes(cfg)
     seen: set[str] = set()
     pending: dict[str, torch.Tensor] = {}  # parts of a fused parameter waiting for their siblings
@@ -280,7 +286,9 @@ def load_state(weights: WeightFiles, cfg: ModelConfig, placement: Placement) -> 
         target, parts = fused
         pending[native] = tensor
         if all(k in pending for k in parts):
-            yield target, torch.cat([pending.pop(k) for k in parts], dim=0)
+            ready = [pending.pop(k) for k in parts]
+            yield target, torch.cat(ready, dim=0) if fuse else ready
+            del ready
     missing = sorted(set(shapes) - seen, key=_natural)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -317,7 +325,8 @@ def load_model(
         model = Transformer(cfg)
     upcast = slow_half_matmul(placement)
     state = {}
-    for name, tensor in load_state(weights, cfg, placement):
+    # quantizing: the parts of q/k/v and gate/up are quantized where they lie, with no float concatenation
+    for name, tensor in load_state(weights, cfg, placement, fuse=quantize == "none"):
         if quantize != "none" and is_quantized_layer(name):
             layer = name.removesuffix(".weight")
             replace_module(model, layer, quantized_linear(layer, tensor, quantize, upcast=upcast))

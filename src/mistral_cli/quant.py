@@ -17,6 +17,9 @@ one. The embedding table stays in the model dtype: a token reads one row of it, 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +65,26 @@ def row_blocks(N: int, K: int) -> list[slice]:
     return [slice(i, min(N, i + rows)) for i in range(0, N, rows)]
 
 
+def stacked_blocks(parts: list[torch.Tensor]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Blocks of rows of the weight that `parts` make stacked along rows: (rows in the whole, those rows), each
+    block a view of one part, so the whole float weight is never built."""
+    start = 0
+    for part in parts:
+        for rows in row_blocks(*part.shape):
+            yield slice(start + rows.start, start + rows.stop), part[rows]
+        start += part.shape[0]
+
+
+def as_parts(weight: torch.Tensor | Sequence[torch.Tensor], align: int = 1) -> list[torch.Tensor]:
+    """A weight, or the row-stacked parts of one, as a list of parts; joined into one where a part would start
+    at a row that is not a multiple of `align`."""
+    parts = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    starts = itertools.accumulate((p.shape[0] for p in parts[:-1]), initial=0)
+    if any(s % align for s in starts):
+        return [torch.cat(parts)]
+    return parts
+
+
 def int4_group(K: int, group: int = INT4_GROUP) -> int:
     """The largest group of at most `group` that divides K (small test models have narrow layers)."""
     while K % group and group > 1:
@@ -72,18 +95,21 @@ def int4_group(K: int, group: int = INT4_GROUP) -> int:
 class WeightOnlyInt8Linear(nn.Module):
     """y = x @ (q * scale).T with q int8 (N, K) and one scale per output channel."""
 
-    def __init__(self, weight: torch.Tensor, *, upcast: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor | Sequence[torch.Tensor], *, upcast: bool = False) -> None:
+        """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint)."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        parts = as_parts(weight)
+        ref = parts[0]
+        self.out_features, self.in_features = sum(p.shape[0] for p in parts), ref.shape[1]
         self.upcast = upcast  # multi-row products in float32 (CPUs without fast bf16)
-        self.kernel = _HAS_INT8_KERNEL and weight.device.type == "cpu"
-        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scales = torch.empty(self.out_features, device=weight.device)
-        for rows in row_blocks(*weight.shape):
-            q[rows], scales[rows] = int8_weights(weight[rows])
+        self.kernel = _HAS_INT8_KERNEL and ref.device.type == "cpu"
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=ref.device)
+        scales = torch.empty(self.out_features, device=ref.device)
+        for rows, block in stacked_blocks(parts):
+            q[rows], scales[rows] = int8_weights(block)
         self.register_buffer("weight", q)
         # the CPU kernel takes scales in the activation dtype it runs in: bf16
-        self.register_buffer("scales", scales.to(torch.bfloat16 if self.kernel else weight.dtype))
+        self.register_buffer("scales", scales.to(torch.bfloat16 if self.kernel else ref.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -104,25 +130,28 @@ class WeightOnlyInt8Linear(nn.Module):
 class WeightOnlyInt4Linear(nn.Module):
     """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15."""
 
-    def __init__(self, weight: torch.Tensor, *, group: int = INT4_GROUP, upcast: bool = False) -> None:
+    def __init__(
+        self, weight: torch.Tensor | Sequence[torch.Tensor], *, group: int = INT4_GROUP, upcast: bool = False
+    ) -> None:
+        """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint)."""
         super().__init__()
-        self.out_features, self.in_features = N, K = weight.shape
+        parts = as_parts(weight, align=64)  # the kernel packs blocks of rows that start at multiples of 64
+        ref = parts[0]
+        self.out_features, self.in_features = N, K = sum(p.shape[0] for p in parts), ref.shape[1]
         self.group = int4_group(K, group)
         self.upcast = upcast
         # torch's CPU kernel: groups of 32..256, N a multiple of 16 (its packing works on blocks of rows)
-        self.kernel = (
-            _HAS_INT4_KERNEL and weight.device.type == "cpu" and self.group in (32, 64, 128, 256) and N % 16 == 0
-        )
-        packed = torch.empty(N, K // 2, dtype=torch.uint8, device=weight.device)
-        scales_and_zeros = torch.empty(K // self.group, N, 2, device=weight.device)
-        for rows in row_blocks(N, K):
-            q, scales_and_zeros[:, rows] = int4_weights(weight[rows], self.group)
+        self.kernel = _HAS_INT4_KERNEL and ref.device.type == "cpu" and self.group in (32, 64, 128, 256) and N % 16 == 0
+        packed = torch.empty(N, K // 2, dtype=torch.uint8, device=ref.device)
+        scales_and_zeros = torch.empty(K // self.group, N, 2, device=ref.device)
+        for rows, block in stacked_blocks(parts):
+            q, scales_and_zeros[:, rows] = int4_weights(block, self.group)
             if self.kernel:
                 packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             else:
                 packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd high
         # the kernel reads scales in its activation dtype, bf16
-        scales_and_zeros = scales_and_zeros.to(torch.bfloat16 if self.kernel else weight.dtype)
+        scales_and_zeros = scales_and_zeros.to(torch.bfloat16 if self.kernel else ref.dtype)
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
@@ -157,8 +186,11 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
 
 
-def quantized_linear(name: str, weight: torch.Tensor, mode: str, *, upcast: bool = False) -> nn.Module:
-    """The quantized layer replacing linear layer `name` (a module path such as 'layers.0.attention.wqkv')."""
+def quantized_linear(
+    name: str, weight: torch.Tensor | Sequence[torch.Tensor], mode: str, *, upcast: bool = False
+) -> nn.Module:
+    """The quantized layer replacing linear layer `name` (a module path such as 'layers.0.attention.wqkv'), from
+    its float weight or the parts of it stacked along rows."""
     check_mode(mode)
     if mode == "int4" and name != "output":
         return WeightOnlyInt4Linear(weight, upcast=upcast)
