@@ -279,6 +279,27 @@ def best_of(repeats: int, timed_run: Any) -> tuple[float, float, float, list[int
 # --- the runs (each in its own process) ----------------------------------------------------------------------------
 
 
+def measured(
+    spec: RunSpec, timed_run: Any, *, load_s: float, load_peak: float, weight_bytes: int, threads: int, **names: str
+) -> RunResult:
+    """Time the best of spec.repeats runs of `timed_run` and fill in a result; `names` overrides engine/quantize."""
+    ttft, prefill, decode, tokens = best_of(spec.repeats, timed_run)
+    return RunResult(
+        engine=names.get("engine", spec.engine),
+        dtype=spec.dtype,
+        quantize=names.get("quantize", spec.quantize),
+        load_s=load_s,
+        load_peak_gb=load_peak,
+        peak_gb=peak_rss_gb(),
+        ttft_s=ttft,
+        prefill_tok_s=prefill,
+        decode_tok_s=decode,
+        weight_gb=weight_bytes / 1e9,
+        threads=threads,
+        tokens=tokens,
+    )
+
+
 def run_ours(spec: RunSpec) -> RunResult:
     import torch
 
@@ -321,20 +342,8 @@ def run_ours(spec: RunSpec) -> RunResult:
                 done = event
         return ttft, done.prefill_tokens_per_s, done.decode_tokens_per_s, done.tokens
 
-    ttft, prefill, decode, tokens = best_of(spec.repeats, timed_run)
-    result = RunResult(
-        engine=spec.engine,
-        dtype=spec.dtype,
-        quantize=spec.quantize,
-        load_s=load_s,
-        load_peak_gb=load_peak,
-        peak_gb=peak_rss_gb(),
-        ttft_s=ttft,
-        prefill_tok_s=prefill,
-        decode_tok_s=decode,
-        weight_gb=weight_bytes / 1e9,
-        threads=torch.get_num_threads(),
-        tokens=tokens,
+    result = measured(
+        spec, timed_run, load_s=load_s, load_peak=load_peak, weight_bytes=weight_bytes, threads=torch.get_num_threads()
     )
     if spec.accuracy_tokens:
         x = torch.tensor([prompt[: spec.accuracy_tokens]])
@@ -387,21 +396,16 @@ def run_transformers(spec: RunSpec) -> RunResult:
         decode = steps / (timer.times[-1] - timer.times[0]) if steps > 0 else 0.0
         return ttft, spec.prompt / ttft, decode, timer.tokens  # the first token's time is mostly the prefill
 
-    ttft, prefill, decode, tokens = best_of(spec.repeats, timed_run)
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    result = RunResult(
-        engine="transformers",
-        dtype=spec.dtype,
-        quantize="none",
+    result = measured(
+        spec,
+        timed_run,
         load_s=load_s,
-        load_peak_gb=load_peak,
-        peak_gb=peak_rss_gb(),
-        ttft_s=ttft,
-        prefill_tok_s=prefill,
-        decode_tok_s=decode,
-        weight_gb=weights / 1e9,
+        load_peak=load_peak,
+        weight_bytes=weights,
         threads=torch.get_num_threads(),
-        tokens=tokens,
+        engine="transformers",
+        quantize="none",
     )
     if spec.accuracy_tokens:
         with torch.inference_mode():
@@ -448,20 +452,8 @@ def run_llama_cpp(spec: RunSpec) -> RunResult:
         decode_s = time.perf_counter() - t1
         return ttft, spec.prompt / ttft, (len(tokens) - 1) / decode_s if decode_s > 0 else 0.0, tokens
 
-    ttft, prefill, decode, tokens = best_of(spec.repeats, timed_run)
-    result = RunResult(
-        engine="llama.cpp",
-        dtype=spec.dtype,
-        quantize=spec.quantize,
-        load_s=load_s,
-        load_peak_gb=load_peak,
-        peak_gb=peak_rss_gb(),
-        ttft_s=ttft,
-        prefill_tok_s=prefill,
-        decode_tok_s=decode,
-        weight_gb=spec.weight_bytes / 1e9,
-        threads=threads,
-        tokens=tokens,
+    result = measured(
+        spec, timed_run, load_s=load_s, load_peak=load_peak, weight_bytes=spec.weight_bytes, threads=threads
     )
     if spec.accuracy_tokens:
         llm.reset()

@@ -401,19 +401,11 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"  # by name: click or Typer's vendored copy
 
 
-def _generate(ctx: typer.Context, run: Callable[..., None], /, **kwargs: object) -> None:
+def _generate(ctx: typer.Context, run: Callable[..., None], /, *, compile: bool, **kwargs: object) -> None:
     """Run complete or chat with the model, generation and hardware options from the settings."""
     s = _settings(ctx)
-    run(
-        model=s["model"],
-        options=s.generation(),
-        device=s["device"],
-        dtype=s["dtype"],
-        quantize=s["quantize"],
-        max_context=s["max_context"],
-        threads=s["threads"],
-        **kwargs,
-    )
+    hardware = {name: s[name] for name in ("device", "dtype", "quantize", "max_context", "threads")}
+    run(model=s["model"], options=s.generation(), engine_options={**hardware, "compile": compile}, **kwargs)
 
 
 def _guard(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:

@@ -84,12 +84,7 @@ def run_complete(
     prompt: str | None,
     model: str,
     options: dict[str, Any],
-    device: str,
-    dtype: str,
-    quantize: str,
-    max_context: int | None,
-    compile: bool,
-    threads: int | None = None,
+    engine_options: dict[str, Any],
     verbose: bool,
     instruct: bool,
     system: str | None,
@@ -118,15 +113,7 @@ def run_complete(
     from mistral_cli.models import resolve_model
 
     paths = resolve_model(model)
-    engine = Engine.load(
-        paths.folder,
-        device=device,
-        dtype=dtype,
-        quantize=quantize,
-        max_context=max_context,
-        threads=threads,
-        compile=compile,
-    )
+    engine = Engine.load(paths.folder, **engine_options)
     if verbose:
         sys.stderr.write(f"mistral: loaded {paths.folder} on {engine.hardware} in {engine.load_s:.2f} s\n")
     ids = build_prompt(engine.tokenizer, text, instruct=instruct, system=system, messages=conversation)

@@ -298,7 +298,6 @@ class Chat:
     ) -> None:
         self.engine, self.conv, self.opts = engine, conversation, options
         self.model, self.folder = model, folder
-        self.hardware = engine.hardware
         self.out, self.notes = out, notes  # command output; incidental notes (stderr when not interactive)
         self.markdown, self.verbose = markdown, verbose
         self.failures = 0
@@ -509,7 +508,7 @@ class Chat:
         dropped = len(conv.archived)
         rows = [
             ("model", f"{self.model}" + (f" ({self.folder})" if self.folder else "")),
-            ("device", self.hardware),
+            ("device", self.engine.hardware),
             ("context", f"{conv.tokens_used():,} of {e.max_context:,} tokens used"),
             ("cache", f"{len(e.tokens):,} tokens held"),
             ("history", _count(len(conv.exchanges), "exchange") + (f", {dropped} dropped" if dropped else "")),
@@ -676,14 +675,9 @@ def run_chat(
     *,
     model: str,
     options: dict[str, Any],
-    device: str,
-    dtype: str,
-    quantize: str,
-    max_context: int | None,
-    compile: bool,
+    engine_options: dict[str, Any],
     verbose: bool,
     system: str | None,
-    threads: int | None = None,
     load: Path | None,
 ) -> None:
     opts = GenerationOptions(**options)  # validated before the slow model load
@@ -693,16 +687,7 @@ def run_chat(
     err = Console(stderr=True, highlight=False)
     err.soft_wrap = not err.is_terminal
     paths = _resolve(model, err, interactive)
-    engine = _load_engine(
-        paths,
-        err,
-        device=device,
-        dtype=dtype,
-        quantize=quantize,
-        max_context=max_context,
-        threads=threads,
-        compile=compile,
-    )
+    engine = _load_engine(paths, err, **engine_options)
     name = paths.folder.name if paths.source == "local" else paths.name
     chat = Chat(
         engine,
@@ -717,7 +702,7 @@ def run_chat(
     )
     if verbose or interactive:
         chat.note(
-            f"{name} · {chat.hardware} · {kilo(engine.max_context)} context · loaded in {engine.load_s:.1f} s. "
+            f"{name} · {engine.hardware} · {kilo(engine.max_context)} context · loaded in {engine.load_s:.1f} s. "
             "/help lists the commands; Ctrl-D leaves."
         )
     if load is not None:
