@@ -37,6 +37,7 @@ def test_the_wheel_holds_the_package_and_the_completions_and_no_tests(wheel):
     data = f"mistral_cli-{mistral_cli.__version__}.data/data/share/"
     modules = {f"mistral_cli/{p.name}" for p in PACKAGE.glob("*.py")}
     assert modules <= set(names)
+    assert "mistral_cli/kernels.c" in names  # our CPU kernels are built from it on first use
     assert {f"{data}bash-completion/completions/mistral", f"{data}zsh/site-functions/_mistral",
             f"{data}fish/vendor_completions.d/mistral.fish"} <= set(names)  # fmt: skip
     allowed = ("mistral_cli/", f"mistral_cli-{mistral_cli.__version__}.dist-info/", data)
@@ -71,5 +72,12 @@ def test_the_installed_wheel_runs_in_a_fresh_virtualenv(wheel, tmp_path, hf_mode
     assert all(command in help_text for command in ("complete", "chat", "download", "info"))
     info = run(mistral, "info", hf_model_dir, env=env, cwd=tmp_path).stdout
     assert "2 layers, width 64" in info and "model.safetensors" in info
+    # a completion from the installed wheel, with our CPU kernels built from its own copy of kernels.c
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    args = ("complete", "-m", hf_model_dir, "-n", "4", "-t", "0", "--verbose", "Roses are")
+    done = run(mistral, *args, env=env, cwd=tmp_path)
+    from mistral_cli import kernels
+
+    assert done.stdout and ("AVX2 kernels" in done.stderr) == (kernels.native() is not None), done.stderr
     share = venv / "share"
     assert (share / "bash-completion" / "completions" / "mistral").is_file()

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from mistral_cli import checkpoint, quant
+from mistral_cli import checkpoint, kernels, quant
 from mistral_cli.checkpoint import load_model
 from mistral_cli.devices import Placement
 from mistral_cli.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear, int4_weights, int8_weights
@@ -54,70 +54,106 @@ def _bound(x: torch.Tensor, w: torch.Tensor, step: torch.Tensor, kernel: bool) -
     return bound + 1e-5
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+def activation_step(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per element of x, the step of our kernels' int8 quantization of it (max |x| / 127 over its block)."""
+    amax = x.float().abs().reshape(*x.shape[:-1], -1, block).amax(-1, keepdim=True)
+    return (amax / 127).expand(*x.shape[:-1], x.shape[-1] // block, block).reshape(x.shape)
+
+
+def ours() -> kernels.Kernels:
+    ops = kernels.native()
+    if ops is None:
+        pytest.skip(f"our kernels: {kernels.status()}")
+    return ops
+
+
+KINDS = ["ours", "torch", "fallback"]  # our CPU kernels, torch's, or dequantize-and-matmul
+
+
+def _kind(monkeypatch, kind: str) -> kernels.Kernels | None:
+    """The `kernels` argument for a layer of this kind; torch's kernels switched on or off to match."""
+    ops = ours() if kind == "ours" else None
+    monkeypatch.setattr(quant, "_HAS_INT8_KERNEL", kind == "torch")
+    monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", kind == "torch")
+    return ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [1, 40], ids=["decode", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_int8_layer_matches_float_within_bound(monkeypatch, kernel, rows, dtype):
-    monkeypatch.setattr(quant, "_HAS_INT8_KERNEL", kernel)
+def test_int8_layer_matches_float_within_bound(monkeypatch, kind, rows, dtype):
+    ops = _kind(monkeypatch, kind)
     w, x = _weight(), _x(rows)
-    layer = WeightOnlyInt8Linear(w.to(dtype), upcast=dtype == torch.bfloat16)
-    assert layer.kernel == kernel
+    layer = WeightOnlyInt8Linear(w.to(dtype), upcast=dtype == torch.bfloat16, kernels=ops)
+    assert layer.kernel == (None if kind == "fallback" else kind)
     y = layer(x.to(dtype)[None]).float()[0]  # (1, rows, K): batch dims are kept
     _, scales = int8_weights(w.to(dtype))
     step = scales[:, None].expand_as(w)
-    bound = _bound(x, w, step, kernel or dtype == torch.bfloat16)
+    bound = _bound(x, w, step, kind == "torch" or dtype == torch.bfloat16)
+    if kind == "ours" and rows == 1:  # x quantized to int8 in blocks of 32
+        bound += activation_step(x.to(dtype), 32) / 2 @ (w.abs() + step / 2).T
     assert ((y - x @ w.T).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [1, 40], ids=["decode", "prefill"])
-def test_int4_layer_matches_float_within_bound(monkeypatch, kernel, rows):
-    monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", kernel)
-    w, x = _weight(), _x(rows)
-    layer = WeightOnlyInt4Linear(w, group=32)
-    assert layer.kernel == kernel and layer.group == 32
+@pytest.mark.parametrize("k", [256, 512], ids=["k256", "k512"])  # 512: our int4 kernel's vectorized path
+def test_int4_layer_matches_float_within_bound(monkeypatch, kind, rows, k):
+    ops = _kind(monkeypatch, kind)
+    group = 64 if kind == "ours" else 32  # ours needs groups of a multiple of 64
+    w, x = _weight(k=k), _x(rows, k=k)
+    layer = WeightOnlyInt4Linear(w, group=group, kernels=ops)
+    assert layer.kernel == (None if kind == "fallback" else kind) and layer.group == group
     y = layer(x)
-    _, sz = int4_weights(w, 32)
-    step = sz[..., 0].T.repeat_interleave(32, dim=1)  # (N, K): each weight's group scale
-    assert ((y - x @ w.T).abs() <= _bound(x, w, step, kernel)).all()
+    _, sz = int4_weights(w, group)
+    step = sz[..., 0].T.repeat_interleave(group, dim=1)  # (N, K): each weight's group scale
+    bound = _bound(x, w, step, kind != "fallback")  # ours keeps scales and lows in bf16
+    if kind == "ours" and rows == 1:  # x quantized to int8 in blocks of 64
+        bound += activation_step(x, 64) / 2 @ (w.abs() + step / 2).T
+    assert ((y - x @ w.T).abs() <= bound).all()
 
 
-def test_int4_kernel_and_fallback_agree(monkeypatch):
+def test_int4_kernels_and_fallback_agree(monkeypatch):
     w, x = _weight(), _x(5)
     fast = WeightOnlyInt4Linear(w, group=64)
     monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", False)
     slow = WeightOnlyInt4Linear(w, group=64)
-    assert fast.kernel and not slow.kernel
+    mine = WeightOnlyInt4Linear(w, group=64, kernels=ours())
+    assert (fast.kernel, slow.kernel, mine.kernel) == ("torch", None, "ours")
     ref = slow(x)
-    torch.testing.assert_close(fast(x), ref, rtol=0, atol=4 * BF16_ULP * float(ref.abs().max()))
+    tol = 4 * BF16_ULP * float(ref.abs().max())
+    torch.testing.assert_close(fast(x), ref, rtol=0, atol=tol)
+    torch.testing.assert_close(mine(x), ref, rtol=0, atol=tol)  # a prompt: dequantized, then a float product
+    # the same codes and scales in all three layouts
+    torch.testing.assert_close(mine.dequantize(torch.float32), slow.dequantize(torch.float32), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
-def test_quantizing_in_row_blocks_changes_nothing(monkeypatch, kernel):
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantizing_in_row_blocks_changes_nothing(monkeypatch, kind):
     """Layers are quantized a block of rows at a time (small temporaries); the CPU int4 kernel's packing of
     separate blocks must equal one packing of the whole weight."""
-    monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", kernel)
+    ops = _kind(monkeypatch, kind)
     w, x = _weight(n=208, k=256), _x(3)  # 208 rows: blocks of 64, 64, 64 and 16
-    whole4, whole8 = WeightOnlyInt4Linear(w, group=32), WeightOnlyInt8Linear(w)
+    whole4, whole8 = WeightOnlyInt4Linear(w, kernels=ops), WeightOnlyInt8Linear(w, kernels=ops)
     monkeypatch.setattr(quant, "QUANT_BLOCK", 64 * 256)
     assert len(quant.row_blocks(208, 256)) == 4
-    blocked4, blocked8 = WeightOnlyInt4Linear(w, group=32), WeightOnlyInt8Linear(w)
-    assert torch.equal(blocked4.weight, whole4.weight) and torch.equal(
-        blocked4.scales_and_zeros, whole4.scales_and_zeros
-    )
-    assert torch.equal(blocked8.weight, whole8.weight) and torch.equal(blocked8.scales, whole8.scales)
+    blocked4, blocked8 = WeightOnlyInt4Linear(w, kernels=ops), WeightOnlyInt8Linear(w, kernels=ops)
+    for whole, blocked in ((whole4, blocked4), (whole8, blocked8)):
+        for name, buf in whole.named_buffers():
+            assert torch.equal(buf, dict(blocked.named_buffers())[name]), name
     torch.testing.assert_close(blocked4(x), whole4(x), rtol=0, atol=0)
+    torch.testing.assert_close(blocked4(x[:1]), whole4(x[:1]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sizes", [(128, 64, 64), (64, 32, 32)], ids=["aligned", "unaligned"])
-def test_a_layer_from_row_parts_equals_one_from_the_whole(monkeypatch, kernel, sizes):
+def test_a_layer_from_row_parts_equals_one_from_the_whole(monkeypatch, kind, sizes):
     """q/k/v and gate/up are quantized from their parts as loaded, never concatenated in float."""
-    monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", kernel)
+    ops = _kind(monkeypatch, kind)
     monkeypatch.setattr(quant, "QUANT_BLOCK", 32 * 256)  # several blocks per part
     w = _weight(n=sum(sizes), k=256)
     parts = list(w.split(list(sizes)))
-    for make in (lambda t: WeightOnlyInt8Linear(t), lambda t: WeightOnlyInt4Linear(t, group=32)):
+    for make in (lambda t: WeightOnlyInt8Linear(t, kernels=ops), lambda t: WeightOnlyInt4Linear(t, kernels=ops)):
         whole, split = make(w), make(parts)
         assert (split.out_features, split.in_features) == (w.shape[0], 256)
         for name, buf in whole.named_buffers():

@@ -26,6 +26,7 @@ import torch
 from mistral_cli.config import ModelConfig
 from mistral_cli.devices import Placement, slow_half_matmul
 from mistral_cli.errors import MistralError
+from mistral_cli.kernels import Kernels
 from mistral_cli.model import Transformer
 from mistral_cli.models import weight_paths
 from mistral_cli.quant import is_quantized_layer, quantized_linear, replace_module
@@ -312,12 +313,18 @@ def _natural(name: str) -> list[object]:
 
 
 def load_model(
-    folder: Path, placement: Placement, cfg: ModelConfig | None = None, *, quantize: str = "none"
+    folder: Path,
+    placement: Placement,
+    cfg: ModelConfig | None = None,
+    *,
+    quantize: str = "none",
+    kernels: Kernels | None = None,
 ) -> Transformer:
     """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time.
 
     With quantize ("int8", "int4") each linear weight is quantized as it arrives and its float tensor dropped, so
-    the float model never exists in memory as a whole.
+    the float model never exists in memory as a whole. `kernels`: our CPU kernels for the decode step's products
+    (kernels.native()); quantized layers then store their weights in the kernels' layout.
     """
     cfg = cfg or ModelConfig.from_folder(folder)
     weights = find_weights(folder)
@@ -329,9 +336,10 @@ def load_model(
     for name, tensor in load_state(weights, cfg, placement, fuse=quantize == "none"):
         if quantize != "none" and is_quantized_layer(name):
             layer = name.removesuffix(".weight")
-            replace_module(model, layer, quantized_linear(layer, tensor, quantize, upcast=upcast))
+            replace_module(model, layer, quantized_linear(layer, tensor, quantize, upcast=upcast, kernels=kernels))
         else:
             state[name] = tensor
     model.load_state_dict(state, strict=quantize == "none", assign=True)
     model.set_upcast(upcast)
+    model.use_kernels(kernels)
     return model.eval().requires_grad_(False)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mistral_cli import kernels
 from mistral_cli.cache import KVCache
 from mistral_cli.checkpoint import load_model
 from mistral_cli.config import ModelConfig
@@ -103,6 +104,7 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.quantize = quantize
+        self.kernels = any(getattr(m, "kernels", None) or getattr(m, "ops", None) for m in model.modules())
         self.cfg: ModelConfig = model.cfg
         self.max_context = max_context
         self.load_s = load_s
@@ -138,15 +140,20 @@ class Engine:
         if max_context is not None and not 1 <= max_context <= cfg.max_context:
             raise MistralError(f"--max-context must be between 1 and the model's {cfg.max_context}, not {max_context}.")
         placement = pick(device, dtype, cfg.n_params)
-        model = load_model(folder, placement, cfg, quantize=quantize)  # quantized tensor by tensor as it loads
+        # our decode kernels on the CPU (compiled graphs keep torch's: dynamo cannot trace a ctypes call)
+        ops = kernels.native() if placement.device.type == "cpu" and not compile else None
+        # quantized tensor by tensor as it loads
+        model = load_model(folder, placement, cfg, quantize=quantize, kernels=ops)
         context = max_context or cfg.max_context
         load_s = time.perf_counter() - t0
         return cls(model, tokenizer, placement, context, load_s, quantize=quantize, compile=compile)
 
     @property
     def hardware(self) -> str:
-        """'cpu bf16 int8, 2 threads' or 'cuda bf16': what --verbose and the chat banner show."""
+        """'cpu bf16 int8, AVX2 kernels, 2 threads' or 'cuda bf16': what --verbose and the chat banner show."""
         parts = [str(self.placement) + ("" if self.quantize == "none" else f" {self.quantize}")]
+        if self.kernels:
+            parts.append("AVX2 kernels")
         if self.placement.device.type == "cpu":
             n = torch.get_num_threads()
             parts.append(f"{n} thread{'s' if n != 1 else ''}")

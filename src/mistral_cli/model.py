@@ -6,12 +6,16 @@ halves of each head (the HF convention), so native checkpoints are permuted once
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mistral_cli.cache import KVCache
 from mistral_cli.config import ModelConfig
+from mistral_cli.kernels import supports
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2] if p.isdigit()) >= (2, 5)
 
@@ -57,18 +61,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 UPCAST_BLOCK = 1 << 21  # weights converted at a time by blocked_linear: 8 MiB in float32
 
 
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x @ weight.T computed in `dtype`, converting the weight (any dtype) a block of rows at a time.
+def blocked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+    dequantize: Callable[[slice], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """x @ W.T computed in `dtype`, converting W a block of rows at a time: W is `weight` (any dtype) or, for a
+    packed weight, what `dequantize(rows)` gives for each block of rows.
 
     A whole converted copy of a large weight is a fresh allocation that the OS must page in on every call, which
     costs more than the GEMM itself for short prompts; blocks of a few MiB are reused by the allocator.
     """
-    N, K = weight.shape
+    N = weight.shape[0]
+    K = x.shape[-1]
     rows = max(1, UPCAST_BLOCK // K)
     xd = x.reshape(-1, K).to(dtype)
     out = torch.empty(xd.shape[0], N, dtype=dtype, device=x.device)
     for i in range(0, N, rows):
-        torch.mm(xd, weight[i : i + rows].to(dtype).T, out=out[:, i : i + rows])
+        block = weight[i : i + rows] if dequantize is None else dequantize(slice(i, min(N, i + rows)))
+        torch.mm(xd, block.to(dtype).T, out=out[:, i : i + rows])
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -81,11 +93,14 @@ class Linear(nn.Linear):
     """
 
     upcast = False
+    kernels: Any = None  # our CPU kernels (kernels.Kernels) for a single row of a bf16 weight, set at load
 
     def reset_parameters(self) -> None:
         pass  # weights always come from a checkpoint; random init on the meta device would import torch._dynamo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.numel() == x.shape[-1]:
+            return self.kernels.linear_bf16(x, self.weight)
         if self.upcast and x.dtype != torch.float32 and x.numel() > x.shape[-1]:
             return blocked_linear(x, self.weight, torch.float32).to(x.dtype)
         return F.linear(x, self.weight)
@@ -176,6 +191,13 @@ class Transformer(nn.Module):
             batch=batch,
             static=static,
         )
+
+    def use_kernels(self, kernels: Any) -> None:
+        """Decode the bf16 linear layers with our CPU kernels (kernels.Kernels; None for torch's)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                fits = module.weight.dtype == torch.bfloat16 and supports(module.in_features)
+                module.kernels = kernels if fits else None
 
     def set_upcast(self, upcast: bool) -> None:
         """Run multi-row products in float32 (see Linear); chosen at load from the device and dtype."""

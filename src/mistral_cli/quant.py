@@ -4,11 +4,12 @@ Each quantized layer is a module swapped in for an `nn.Linear` (gpt-fast style),
 a time, so `checkpoint.load_model(..., quantize=...)` never holds more than one float tensor beside the quantized
 model. Activations stay in the model's dtype; only the weights are stored in fewer bits.
 
-Kernels: on the CPU, torch's own `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (fast with bf16
-activations only, so activations are cast to bf16 around them). A product of many rows (a prefill) runs in float
-instead: int8 dequantizes to the compute dtype, which uses the fast float GEMM; the CPU int4 kernel's packed
-layout is private, so int4 uses the kernel at every size. Elsewhere (cuda, mps) a pure-torch dequantize-and-matmul
-gives the same numbers; `torch.compile` fuses it.
+Kernels, on the CPU: ours (kernels.py: integer dot products on AVX2, in their own int4 layout) when the loader
+passes them in, else torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (fast with bf16 activations
+only, so activations are cast to bf16 around them). A product of many rows (a prefill) runs in float instead: the
+weight is dequantized a block of rows at a time into the compute dtype and multiplied with the fast float GEMM,
+except with torch's int4 kernel, whose packed layout is private and which therefore runs at every size.
+Elsewhere (cuda, mps) a pure-torch dequantize-and-matmul gives the same numbers; `torch.compile` fuses it.
 
 What is quantized: every linear layer of the blocks. The output head is always int8, even in int4 mode: it
 turns hidden states straight into logits, and on AVX2 CPUs the int8 kernel is no slower per weight than the int4
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_cli.kernels import Kernels, pack_int4, supports, unpack_int4
 from mistral_cli.model import blocked_linear
 
 MODES = ("int8", "int4")
@@ -95,25 +97,33 @@ def int4_group(K: int, group: int = INT4_GROUP) -> int:
 class WeightOnlyInt8Linear(nn.Module):
     """y = x @ (q * scale).T with q int8 (N, K) and one scale per output channel."""
 
-    def __init__(self, weight: torch.Tensor | Sequence[torch.Tensor], *, upcast: bool = False) -> None:
-        """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint)."""
+    def __init__(
+        self, weight: torch.Tensor | Sequence[torch.Tensor], *, upcast: bool = False, kernels: Kernels | None = None
+    ) -> None:
+        """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint).
+        `kernels`: ours, for a single row on the CPU; else torch's where it has one."""
         super().__init__()
         parts = as_parts(weight)
         ref = parts[0]
         self.out_features, self.in_features = sum(p.shape[0] for p in parts), ref.shape[1]
         self.upcast = upcast  # multi-row products in float32 (CPUs without fast bf16)
-        self.kernel = _HAS_INT8_KERNEL and ref.device.type == "cpu"
+        cpu = ref.device.type == "cpu"
+        self.ops = kernels if cpu and supports(self.in_features) else None
+        self.kernel = "ours" if self.ops else "torch" if _HAS_INT8_KERNEL and cpu else None
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=ref.device)
         scales = torch.empty(self.out_features, device=ref.device)
         for rows, block in stacked_blocks(parts):
             q[rows], scales[rows] = int8_weights(block)
         self.register_buffer("weight", q)
-        # the CPU kernel takes scales in the activation dtype it runs in: bf16
-        self.register_buffer("scales", scales.to(torch.bfloat16 if self.kernel else ref.dtype))
+        # ours reads float32 scales; torch's kernel takes them in the activation dtype it runs in: bf16
+        dtype = {"ours": torch.float32, "torch": torch.bfloat16}.get(self.kernel, ref.dtype)  # type: ignore[arg-type]
+        self.register_buffer("scales", scales.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.kernel and rows <= KERNEL_MAX_ROWS:
+        if self.ops is not None and rows == 1:
+            return self.ops.linear_int8(x, self.weight, self.scales).to(x.dtype)
+        if self.kernel == "torch" and rows <= KERNEL_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.scales)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
@@ -128,36 +138,61 @@ class WeightOnlyInt8Linear(nn.Module):
 
 
 class WeightOnlyInt4Linear(nn.Module):
-    """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15."""
+    """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15.
+
+    Three layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4, and (N, 2, K/group)
+    bf16 scales and lows, low = zero - 8 * scale), torch's CPU kernel's private packing with (K/group, N, 2)
+    scales_and_zeros, or a plain one (two codes per byte, even column in the low nibble) for other devices.
+    """
 
     def __init__(
-        self, weight: torch.Tensor | Sequence[torch.Tensor], *, group: int = INT4_GROUP, upcast: bool = False
+        self,
+        weight: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        group: int = INT4_GROUP,
+        upcast: bool = False,
+        kernels: Kernels | None = None,
     ) -> None:
         """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint)."""
         super().__init__()
-        parts = as_parts(weight, align=64)  # the kernel packs blocks of rows that start at multiples of 64
+        parts = as_parts(weight, align=64)  # torch's kernel packs blocks of rows that start at multiples of 64
         ref = parts[0]
         self.out_features, self.in_features = N, K = sum(p.shape[0] for p in parts), ref.shape[1]
         self.group = int4_group(K, group)
         self.upcast = upcast
+        cpu = ref.device.type == "cpu"
+        self.ops = kernels if cpu and supports(K, self.group) else None
         # torch's CPU kernel: groups of 32..256, N a multiple of 16 (its packing works on blocks of rows)
-        self.kernel = _HAS_INT4_KERNEL and ref.device.type == "cpu" and self.group in (32, 64, 128, 256) and N % 16 == 0
+        torch_kernel = _HAS_INT4_KERNEL and cpu and self.group in (32, 64, 128, 256) and N % 16 == 0
+        self.kernel = "ours" if self.ops else "torch" if torch_kernel else None
         packed = torch.empty(N, K // 2, dtype=torch.uint8, device=ref.device)
         scales_and_zeros = torch.empty(K // self.group, N, 2, device=ref.device)
         for rows, block in stacked_blocks(parts):
             q, scales_and_zeros[:, rows] = int4_weights(block, self.group)
-            if self.kernel:
+            if self.kernel == "ours":
+                packed[rows] = pack_int4(q)
+            elif self.kernel == "torch":
                 packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             else:
                 packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd high
-        # the kernel reads scales in its activation dtype, bf16
-        scales_and_zeros = scales_and_zeros.to(torch.bfloat16 if self.kernel else ref.dtype)
         self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        if self.kernel == "ours":
+            scales, zeros = scales_and_zeros.unbind(-1)  # (K/group, N) each
+            lows = zeros - 8 * scales
+            self.register_buffer("scales_and_lows", torch.stack([scales.T, lows.T], dim=1).to(torch.bfloat16))
+        else:  # torch's kernel reads scales in its activation dtype, bf16
+            self.register_buffer(
+                "scales_and_zeros", scales_and_zeros.to(torch.bfloat16 if self.kernel == "torch" else ref.dtype)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.kernel:
+        if self.ops is not None:
+            if rows == 1:
+                return self.ops.linear_int4(x, self.weight, self.scales_and_lows, self.group).to(x.dtype)
+            dtype = torch.float32 if self.upcast else x.dtype
+            return blocked_linear(x, self.weight, dtype, self.dequantize_rows).to(x.dtype)
+        if self.kernel == "torch":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.group, self.scales_and_zeros
             )
@@ -165,11 +200,20 @@ class WeightOnlyInt4Linear(nn.Module):
         dtype = torch.float32 if self.upcast else x.dtype
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
+    def dequantize_rows(self, rows: slice) -> torch.Tensor:
+        """Rows `rows` of the float weight, in float32 (our layout)."""
+        assert self.ops is not None
+        return self.ops.dequantize_int4(self.weight, self.scales_and_lows, self.group, rows)
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight (N, K) this layer stands for (the fallback path's layout only)."""
-        if self.kernel:
+        """The float weight (N, K) this layer stands for (not for torch's kernel: its packed layout is private)."""
+        if self.kernel == "torch":
             raise RuntimeError("the CPU kernel's packed layout cannot be dequantized")
         N, K = self.out_features, self.in_features
+        if self.kernel == "ours":
+            q = unpack_int4(self.weight).reshape(N, K // self.group, self.group).to(dtype)
+            scales, lows = self.scales_and_lows.to(dtype).unbind(1)  # (N, K/group) each
+            return (q * scales[..., None] + lows[..., None]).reshape(N, K)
         q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(N, K // self.group, self.group)
         scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, K/group) each
         return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
@@ -187,14 +231,19 @@ def check_mode(mode: str) -> None:
 
 
 def quantized_linear(
-    name: str, weight: torch.Tensor | Sequence[torch.Tensor], mode: str, *, upcast: bool = False
+    name: str,
+    weight: torch.Tensor | Sequence[torch.Tensor],
+    mode: str,
+    *,
+    upcast: bool = False,
+    kernels: Kernels | None = None,
 ) -> nn.Module:
     """The quantized layer replacing linear layer `name` (a module path such as 'layers.0.attention.wqkv'), from
     its float weight or the parts of it stacked along rows."""
     check_mode(mode)
     if mode == "int4" and name != "output":
-        return WeightOnlyInt4Linear(weight, upcast=upcast)
-    return WeightOnlyInt8Linear(weight, upcast=upcast)
+        return WeightOnlyInt4Linear(weight, upcast=upcast, kernels=kernels)
+    return WeightOnlyInt8Linear(weight, upcast=upcast, kernels=kernels)
 
 
 def is_quantized_layer(name: str) -> bool:
@@ -202,13 +251,14 @@ def is_quantized_layer(name: str) -> bool:
     return name.endswith(".weight") and (name == "output.weight" or ".attention.w" in name or ".feed_forward.w" in name)
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, kernels: Kernels | None = None) -> nn.Module:
     """Swap every linear layer of an already loaded model for its quantized version, in place."""
     check_mode(mode)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and is_quantized_layer(f"{name}.weight"):
             upcast = bool(getattr(module, "upcast", False))
-            replace_module(model, name, quantized_linear(name, module.weight.detach(), mode, upcast=upcast))
+            layer = quantized_linear(name, module.weight.detach(), mode, upcast=upcast, kernels=kernels)
+            replace_module(model, name, layer)
     return model
 
 

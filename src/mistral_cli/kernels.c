@@ -1,0 +1,348 @@
+/* Matrix-vector products for one decode step on x86 CPUs with AVX2 and FMA: y = W x for a bf16, int8 or int4
+ * weight W (N rows of K) and one activation row x. Built at first use by kernels.py with -march=native and
+ * loaded with ctypes; torch's own kernels stay in use wherever this library is not available.
+ *
+ * A decode step reads every weight once, so these products are bound by memory bandwidth. torch's bf16 GEMV
+ * reaches about 60% of it on AVX2; here each thread streams four rows at once with two accumulators per row, and
+ * the quantized products multiply integers (x quantized to int8 in blocks of 32 or 64, as llama.cpp does), so their
+ * arithmetic keeps up with the smaller weights.
+ *
+ * Threads: OpenMP, from the libgomp that torch has already loaded (the same soname), so torch and these kernels
+ * share one thread team instead of two pools competing for the cores.
+ *
+ * Layouts (row-major, each row contiguous):
+ *   bf16  w[n, k]
+ *   int8  q[n, k] in -127..127 and scale[n] (float32): W[n, k] = q[n, k] * scale[n]
+ *   int4  K/64 blocks of 32 bytes per row, byte i of block b holding the code of column 64b+i in its low nibble
+ *         and of column 64b+32+i in its high nibble; codes 0..15; per group g of G columns (G a multiple of 64)
+ *         a bf16 scale sl[n, 0, g] and low sl[n, 1, g]: W[n, k] = code * scale + low.
+ * x and y are float32 (dtype 0) or bf16 (dtype 1). K is a multiple of 32 (bf16, int8) or 64 (int4).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+int mc_version(void) { return 1; }
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch converts */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* x as float32 in a fresh buffer (the caller frees it) */
+static float *x_as_f32(const void *x, int dtype, int64_t K) {
+    float *xf = (float *)malloc((size_t)K * sizeof(float));
+    if (!xf) return NULL;
+    if (dtype == 1) {
+        const uint16_t *xb = (const uint16_t *)x;
+        for (int64_t k = 0; k < K; k++) xf[k] = bf16_to_f32(xb[k]);
+    } else {
+        memcpy(xf, x, (size_t)K * sizeof(float));
+    }
+    return xf;
+}
+
+static inline void store(void *y, int dtype, int64_t n, float v) {
+    if (dtype == 1)
+        ((uint16_t *)y)[n] = f32_to_bf16(v);
+    else
+        ((float *)y)[n] = v;
+}
+
+/* x quantized in blocks of 32: xq = round(x / d), d = max|x| / 127 per block. Also the sum of x per block. */
+static void quantize_x(const float *x, int64_t K, int8_t *xq, float *d, float *bsum) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f, s = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            float a = xb[i] < 0 ? -xb[i] : xb[i];
+            amax = a > amax ? a : amax;
+            s += xb[i];
+        }
+        float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        d[b] = scale;
+        bsum[b] = s;
+        for (int i = 0; i < 32; i++) {
+            float v = xb[i] * inv;
+            xq[32 * b + i] = (int8_t)(v < 0 ? -(int)(0.5f - v) : (int)(v + 0.5f));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------- bf16 */
+
+static inline float dot_bf16_1(const uint16_t *w, const float *x, int64_t K) {
+    __m256 a = _mm256_setzero_ps(), b = a;
+    for (int64_t k = 0; k < K; k += 16) {
+        a = _mm256_fmadd_ps(load_bf16x8(w + k), _mm256_loadu_ps(x + k), a);
+        b = _mm256_fmadd_ps(load_bf16x8(w + k + 8), _mm256_loadu_ps(x + k + 8), b);
+    }
+    return hsum(_mm256_add_ps(a, b));
+}
+
+int mc_gemv_bf16(const uint16_t *w, const void *x, int xtype, void *y, int ytype, int64_t N, int64_t K, int threads) {
+    float *xf = x_as_f32(x, xtype, K);
+    if (!xf) return -1;
+    int64_t blocks = N / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n = 4 * blk;
+        const uint16_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t k = 0; k < K; k += 16) {
+            __m256 x0 = _mm256_loadu_ps(xf + k), x1 = _mm256_loadu_ps(xf + k + 8);
+            a0 = _mm256_fmadd_ps(load_bf16x8(r0 + k), x0, a0);
+            b0 = _mm256_fmadd_ps(load_bf16x8(r0 + k + 8), x1, b0);
+            a1 = _mm256_fmadd_ps(load_bf16x8(r1 + k), x0, a1);
+            b1 = _mm256_fmadd_ps(load_bf16x8(r1 + k + 8), x1, b1);
+            a2 = _mm256_fmadd_ps(load_bf16x8(r2 + k), x0, a2);
+            b2 = _mm256_fmadd_ps(load_bf16x8(r2 + k + 8), x1, b2);
+            a3 = _mm256_fmadd_ps(load_bf16x8(r3 + k), x0, a3);
+            b3 = _mm256_fmadd_ps(load_bf16x8(r3 + k + 8), x1, b3);
+        }
+        store(y, ytype, n, hsum(_mm256_add_ps(a0, b0)));
+        store(y, ytype, n + 1, hsum(_mm256_add_ps(a1, b1)));
+        store(y, ytype, n + 2, hsum(_mm256_add_ps(a2, b2)));
+        store(y, ytype, n + 3, hsum(_mm256_add_ps(a3, b3)));
+    }
+    for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, dot_bf16_1(w + n * K, xf, K));
+    free(xf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------- int8 */
+
+/* the signed products q * xq of 32 bytes, summed in eight int32 lanes: maddubs wants an unsigned operand, so it
+   gets |q| and xq carries q's sign (|q|, |xq| <= 127, so pair sums stay within int16) */
+static inline __m256 dot_i8x32(__m256i q, __m256i xq, __m256i ones) {
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xq, q));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+}
+
+static inline float dot_int8_1(const int8_t *w, const int8_t *xq, const float *d, int64_t K) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m256 s = dot_i8x32(_mm256_loadu_si256((const __m256i *)(w + k)), _mm256_loadu_si256((const __m256i *)(xq + k)), ones);
+        a = _mm256_fmadd_ps(s, _mm256_set1_ps(d[k / 32]), a);
+    }
+    return hsum(a);
+}
+
+int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, void *y, int ytype, int64_t N,
+                 int64_t K, int threads) {
+    float *xf = x_as_f32(x, xtype, K);
+    int8_t *xq = (int8_t *)malloc((size_t)K);
+    float *d = (float *)malloc((size_t)(K / 32) * 2 * sizeof(float));
+    if (!xf || !xq || !d) {
+        free(xf), free(xq), free(d);
+        return -1;
+    }
+    quantize_x(xf, K, xq, d, d + K / 32);
+    int64_t blocks = N / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n = 4 * blk;
+        const __m256i ones = _mm256_set1_epi16(1);
+        const int8_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K; k += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
+            __m256 dv = _mm256_set1_ps(d[k / 32]);
+            a0 = _mm256_fmadd_ps(dot_i8x32(_mm256_loadu_si256((const __m256i *)(r0 + k)), xv, ones), dv, a0);
+            a1 = _mm256_fmadd_ps(dot_i8x32(_mm256_loadu_si256((const __m256i *)(r1 + k)), xv, ones), dv, a1);
+            a2 = _mm256_fmadd_ps(dot_i8x32(_mm256_loadu_si256((const __m256i *)(r2 + k)), xv, ones), dv, a2);
+            a3 = _mm256_fmadd_ps(dot_i8x32(_mm256_loadu_si256((const __m256i *)(r3 + k)), xv, ones), dv, a3);
+        }
+        store(y, ytype, n, scale[n] * hsum(a0));
+        store(y, ytype, n + 1, scale[n + 1] * hsum(a1));
+        store(y, ytype, n + 2, scale[n + 2] * hsum(a2));
+        store(y, ytype, n + 3, scale[n + 3] * hsum(a3));
+    }
+    for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, scale[n] * dot_int8_1(w + n * K, xq, d, K));
+    free(xf), free(xq), free(d);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------- int4 */
+
+/* x quantized in blocks of 64 for the int4 product: one multiplier per block and group when G is 64 */
+static void quantize_x64(const float *x, int64_t K, int8_t *xq, float *d, float *bsum) {
+    for (int64_t b = 0; b < K / 64; b++) {
+        const float *xb = x + 64 * b;
+        float amax = 0.0f, s = 0.0f;
+        for (int i = 0; i < 64; i++) {
+            float a = xb[i] < 0 ? -xb[i] : xb[i];
+            amax = a > amax ? a : amax;
+            s += xb[i];
+        }
+        float inv = amax > 0 ? 127.0f / amax : 0.0f;
+        d[b] = amax / 127.0f;
+        bsum[b] = s;
+        for (int i = 0; i < 64; i++) {
+            float v = xb[i] * inv;
+            xq[64 * b + i] = (int8_t)(v < 0 ? -(int)(0.5f - v) : (int)(v + 0.5f));
+        }
+    }
+}
+
+/* sum of code * xq over the 64 columns of one 32-byte block, in eight int32 lanes as floats. maddubs takes the
+   codes (0..15) as its unsigned operand; the two halves' int16 pair sums (each at most 2 * 15 * 127) are added
+   before widening. */
+static inline __m256 dot_u4x64(const uint8_t *p, __m256i x0, __m256i x1) {
+    const __m256i m = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+}
+
+/* one row, any group size that is a multiple of 64 */
+static float dot_int4_row(const uint8_t *w, const uint16_t *sc, const uint16_t *lw, const int8_t *xq, const float *d,
+                          const float *gsum, int64_t K, int64_t G) {
+    __m256 acc = _mm256_setzero_ps();
+    float lows = 0.0f;
+    for (int64_t g = 0; g < K / G; g++) {
+        float s = bf16_to_f32(sc[g]);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k)), x1 = _mm256_loadu_si256((const __m256i *)(xq + k + 32));
+            acc = _mm256_fmadd_ps(dot_u4x64(w + k / 2, x0, x1), _mm256_set1_ps(s * d[k / 64]), acc);
+        }
+        lows += bf16_to_f32(lw[g]) * gsum[g];
+    }
+    return hsum(acc) + lows;
+}
+
+/* eight consecutive bf16 values as floats */
+#define BF16x8(p) load_bf16x8(p)
+
+#ifndef PF
+#define PF 2048
+#endif
+#define PREFETCH4(o) do { if (PF) { _mm_prefetch((const char *)(r0 + (o) + PF), _MM_HINT_T0); _mm_prefetch((const char *)(r1 + (o) + PF), _MM_HINT_T0); _mm_prefetch((const char *)(r2 + (o) + PF), _MM_HINT_T0); _mm_prefetch((const char *)(r3 + (o) + PF), _MM_HINT_T0); } } while (0)
+
+/* four rows at once, G == 64 and K a multiple of 512: the multipliers (scale * d) and the low terms of eight
+   groups are computed as vectors, and each group's multiplier is broadcast from its lane */
+static void dot_int4_rows4_g64(const uint8_t *w, const uint16_t *sl, const int8_t *xq, const float *d,
+                               const float *gsum, int64_t K, float *out) {
+    const int64_t ng = K / 64;
+    const uint8_t *r0 = w, *r1 = w + K / 2, *r2 = r1 + K / 2, *r3 = r2 + K / 2;
+    const uint16_t *s0 = sl, *s1 = s0 + 2 * ng, *s2 = s1 + 2 * ng, *s3 = s2 + 2 * ng;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+        __m256 D = _mm256_loadu_ps(d + g0), S = _mm256_loadu_ps(gsum + g0);
+        __m256 m0 = _mm256_mul_ps(BF16x8(s0 + g0), D), m1 = _mm256_mul_ps(BF16x8(s1 + g0), D);
+        __m256 m2 = _mm256_mul_ps(BF16x8(s2 + g0), D), m3 = _mm256_mul_ps(BF16x8(s3 + g0), D);
+        a0 = _mm256_fmadd_ps(BF16x8(s0 + ng + g0), S, a0);
+        a1 = _mm256_fmadd_ps(BF16x8(s1 + ng + g0), S, a1);
+        a2 = _mm256_fmadd_ps(BF16x8(s2 + ng + g0), S, a2);
+        a3 = _mm256_fmadd_ps(BF16x8(s3 + ng + g0), S, a3);
+#define GROUP(j)                                                                                                     \
+    do {                                                                                                             \
+        const int64_t k = (g0 + j) * 64;                                                                             \
+        const __m256i idx = _mm256_set1_epi32(j);                                                                    \
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k)), x1 = _mm256_loadu_si256((const __m256i *)(xq + k + 32)); \
+        PREFETCH4(k / 2);                                                                                           \
+        a0 = _mm256_fmadd_ps(dot_u4x64(r0 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m0, idx), a0);               \
+        a1 = _mm256_fmadd_ps(dot_u4x64(r1 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m1, idx), a1);               \
+        a2 = _mm256_fmadd_ps(dot_u4x64(r2 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m2, idx), a2);               \
+        a3 = _mm256_fmadd_ps(dot_u4x64(r3 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m3, idx), a3);               \
+    } while (0)
+        GROUP(0); GROUP(1); GROUP(2); GROUP(3); GROUP(4); GROUP(5); GROUP(6); GROUP(7);
+#undef GROUP
+    }
+    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+}
+
+int mc_gemv_int4(const uint8_t *w, const uint16_t *sl, const void *x, int xtype, void *y, int ytype, int64_t N,
+                 int64_t K, int64_t G, int threads) {
+    float *xf = x_as_f32(x, xtype, K);
+    int8_t *xq = (int8_t *)malloc((size_t)K);
+    float *d = (float *)malloc((size_t)(K / 64) * 2 * sizeof(float));
+    float *gsum = (float *)malloc((size_t)(K / G) * sizeof(float));
+    if (!xf || !xq || !d || !gsum) {
+        free(xf), free(xq), free(d), free(gsum);
+        return -1;
+    }
+    float *bsum = d + K / 64;
+    quantize_x64(xf, K, xq, d, bsum);
+    for (int64_t g = 0; g < K / G; g++) { /* sums of x itself (not of xq): the low term stays exact */
+        float s = 0.0f;
+        for (int64_t b = g * G / 64; b < (g + 1) * G / 64; b++) s += bsum[b];
+        gsum[g] = s;
+    }
+    const int64_t ng = K / G, blocks = (G == 64 && K % 512 == 0) ? N / 4 : 0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n = 4 * blk;
+        float out[4];
+        dot_int4_rows4_g64(w + n * (K / 2), sl + n * 2 * ng, xq, d, gsum, K, out);
+        for (int r = 0; r < 4; r++) store(y, ytype, n + r, out[r]);
+    }
+    const int64_t rest = 4 * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (N - rest > 64)
+    for (int64_t n = rest; n < N; n++) {
+        const uint16_t *s = sl + n * 2 * ng;
+        store(y, ytype, n, dot_int4_row(w + n * (K / 2), s, s + ng, xq, d, gsum, K, G));
+    }
+    free(xf), free(xq), free(d), free(gsum);
+    return 0;
+}
+
+/* rows [n0, n1) of an int4 weight as float32 (out holds (n1 - n0) * K): a prompt's product dequantizes a block of
+   rows at a time and multiplies it with one float GEMM */
+int mc_dequant_int4(const uint8_t *w, const uint16_t *sl, float *out, int64_t n0, int64_t n1, int64_t K, int64_t G,
+                    int threads) {
+    const int64_t ng = K / G;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * (K / 2);
+        const uint16_t *sc = sl + n * 2 * ng, *lw = sc + ng;
+        float *o = out + (n - n0) * K;
+        const __m128i m = _mm_set1_epi8(15);
+        for (int64_t k = 0; k < K; k += 64) {
+            const __m256 s = _mm256_set1_ps(bf16_to_f32(sc[k / G])), l = _mm256_set1_ps(bf16_to_f32(lw[k / G]));
+            for (int half = 0; half < 2; half++) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(row + k / 2 + 16 * half));
+                __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+                float *o_lo = o + k + 16 * half, *o_hi = o_lo + 32;
+                _mm256_storeu_ps(o_lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, l));
+                _mm256_storeu_ps(o_lo + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, l));
+                _mm256_storeu_ps(o_hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, l));
+                _mm256_storeu_ps(o_hi + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, l));
+            }
+        }
+    }
+    return 0;
+}
+
+#else /* no AVX2 + FMA: the library builds, reports version 0, and torch's kernels are used */
+
+int mc_version(void) { return 0; }
+
+#endif

@@ -1,0 +1,208 @@
+"""Our own CPU kernels for the decode step's matrix-vector products (kernels.c), built on first use.
+
+The C file is compiled once per machine with the system's C compiler (`$CC`, else cc/gcc/clang) and
+`-march=native` into the user cache folder, keyed by the source, the compiler and the CPU, then loaded with
+ctypes. Where that cannot happen (no compiler, not x86-64 with AVX2 and FMA, `MISTRAL_KERNELS=off`), `native()`
+returns None and the model keeps torch's kernels: the same results up to float rounding, only slower.
+
+The wrappers take one activation row and return it multiplied by the weight, in the activation's dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from mistral_cli.hardware import cpu_flags
+
+SOURCE = Path(__file__).with_name("kernels.c")
+ENV = "MISTRAL_KERNELS"  # "off" keeps torch's kernels
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def supports(K: int, group: int | None = None) -> bool:
+    """Whether a layer with K input columns (and int4 groups of `group`) can use these kernels: they work on blocks
+    of 32 columns, 64 for int4."""
+    if group is not None:
+        return K % 64 == 0 and group % 64 == 0
+    return K % 32 == 0
+
+
+class Kernels:
+    """The loaded library; each method computes x @ W.T for x of one row (any leading shape of size 1)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._bf16 = lib.mc_gemv_bf16
+        self._bf16.argtypes = [_P, _P, _INT, _P, _INT, _I64, _I64, _INT]
+        self._int8 = lib.mc_gemv_int8
+        self._int8.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _INT]
+        self._int4 = lib.mc_gemv_int4
+        self._int4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
+        self._dequant4 = lib.mc_dequant_int4
+        self._dequant4.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
+        for f in (self._bf16, self._int8, self._int4, self._dequant4):
+            f.restype = _INT
+
+    @staticmethod
+    def _io(x: torch.Tensor, N: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        if x.dtype not in _DTYPE_CODES:
+            x = x.float()
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+        return x, _DTYPE_CODES[x.dtype], y
+
+    @staticmethod
+    def _check(rc: int) -> None:
+        if rc != 0:
+            raise MemoryError("out of memory in a decode kernel")
+
+    def linear_bf16(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        N, K = w.shape
+        x, code, y = self._io(x, N)
+        self._check(self._bf16(w.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, torch.get_num_threads()))
+        return y
+
+    def linear_int8(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        N, K = q.shape
+        x, code, y = self._io(x, N)
+        rc = self._int8(
+            q.data_ptr(), scales.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, torch.get_num_threads()
+        )
+        self._check(rc)
+        return y
+
+    def linear_int4(self, x: torch.Tensor, packed: torch.Tensor, sl: torch.Tensor, group: int) -> torch.Tensor:
+        N, K = packed.shape[0], packed.shape[1] * 2
+        x, code, y = self._io(x, N)
+        rc = self._int4(
+            packed.data_ptr(),
+            sl.data_ptr(),
+            x.data_ptr(),
+            code,
+            y.data_ptr(),
+            code,
+            N,
+            K,
+            group,
+            torch.get_num_threads(),
+        )
+        self._check(rc)
+        return y
+
+    def dequantize_int4(self, packed: torch.Tensor, sl: torch.Tensor, group: int, rows: slice) -> torch.Tensor:
+        """Rows `rows` of an int4 weight in kernels.c's layout, as float32."""
+        K = packed.shape[1] * 2
+        out = torch.empty(rows.stop - rows.start, K)
+        self._dequant4(
+            packed.data_ptr(), sl.data_ptr(), out.data_ptr(), rows.start, rows.stop, K, group, torch.get_num_threads()
+        )
+        return out
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 (N, K) as uint8 -> (N, K/2) bytes in kernels.c's layout: per block of 64 columns, byte i holds
+    column i in its low nibble and column 32+i in its high nibble."""
+    N, K = codes.shape
+    blocks = codes.reshape(N, K // 64, 2, 32)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4."""
+    N, half = packed.shape
+    blocks = packed.reshape(N, half // 32, 1, 32)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(N, half * 2)
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return cc
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _cache_folder() -> Path:
+    from platformdirs import user_cache_path
+
+    return user_cache_path("mistral-cli") / "kernels"
+
+
+def _build(cc: str) -> Path:
+    """Compile kernels.c for this CPU (once: the result is cached under a key of everything that shapes it)."""
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise OSError(f"cannot run the C compiler {cc!r}: {e}") from e
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(sorted(cpu_flags())).encode(), platform.machine().encode()])
+    ).hexdigest()[:16]
+    folder = _cache_folder()
+    path = folder / f"kernels-{key}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        out = Path(tmp) / path.name
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise OSError(f"cannot run the C compiler {cc!r}: {e}") from e
+        if proc.returncode != 0:
+            raise OSError(f"{cc} could not build the kernels: {proc.stderr.strip()[-500:]}")
+        os.replace(out, path)  # atomic: another process building at the same time finds a whole file
+    return path
+
+
+_status = "not loaded yet"
+
+
+@cache
+def native() -> Kernels | None:
+    """The kernels for this machine, built on first use, or None where they cannot be used (see `status()`)."""
+    global _status
+    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        _status = f"off (${ENV})"
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= cpu_flags():
+        _status = "unavailable: they need an x86-64 CPU with AVX2 and FMA"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _status = "unavailable: no C compiler (cc, gcc or clang) to build them"
+        return None
+    try:
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _status = f"unavailable: {e}"
+        return None
+    if lib.mc_version() != 1:
+        _status = "unavailable: the compiler did not target AVX2 and FMA"
+        return None
+    _status = "on"
+    return Kernels(lib, path)
+
+
+def status() -> str:
+    """'on', or why the kernels are not used."""
+    return _status
+
+
+if __name__ == "__main__":  # python -m mistral_cli.kernels: build them now and say where they are
+    k = native()
+    print(f"kernels: {status()}" + (f" ({k.path})" if k else ""))
+    sys.exit(0 if k else 1)

@@ -1,0 +1,227 @@
+"""Our CPU decode kernels (kernels.c): each product against a float64 reference within a stated bound, their
+build and cache, the fallback to torch's kernels, and a whole model decoding with them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mistral_cli import kernels
+from mistral_cli.checkpoint import load_model
+from mistral_cli.devices import Placement
+from tiny import write_hf
+
+BF16 = Placement(torch.device("cpu"), torch.bfloat16)
+FP32 = Placement(torch.device("cpu"), torch.float32)
+F32_EPS = 2.0**-23
+
+
+@pytest.fixture(scope="module")
+def ops() -> kernels.Kernels:
+    k = kernels.native()
+    if k is None:
+        pytest.skip(f"our kernels: {kernels.status()}")
+    return k
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _act_error(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
+    """Bound on |(x - x') @ w.T| where x' is x quantized to int8 in blocks: half a step per element."""
+    amax = x.double().abs().reshape(-1, x.shape[-1] // block, block).amax(-1, keepdim=True)
+    half_step = (amax / 127 / 2).expand(-1, -1, block).reshape(x.shape)
+    return half_step @ w.double().abs().T
+
+
+def _as_quantized(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the kernels see it after quantizing it to int8 in blocks, in float64: q * max|x| / 127 per block, q
+    rounded half away from zero from x * (127 / max|x|), both computed in float32 as kernels.c does."""
+    xb = x.float().reshape(-1, x.shape[-1] // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    v = xb * inv
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (q.double() * (amax / 127).double()).reshape(x.shape)
+
+
+def _sum_error(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Bound on float32 accumulation error over K terms, and bf16 rounding of the output."""
+    K = x.shape[-1]
+    return (x.double().abs() @ w.double().abs().T) * K * F32_EPS
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    if y.dtype == torch.bfloat16:  # the output rounded to bf16: half a bf16 step of the value
+        bound = bound + ref.abs() * 2.0**-8
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-9).all(), f"worst excess {float((err - bound).max())}"
+
+
+SHAPES = [(1, 32), (3, 64), (4, 96), (5, 4096), (130, 512)]  # remainders of the 4-row blocks, wide K
+
+
+@pytest.mark.parametrize("N, K", SHAPES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
+def test_bf16_product(ops, N, K, xdtype):
+    w = _rand(N, K, seed=N).to(torch.bfloat16)
+    x = _rand(1, K, seed=K).to(xdtype)
+    y = ops.linear_bf16(x, w)
+    assert y.shape == (1, N) and y.dtype == xdtype
+    ref = x.double() @ w.double().T
+    _check(y, ref, _sum_error(x, w))
+
+
+@pytest.mark.parametrize("N, K", SHAPES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
+def test_int8_product(ops, N, K, xdtype):
+    q = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.int8)
+    scales = _rand(N, seed=1).abs() / 100
+    x = _rand(1, K, seed=K).to(xdtype)
+    x[0, 5] = 40.0  # an outlier: only its own block of 32 loses precision
+    w = q.double() * scales.double()[:, None]
+    y = ops.linear_int8(x, q, scales)
+    assert y.shape == (1, N) and y.dtype == xdtype
+    _check(y, x.double() @ w.T, _act_error(x, w, 32) + _sum_error(x, w))  # what quantizing x may cost at most
+    _check(y, _as_quantized(x, 32) @ w.T, _sum_error(x, w))  # exactly that quantization, to float rounding
+
+
+@pytest.mark.parametrize(
+    "N, K, group",
+    [(4, 512, 64), (6, 1024, 64), (130, 512, 64), (3, 192, 64), (5, 256, 128), (4, 512, 128)],
+    ids=["vector", "vector+rest", "vector-many", "rows", "rows-g128", "rows-g128-k512"],
+)
+def test_int4_product(ops, N, K, group):
+    """Groups of 64 with K a multiple of 512 take the vectorized path, everything else the row-by-row one."""
+    codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
+    sl = torch.stack([_rand(N, K // group, seed=2).abs() / 50, _rand(N, K // group, seed=3) / 5], dim=1)
+    sl = sl.to(torch.bfloat16)  # (N, 2, groups): scale and low
+    x = _rand(1, K, seed=K)
+    x[0, 70] = -30.0
+    s, lo = (t.double().repeat_interleave(group, dim=1) for t in sl.unbind(1))
+    w = codes.double() * s + lo
+    packed = kernels.pack_int4(codes)
+    assert torch.equal(kernels.unpack_int4(packed), codes)
+    y = ops.linear_int4(x, packed, sl, group)
+    _check(y, x.double() @ w.T, _act_error(x, codes.double() * s, 64) + _sum_error(x, w))
+    # exactly: the codes times x quantized in blocks of 64, and the lows times the sums of x itself
+    exact = _as_quantized(x, 64) @ (codes.double() * s).T + x.double() @ lo.T
+    _check(y, exact, _sum_error(x, w))
+    rows = slice(1, N)
+    torch.testing.assert_close(ops.dequantize_int4(packed, sl, group, rows).double(), w[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_every_thread_count_gives_the_same_bits(ops):
+    """Each output row is computed whole by one thread, so the thread count cannot change a result."""
+    w = _rand(260, 1024, seed=0).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (260, 1024), dtype=torch.int8)
+    codes = torch.randint(0, 16, (260, 1024), dtype=torch.uint8)
+    sl = _rand(260, 2, 16, seed=1).to(torch.bfloat16)
+    x = _rand(1, 1024, seed=2).to(torch.bfloat16)
+    before = torch.get_num_threads()
+
+    def run() -> list[torch.Tensor]:
+        return [
+            ops.linear_bf16(x, w),
+            ops.linear_int8(x, q, torch.ones(260)),
+            ops.linear_int4(x, kernels.pack_int4(codes), sl, 64),
+        ]
+
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, before))
+        many = run()
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------- build and fallback
+
+
+def _kernels_cli(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
+    e.pop("MISTRAL_KERNELS", None) if "MISTRAL_KERNELS" not in env else None
+    return subprocess.run(
+        [sys.executable, "-m", "mistral_cli.kernels"], capture_output=True, text=True, env=e, timeout=300
+    )
+
+
+def test_built_once_into_the_user_cache_and_reused(ops, tmp_path):
+    first = _kernels_cli(tmp_path)
+    assert first.returncode == 0 and "kernels: on" in first.stdout, first.stdout + first.stderr
+    built = list((tmp_path / "cache" / "mistral-cli" / "kernels").glob("kernels-*.so"))
+    assert len(built) == 1 and str(built[0]) in first.stdout
+    stamp = built[0].stat().st_mtime_ns
+    again = _kernels_cli(tmp_path)
+    assert again.returncode == 0 and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert list(built[0].parent.iterdir()) == built  # no temporary files left behind
+
+
+@pytest.mark.parametrize(
+    "env, says",
+    [({"MISTRAL_KERNELS": "off"}, "off ($MISTRAL_KERNELS)"), ({"CC": "/nonexistent/cc"}, "cannot run the C compiler")],
+    ids=["switched-off", "no-compiler"],
+)
+def test_without_them_torch_kernels_are_used(ops, tmp_path, hf_model_dir, env, says):
+    proc = _kernels_cli(tmp_path, **env)
+    assert proc.returncode == 1 and says in proc.stdout, proc.stdout + proc.stderr
+    # the CLI still works, on torch's kernels, and says so in --verbose
+    args = ["complete", "-m", str(hf_model_dir), "-n", "5", "-t", "0", "--verbose", "Roses are"]
+    run_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
+    out = subprocess.run([sys.executable, "-m", "mistral_cli", *args], capture_output=True, text=True, env=run_env)
+    assert out.returncode == 0 and "AVX2 kernels" not in out.stderr and out.stdout, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_broken_compiler_is_one_sentence(ops, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: internal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    proc = _kernels_cli(tmp_path, CC=str(fake))
+    assert proc.returncode == 1 and "could not build the kernels: cc: internal error" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------- whole model
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory, tiny_spec):
+    """A tiny model whose layers are wide enough for every kernel path (dim 512: the vectorized int4 path)."""
+    from tiny import random_state_dict
+
+    spec = tiny_spec.but(dim=512, hidden_dim=1024, n_heads=8, n_kv_heads=2, head_dim=64)
+    return write_hf(tmp_path_factory.mktemp("kern") / "wide", spec, random_state_dict(spec), dtype=torch.bfloat16)
+
+
+def _decode(model, tokens, steps):
+    """Prefill `tokens`, then feed `steps` of them again one at a time: the logits of every single-row step."""
+    cache, out = model.new_cache(), []
+    with torch.inference_mode():
+        model(tokens, cache)
+        for t in tokens[0, :steps]:
+            out.append(model(t.view(1, 1), cache)[0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_model_decodes_the_same_with_our_kernels(ops, wide_model, mode):
+    tokens = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(7))
+    theirs = load_model(wide_model, BF16, quantize=mode)
+    mine = load_model(wide_model, BF16, quantize=mode, kernels=ops)
+    kinds = {getattr(m, "kernel", None) for m in mine.modules()} - {None}
+    assert kinds == (set() if mode == "none" else {"ours"})
+    assert (mode != "none") or all(m.kernels is ops for m in mine.modules() if hasattr(m, "kernels"))
+    ref = _decode(load_model(wide_model, FP32), tokens, 12)
+    a, b = _decode(theirs, tokens, 12), _decode(mine, tokens, 12)
+    # ours is as close to the float32 model as torch's kernels are (activations quantized to int8 cost a little)
+    slack = {"none": 1.1, "int8": 1.5, "int4": 1.3}[mode]
+    assert (b - ref).norm() <= slack * (a - ref).norm() + 1e-3 * ref.norm()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
