@@ -41,12 +41,12 @@ def _act_error(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
 
 def _as_quantized(x: torch.Tensor, block: int) -> torch.Tensor:
     """x as the kernels see it after quantizing it to int8 in blocks, in float64: q * max|x| / 127 per block, q
-    rounded half away from zero from x * (127 / max|x|), both computed in float32 as kernels.c does."""
+    rounded to nearest even from x * (127 / max|x|), both computed in float32 as kernels.c does."""
     xb = x.float().reshape(-1, x.shape[-1] // block, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
     v = xb * inv
-    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    q = torch.round(v)
     return (q.double() * (amax / 127).double()).reshape(x.shape)
 
 

@@ -9,7 +9,9 @@ memory figure belongs to one run and a 7B model is in memory only once at a time
 resident memory (VmHWM) after loading and overall, time to first token, prefill and decode tokens/s, and the
 bytes of weights one decode step reads, as GB/s and as a fraction of the read bandwidth measured here (a float32
 sum over a 1 GiB buffer). Quantization's accuracy cost is each quantized run's logits against the unquantized
-run of the same dtype, teacher-forced over the first prompt tokens. Each run times `--repeats` generations and
+run of the same dtype, teacher-forced over the first prompt tokens (our engine feeds them one decode step at a
+time, the path and the kernels that generation takes). `ours+torch` is our engine on torch's CPU kernels instead
+of our own, to show what they bring. Each run times `--repeats` generations and
 keeps the best of each figure, since other work on the machine only ever slows a run down.
 
 Needs the test extras (transformers, mistral-common). llama.cpp (`--engines llama.cpp`) needs llama-cpp-python and
@@ -345,10 +347,11 @@ def run_ours(spec: RunSpec) -> RunResult:
     result = measured(
         spec, timed_run, load_s=load_s, load_peak=load_peak, weight_bytes=weight_bytes, threads=torch.get_num_threads()
     )
-    if spec.accuracy_tokens:
+    if spec.accuracy_tokens:  # one decode step per position: the path (and kernels) that generation takes
         x = torch.tensor([prompt[: spec.accuracy_tokens]])
+        cache = model.new_cache(spec.accuracy_tokens)
         with torch.inference_mode():
-            logits = model(x, model.new_cache(spec.accuracy_tokens), 0)[0]
+            logits = torch.cat([model(x[:, i : i + 1], cache)[0] for i in range(x.shape[1])])
         torch.save(logits.float(), spec.logits_path)
     return result
 
@@ -468,6 +471,8 @@ def run_llama_cpp(spec: RunSpec) -> RunResult:
 
 
 def worker(spec: RunSpec) -> None:
+    if spec.engine == "ours+torch":
+        os.environ["MISTRAL_KERNELS"] = "off"  # our engine on torch's CPU kernels
     if spec.threads:
         import torch
 
@@ -561,6 +566,8 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
         ratio(f"decode ours+compile/transformers {d}", "decode_tok_s", ("ours+compile", d, "none"), hf)
         ratio(f"decode int8/{d} (ours)", "decode_tok_s", ("ours", d, "int8"), ("ours", d, "none"))
         ratio(f"decode int4/int8 ({d} activations)", "decode_tok_s", ("ours", d, "int4"), ("ours", d, "int8"))
+        for q in ("none", "int8", "int4"):  # what our kernels bring over torch's
+            ratio(f"decode ours/ours+torch {d} {q}", "decode_tok_s", ("ours", d, q), ("ours+torch", d, q))
         for q in ("none", "int8", "int4"):
             ratio(f"decode ours/llama.cpp {d} {q}", "decode_tok_s", ("ours", d, q), ("llama.cpp", d, q))
     return out
@@ -574,9 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--engines",
         nargs="+",
-        choices=["ours", "ours+compile", "transformers", "llama.cpp"],
+        choices=["ours", "ours+torch", "ours+compile", "transformers", "llama.cpp"],
         default=["ours", "transformers"],
-        help="ours+compile: our engine with --compile (load time includes the compilation)",
+        help="ours+torch: our engine on torch's CPU kernels instead of ours (MISTRAL_KERNELS=off); ours+compile: "
+        "with --compile (load time includes the compilation)",
     )
     ap.add_argument(
         "--llama-cpp-convert",
