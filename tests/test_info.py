@@ -185,3 +185,22 @@ def test_cpu_flags_are_read_from_this_machine():
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
         assert hardware.cpu_bf16_decode_ok()
+
+
+def test_info_says_whether_our_cpu_kernels_decode(env, hf_model_dir):
+    from mistral_cli.hardware import kernels_blocker
+
+    d = info_json(env, str(hf_model_dir), "--device", "cpu")
+    assert d["device"]["name"] == "cpu"
+    here = kernels_blocker()
+    assert d["device"]["kernels"]["ours"] == (here is None), d["device"]
+    table = mistral(env, "info", str(hf_model_dir), "--device", "cpu").stdout
+    assert ("kernels       ours (AVX2, compiled" in table) == (here is None), table
+    off = info_json({**env, "MISTRAL_KERNELS": "off"}, str(hf_model_dir), "--device", "cpu")
+    assert off["device"]["kernels"] == {"ours": False, "reason": "switched off with $MISTRAL_KERNELS"}
+    if here is None:  # an AVX2 CPU: without a compiler, torch's kernels, and info says why
+        no_cc = info_json({**env, "CC": "/nonexistent/cc"}, str(hf_model_dir), "--device", "cpu")
+        assert no_cc["device"]["kernels"] == {
+            "ours": False,
+            "reason": "no C compiler to build them ($CC, cc, gcc or clang)",
+        }

@@ -166,7 +166,10 @@ def test_built_once_into_the_user_cache_and_reused(ops, tmp_path):
 
 @pytest.mark.parametrize(
     "env, says",
-    [({"MISTRAL_KERNELS": "off"}, "off ($MISTRAL_KERNELS)"), ({"CC": "/nonexistent/cc"}, "cannot run the C compiler")],
+    [
+        ({"MISTRAL_KERNELS": "off"}, "switched off with $MISTRAL_KERNELS"),
+        ({"CC": "/nonexistent/cc"}, "unavailable: no C compiler to build them"),
+    ],
     ids=["switched-off", "no-compiler"],
 )
 def test_without_them_torch_kernels_are_used(ops, tmp_path, hf_model_dir, env, says):
@@ -186,6 +189,9 @@ def test_a_broken_compiler_is_one_sentence(ops, tmp_path):
     fake.chmod(0o755)
     proc = _kernels_cli(tmp_path, CC=str(fake))
     assert proc.returncode == 1 and "could not build the kernels: cc: internal error" in proc.stdout, proc.stdout
+    # a compiler given with options in $CC
+    proc = _kernels_cli(tmp_path, CC=f"{fake} -m64")
+    assert proc.returncode == 1 and f"{fake} -m64 could not build the kernels" in proc.stdout, proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import shutil
 from functools import cache
+
+KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours
 
 
 @cache
@@ -72,3 +76,23 @@ def auto_dtype(device_type: str, n_params: int, cuda_bf16: bool = True) -> str:
     # an old CPU with no SIMD bf16 conversion: fp32 is faster, unless the doubled weights would not fit
     free = available_memory()
     return "bf16" if free is not None and n_params * 4 > 0.85 * free else "fp32"
+
+
+def c_compiler() -> list[str] | None:
+    """The C compiler command that builds our kernels: $CC (which may carry options), else the first of cc, gcc
+    and clang on the PATH; None when there is none."""
+    if os.environ.get("CC", "").strip():
+        cmd = shlex.split(os.environ["CC"])
+        return cmd if shutil.which(cmd[0]) else None
+    return next(([c] for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def kernels_blocker() -> str | None:
+    """Why our CPU kernels (kernels.c) cannot be used here, or None when they can once the compiler builds them."""
+    if os.environ.get(KERNELS_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return f"switched off with ${KERNELS_ENV}"
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= cpu_flags():
+        return "they need an x86-64 CPU with AVX2 and FMA"
+    if c_compiler() is None:
+        return "no C compiler to build them ($CC, cc, gcc or clang)"
+    return None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_cli.config import ModelConfig
-from mistral_cli.hardware import auto_dtype
+from mistral_cli.hardware import auto_dtype, c_compiler, kernels_blocker
 from mistral_cli.models import (
     SOURCE_FILE,
     V1_TOKENIZER_SHA256,
@@ -107,7 +107,7 @@ def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_con
         },
         "tokenizer": _tokenizer(paths.tokenizer),
         "memory": memory_needed(config, compute, quantize, context),
-        "device": {"name": dev_name, "reason": dev_reason, "dtype": compute},
+        "device": {"name": dev_name, "reason": dev_reason, "dtype": compute, "kernels": _kernels(dev_name)},
     }
     record = paths.folder / SOURCE_FILE
     if record.is_file():
@@ -146,6 +146,16 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int) 
         "kv_cache_bytes": kv,
         "total_bytes": weights + kv,
     }
+
+
+def _kernels(device: str) -> dict[str, Any] | None:
+    """Whether decode steps on the CPU would run on our kernels (kernels.c) or torch's, and why."""
+    if device != "cpu":
+        return None
+    blocker = kernels_blocker()
+    if blocker is None:
+        return {"ours": True, "reason": f"AVX2, compiled for this CPU on first use with {' '.join(c_compiler() or [])}"}
+    return {"ours": False, "reason": blocker}
 
 
 def detect_device(requested: str = "auto") -> tuple[str, str]:
@@ -225,6 +235,9 @@ def _print_table(d: dict[str, Any]) -> None:
         f"({m['context']} tokens)",
     )
     table.add_row("device", f"{dev['name']} {dev['dtype']} ({dev['reason']})")
+    if dev["kernels"]:
+        k = dev["kernels"]
+        table.add_row("kernels", f"ours ({k['reason']})" if k["ours"] else f"torch's ({k['reason']})")
     _settings_rows(table, d)
     _emit(table)
 

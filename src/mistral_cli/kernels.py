@@ -14,7 +14,6 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from mistral_cli.hardware import cpu_flags
+from mistral_cli.hardware import c_compiler, cpu_flags, kernels_blocker
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ENV = "MISTRAL_KERNELS"  # "off" keeps torch's kernels
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -126,26 +124,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(N, half * 2)
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return cc
-    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-
-
 def _cache_folder() -> Path:
     from platformdirs import user_cache_path
 
     return user_cache_path("mistral-cli") / "kernels"
 
 
-def _build(cc: str) -> Path:
+def _build(cc: list[str]) -> Path:
     """Compile kernels.c for this CPU (once: the result is cached under a key of everything that shapes it)."""
     source = SOURCE.read_bytes()
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise OSError(f"cannot run the C compiler {cc!r}: {e}") from e
+        raise OSError(f"cannot run the C compiler {' '.join(cc)}: {e}") from e
     key = hashlib.sha256(
         b"\0".join([source, version.encode(), " ".join(sorted(cpu_flags())).encode(), platform.machine().encode()])
     ).hexdigest()[:16]
@@ -156,13 +147,13 @@ def _build(cc: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / path.name
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
+        cmd = [*cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
-            raise OSError(f"cannot run the C compiler {cc!r}: {e}") from e
+            raise OSError(f"cannot run the C compiler {' '.join(cc)}: {e}") from e
         if proc.returncode != 0:
-            raise OSError(f"{cc} could not build the kernels: {proc.stderr.strip()[-500:]}")
+            raise OSError(f"{' '.join(cc)} could not build the kernels: {proc.stderr.strip()[-500:]}")
         os.replace(out, path)  # atomic: another process building at the same time finds a whole file
     return path
 
@@ -174,16 +165,12 @@ _status = "not loaded yet"
 def native() -> Kernels | None:
     """The kernels for this machine, built on first use, or None where they cannot be used (see `status()`)."""
     global _status
-    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false"):
-        _status = f"off (${ENV})"
+    blocker = kernels_blocker()
+    if blocker is not None:
+        _status = blocker if blocker.startswith("switched off") else f"unavailable: {blocker}"
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= cpu_flags():
-        _status = "unavailable: they need an x86-64 CPU with AVX2 and FMA"
-        return None
-    cc = _compiler()
-    if cc is None:
-        _status = "unavailable: no C compiler (cc, gcc or clang) to build them"
-        return None
+    cc = c_compiler()
+    assert cc is not None
     try:
         path = _build(cc)
         lib = ctypes.CDLL(str(path))
