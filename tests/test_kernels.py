@@ -181,6 +181,8 @@ def test_without_them_torch_kernels_are_used(ops, tmp_path, hf_model_dir, env, s
     out = subprocess.run([sys.executable, "-m", "mistral_cli", *args], capture_output=True, text=True, env=run_env)
     assert out.returncode == 0 and "AVX2 kernels" not in out.stderr and out.stdout, out.stderr
     assert "Traceback" not in out.stderr
+    # a missing compiler is worth saying (the user can install one); a switch the user set is not
+    assert ("torch kernels (no C compiler" in out.stderr) == ("CC" in env), out.stderr
 
 
 def test_a_broken_compiler_is_one_sentence(ops, tmp_path):

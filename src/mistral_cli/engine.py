@@ -105,6 +105,9 @@ class Engine:
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.quantize = quantize
         self.kernels = any(getattr(m, "kernels", None) or getattr(m, "ops", None) for m in model.modules())
+        # on a CPU that could run our kernels but does not (no compiler, a failed build): why, for the banner
+        cpu = placement.device.type == "cpu" and not compile
+        self.kernel_problem = None if self.kernels or not cpu else kernels.problem()
         self.cfg: ModelConfig = model.cfg
         self.max_context = max_context
         self.load_s = load_s
@@ -154,6 +157,8 @@ class Engine:
         parts = [str(self.placement) + ("" if self.quantize == "none" else f" {self.quantize}")]
         if self.kernels:
             parts.append("AVX2 kernels")
+        elif self.kernel_problem:
+            parts.append(f"torch kernels ({self.kernel_problem})")
         if self.placement.device.type == "cpu":
             n = torch.get_num_threads()
             parts.append(f"{n} thread{'s' if n != 1 else ''}")

@@ -153,7 +153,8 @@ def _build(cc: list[str]) -> Path:
         except (OSError, subprocess.SubprocessError) as e:
             raise OSError(f"cannot run the C compiler {' '.join(cc)}: {e}") from e
         if proc.returncode != 0:
-            raise OSError(f"{' '.join(cc)} could not build the kernels: {proc.stderr.strip()[-500:]}")
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise OSError(f"{' '.join(cc)} could not build the kernels: {last[:200]}")
         os.replace(out, path)  # atomic: another process building at the same time finds a whole file
     return path
 
@@ -187,6 +188,14 @@ def native() -> Kernels | None:
 def status() -> str:
     """'on', or why the kernels are not used."""
     return _status
+
+
+def problem() -> str | None:
+    """Why the kernels are not used on a CPU that could run them (no compiler, a failed build), for the user to
+    fix; None when they are used, switched off, or the CPU cannot run them."""
+    if native() is not None or kernels_blocker() == "they need an x86-64 CPU with AVX2 and FMA":
+        return None
+    return None if _status.startswith("switched off") else _status.removeprefix("unavailable: ")
 
 
 if __name__ == "__main__":  # python -m mistral_cli.kernels: build them now and say where they are
