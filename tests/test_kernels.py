@@ -116,6 +116,39 @@ def test_int4_product(ops, N, K, group):
     torch.testing.assert_close(ops.dequantize_int4(packed, sl, group, rows).double(), w[rows], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "H, KV, D, L, start",
+    [(32, 8, 128, 300, 0), (4, 4, 64, 1, 0), (8, 4, 64, 7, 0), (16, 2, 32, 129, 0), (6, 2, 16, 40, 0),
+     (32, 8, 128, 300, 172)],
+    ids=["mistral", "one-key", "short", "groups-of-8", "groups-of-3", "window"],
+)  # fmt: skip
+def test_attention(ops, H, KV, D, L, start):
+    """A decode step's attention against float64, keys and values read from a cache-like buffer (a view of the
+    first L positions of a larger one); `start` > 0 is a sliding window."""
+    cap = 512
+    k_buf, v_buf = (_rand(1, KV, cap, D, seed=s).to(torch.bfloat16) for s in (1, 2))
+    k, v = k_buf[:, :, :L], v_buf[:, :, :L]
+    q = (_rand(1, KV, H // KV, D, seed=3) * 3).to(torch.bfloat16)  # large enough scores for a peaked softmax
+    assert ops.attention_fits(q, k, v)
+    got = ops.attention(q, k, v, start)
+    kd, vd = k[:, :, start:].double(), v[:, :, start:].double()
+    scores = q.double() @ kd.transpose(-1, -2) / D**0.5
+    ref = (torch.softmax(scores, dim=-1) @ vd).reshape(H, D)
+    assert got.shape == (H, D) and got.dtype == torch.bfloat16
+    # the output rounded to bf16, plus the float32 sums and exp (relative 2e-7) in between
+    assert ((got.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-4).all()
+
+
+def test_attention_takes_only_what_it_can(ops):
+    k = torch.zeros(1, 2, 10, 64, dtype=torch.bfloat16)
+    q = torch.zeros(1, 2, 2, 64, dtype=torch.bfloat16)
+    assert ops.attention_fits(q, k, k)
+    assert not ops.attention_fits(q.float(), k.float(), k.float())  # a float32 cache
+    assert not ops.attention_fits(q, k.transpose(2, 3), k.transpose(2, 3))  # not the cache's layout
+    assert not ops.attention_fits(torch.zeros(1, 2, 9, 64, dtype=torch.bfloat16), k, k)  # 9 query heads per kv head
+    assert not ops.attention_fits(torch.zeros(2, 2, 2, 64, dtype=torch.bfloat16), k.expand(2, -1, -1, -1), k)
+
+
 def test_every_thread_count_gives_the_same_bits(ops):
     """Each output row is computed whole by one thread, so the thread count cannot change a result."""
     w = _rand(260, 1024, seed=0).to(torch.bfloat16)
@@ -221,6 +254,7 @@ def _decode(model, tokens, steps):
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_model_decodes_the_same_with_our_kernels(ops, wide_model, mode):
+    """Every product and the attention of a decode step on our kernels, against torch's."""
     tokens = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(7))
     theirs = load_model(wide_model, BF16, quantize=mode)
     mine = load_model(wide_model, BF16, quantize=mode, kernels=ops)
@@ -233,3 +267,17 @@ def test_model_decodes_the_same_with_our_kernels(ops, wide_model, mode):
     slack = {"none": 1.1, "int8": 1.5, "int4": 1.3}[mode]
     assert (b - ref).norm() <= slack * (a - ref).norm() + 1e-3 * ref.norm()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_sliding_window_decodes_the_same_with_our_kernels(ops, tmp_path, tiny_spec):
+    """A model with a sliding window of 8, decoding past it: our attention sees only the last 8 keys too."""
+    from tiny import random_state_dict
+
+    spec = tiny_spec.but(dim=128, hidden_dim=256, head_dim=32, sliding_window=8)
+    folder = write_hf(tmp_path / "w", spec, random_state_dict(spec), dtype=torch.bfloat16)
+    tokens = torch.randint(3, 32000, (1, 20), generator=torch.Generator().manual_seed(9))
+    theirs, mine = load_model(folder, BF16), load_model(folder, BF16, kernels=ops)
+    assert all(a.kernels is ops for a in (layer.attention for layer in mine.layers))
+    a, b = _decode(theirs, tokens, 16), _decode(mine, tokens, 16)  # positions 20..35: the window slides
+    ref = _decode(load_model(folder, FP32), tokens, 16)
+    assert (b - ref).norm() <= 1.1 * (a - ref).norm() + 1e-3 * ref.norm()

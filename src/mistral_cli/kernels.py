@@ -50,7 +50,9 @@ class Kernels:
         self._int4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
         self._dequant4 = lib.mc_dequant_int4
         self._dequant4.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
-        for f in (self._bf16, self._int8, self._int4, self._dequant4):
+        self._attention = lib.mc_attention_bf16
+        self._attention.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT]
+        for f in (self._bf16, self._int8, self._int4, self._dequant4, self._attention):
             f.restype = _INT
 
     @staticmethod
@@ -98,6 +100,35 @@ class Kernels:
         )
         self._check(rc)
         return y
+
+    @staticmethod
+    def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether `attention` takes these: one bf16 query row, keys/values laid out as the cache keeps them."""
+        B, KV, L, D = k.shape
+        H = q.numel() // D
+        return (
+            B == 1
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and D % 16 == 0
+            and H % KV == 0
+            and H // KV <= 8
+            and k.stride()[2:] == v.stride()[2:] == (D, 1)
+            and k.stride(1) == v.stride(1)
+        )
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """One decode step's attention: q (H query heads of D, any shape) against keys/values (1, KV, L, D) from
+        position `start` on (a sliding window), query head h reading key/value head h // (H / KV); (H, D) out."""
+        _, KV, L, D = k.shape
+        H = q.numel() // D
+        q = q.reshape(H, D).contiguous()
+        out = torch.empty(H, D, dtype=torch.bfloat16)
+        rc = self._attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(1), start, L, H, KV, D, D**-0.5, out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        self._check(rc)
+        return out
 
     def dequantize_int4(self, packed: torch.Tensor, sl: torch.Tensor, group: int, rows: slice) -> torch.Tensor:
         """Rows `rows` of an int4 weight in kernels.c's layout, as float32."""
@@ -156,6 +187,9 @@ def _build(cc: list[str]) -> Path:
             last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
             raise OSError(f"{' '.join(cc)} could not build the kernels: {last[:200]}")
         os.replace(out, path)  # atomic: another process building at the same time finds a whole file
+    for old in folder.glob("kernels-*.so"):  # builds of other versions (a running process keeps its mapping)
+        if old != path:
+            old.unlink(missing_ok=True)
     return path
 
 

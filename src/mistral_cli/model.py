@@ -107,9 +107,12 @@ class Linear(nn.Linear):
 
 
 class Attention(nn.Module):
+    kernels: Any = None  # our CPU kernels (kernels.Kernels) for a decode step's attention, set at load
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_window
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.wqkv = Linear(cfg.dim, q + 2 * kv, bias=False)
         self.wo = Linear(q, cfg.dim, bias=False)
@@ -132,6 +135,11 @@ class Attention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
         v = qkv[:, :, H + KV :].transpose(1, 2)
         k, v = cache.update(layer, pos, k, v)  # (B, KV, L, D): L = start + T, or the capacity of a static cache
+        ours = self.kernels is not None and T == 1 and isinstance(pos, int) and k.shape[2] == pos + 1
+        if ours and self.kernels.attention_fits(q, k, v):
+            # a growing cache holds exactly the keys [0, pos]; a sliding window sees the last `window` of them
+            start = max(0, k.shape[2] - self.window) if self.window else 0
+            return self.wo(self.kernels.attention(q, k, v, start).view(B, T, H * D))
         if T == 1:
             # One query per head: fold the query heads sharing a kv head into the query axis, so the kv heads are
             # read once, with no copy (query head h reads kv head h // (H / KV)).
@@ -193,9 +201,12 @@ class Transformer(nn.Module):
         )
 
     def use_kernels(self, kernels: Any) -> None:
-        """Decode the bf16 linear layers with our CPU kernels (kernels.Kernels; None for torch's)."""
+        """Decode the bf16 linear layers and attention with our CPU kernels (kernels.Kernels; None for torch's)."""
+        bf16 = self.tok_embeddings.weight.dtype == torch.bfloat16  # the activations' and the cache's dtype
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Attention):
+                module.kernels = kernels if bf16 else None
+            elif isinstance(module, Linear):
                 fits = module.weight.dtype == torch.bfloat16 and supports(module.in_features)
                 module.kernels = kernels if fits else None
 
