@@ -197,6 +197,23 @@ def test_built_once_into_the_user_cache_and_reused(ops, tmp_path):
     assert list(built[0].parent.iterdir()) == built  # no temporary files left behind
 
 
+def test_an_unusable_cache_folder_builds_into_a_private_temporary_one(ops, tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")  # as good as read-only, even for root
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = _kernels_cli(tmp_path, TMPDIR=str(tmp))
+    assert proc.returncode == 0 and "kernels: on" in proc.stdout, proc.stdout + proc.stderr
+    (private,) = tmp.glob("mistral-cli-kernels-*")
+    assert str(private) in proc.stdout and private.stat().st_mode & 0o077 == 0
+    # a folder others can write in is never used: a library is loaded from it
+    for lib in private.iterdir():
+        lib.unlink()
+    private.chmod(0o777)
+    proc = _kernels_cli(tmp_path, TMPDIR=str(tmp))
+    assert proc.returncode == 1 and "no writable folder for the built kernels" in proc.stdout, proc.stdout
+    assert list(private.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "env, says",
     [

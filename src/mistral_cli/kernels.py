@@ -155,10 +155,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(N, half * 2)
 
 
-def _cache_folder() -> Path:
+def _cache_folders() -> list[Path]:
+    """Where the built library may go: the user cache folder, else (read-only home) a per-user temporary one."""
     from platformdirs import user_cache_path
 
-    return user_cache_path("mistral-cli") / "kernels"
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return [user_cache_path("mistral-cli") / "kernels", Path(tempfile.gettempdir()) / f"mistral-cli-kernels-{uid}"]
+
+
+def _ours(folder: Path) -> bool:
+    """Whether only this user can write in `folder`: a library is loaded from there, so nobody else may put one."""
+    st = folder.stat()
+    return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
 
 
 def _build(cc: list[str]) -> Path:
@@ -171,11 +179,20 @@ def _build(cc: list[str]) -> Path:
     key = hashlib.sha256(
         b"\0".join([source, version.encode(), " ".join(sorted(cpu_flags())).encode(), platform.machine().encode()])
     ).hexdigest()[:16]
-    folder = _cache_folder()
+    folders = _cache_folders()
+    for folder in folders:
+        if (folder / f"kernels-{key}.so").exists() and _ours(folder):
+            return folder / f"kernels-{key}.so"
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.access(folder, os.W_OK) and _ours(folder):
+                break
+        except OSError:
+            pass
+    else:
+        raise OSError(f"no writable folder for the built kernels (tried {', '.join(map(str, folders))})")
     path = folder / f"kernels-{key}.so"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / path.name
         cmd = [*cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
