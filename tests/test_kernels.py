@@ -149,6 +149,16 @@ def test_attention_takes_only_what_it_can(ops):
     assert not ops.attention_fits(torch.zeros(2, 2, 2, 64, dtype=torch.bfloat16), k.expand(2, -1, -1, -1), k)
 
 
+def test_shapes_the_c_code_cannot_check_are_refused(ops):
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one contiguous row of 64"):
+        ops.linear_bf16(torch.zeros(1, 32, dtype=torch.bfloat16), w)  # would read past x
+    with pytest.raises(ValueError, match="one contiguous row"):
+        ops.linear_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), w)  # two rows: the caller's job
+    with pytest.raises(ValueError, match="one contiguous row"):
+        ops.linear_int8(torch.zeros(1, 64), torch.zeros(64, 8, dtype=torch.int8).T, torch.ones(8))
+
+
 def test_every_thread_count_gives_the_same_bits(ops):
     """Each output row is computed whole by one thread, so the thread count cannot change a result."""
     w = _rand(260, 1024, seed=0).to(torch.bfloat16)

@@ -56,7 +56,11 @@ class Kernels:
             f.restype = _INT
 
     @staticmethod
-    def _io(x: torch.Tensor, N: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def _io(x: torch.Tensor, N: int, K: int, *weights: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """x as the C code reads it (contiguous float32 or bf16) and the output to fill; the C code trusts shapes and
+        layouts, so they are checked here."""
+        if x.shape[-1] != K or x.numel() != K or not all(w.is_contiguous() for w in weights):
+            raise ValueError(f"a decode kernel takes one contiguous row of {K}, got {tuple(x.shape)}")
         if x.dtype not in _DTYPE_CODES:
             x = x.float()
         x = x.contiguous()
@@ -70,13 +74,13 @@ class Kernels:
 
     def linear_bf16(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         N, K = w.shape
-        x, code, y = self._io(x, N)
+        x, code, y = self._io(x, N, K, w)
         self._check(self._bf16(w.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, torch.get_num_threads()))
         return y
 
     def linear_int8(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         N, K = q.shape
-        x, code, y = self._io(x, N)
+        x, code, y = self._io(x, N, K, q, scales)
         rc = self._int8(
             q.data_ptr(), scales.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, torch.get_num_threads()
         )
@@ -85,7 +89,7 @@ class Kernels:
 
     def linear_int4(self, x: torch.Tensor, packed: torch.Tensor, sl: torch.Tensor, group: int) -> torch.Tensor:
         N, K = packed.shape[0], packed.shape[1] * 2
-        x, code, y = self._io(x, N)
+        x, code, y = self._io(x, N, K, packed, sl)
         rc = self._int4(
             packed.data_ptr(),
             sl.data_ptr(),

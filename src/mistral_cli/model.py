@@ -207,7 +207,8 @@ class Transformer(nn.Module):
             if isinstance(module, Attention):
                 module.kernels = kernels if bf16 else None
             elif isinstance(module, Linear):
-                fits = module.weight.dtype == torch.bfloat16 and supports(module.in_features)
+                w = module.weight
+                fits = w.dtype == torch.bfloat16 and w.is_contiguous() and supports(module.in_features)
                 module.kernels = kernels if fits else None
 
     def set_upcast(self, upcast: bool) -> None:
