@@ -189,8 +189,8 @@ def test_every_thread_count_gives_the_same_bits(ops):
 
 
 def _kernels_cli(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:
-    e = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
-    e.pop("MISTRAL_KERNELS", None) if "MISTRAL_KERNELS" not in env else None
+    inherited = {k: v for k, v in os.environ.items() if k != "MISTRAL_KERNELS"}
+    e = {**inherited, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
     return subprocess.run(
         [sys.executable, "-m", "mistral_cli.kernels"], capture_output=True, text=True, env=e, timeout=300
     )

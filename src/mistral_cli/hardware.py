@@ -87,12 +87,20 @@ def c_compiler() -> list[str] | None:
     return next(([c] for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def kernels_blocker() -> str | None:
-    """Why our CPU kernels (kernels.c) cannot be used here, or None when they can once the compiler builds them."""
+def kernels_not_wanted() -> str | None:
+    """Why our CPU kernels (kernels.c) are not for this run whatever the user installs: switched off, or a CPU they
+    do not run on. None when they are."""
     if os.environ.get(KERNELS_ENV, "").strip().lower() in ("0", "off", "no", "false"):
         return f"switched off with ${KERNELS_ENV}"
     if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= cpu_flags():
         return "they need an x86-64 CPU with AVX2 and FMA"
+    return None
+
+
+def kernels_blocker() -> str | None:
+    """Why our CPU kernels cannot be used here, or None when they can once the compiler builds them."""
+    if reason := kernels_not_wanted():
+        return reason
     if c_compiler() is None:
         return "no C compiler to build them ($CC, cc, gcc or clang)"
     return None

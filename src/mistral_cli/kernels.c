@@ -249,9 +249,6 @@ static float dot_int4_row(const uint8_t *w, const uint16_t *sc, const uint16_t *
     return hsum(acc) + lows;
 }
 
-/* eight consecutive bf16 values as floats */
-#define BF16x8(p) load_bf16x8(p)
-
 /* four rows at once, G == 64 and K a multiple of 512: the multipliers (scale * d) and the low terms of eight
    groups are computed as vectors, and each group's multiplier is broadcast from its lane */
 static void dot_int4_rows4_g64(const uint8_t *w, const uint16_t *sl, const int8_t *xq, const float *d,
@@ -262,12 +259,12 @@ static void dot_int4_rows4_g64(const uint8_t *w, const uint16_t *sl, const int8_
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t g0 = 0; g0 < ng; g0 += 8) {
         __m256 D = _mm256_loadu_ps(d + g0), S = _mm256_loadu_ps(gsum + g0);
-        __m256 m0 = _mm256_mul_ps(BF16x8(s0 + g0), D), m1 = _mm256_mul_ps(BF16x8(s1 + g0), D);
-        __m256 m2 = _mm256_mul_ps(BF16x8(s2 + g0), D), m3 = _mm256_mul_ps(BF16x8(s3 + g0), D);
-        a0 = _mm256_fmadd_ps(BF16x8(s0 + ng + g0), S, a0);
-        a1 = _mm256_fmadd_ps(BF16x8(s1 + ng + g0), S, a1);
-        a2 = _mm256_fmadd_ps(BF16x8(s2 + ng + g0), S, a2);
-        a3 = _mm256_fmadd_ps(BF16x8(s3 + ng + g0), S, a3);
+        __m256 m0 = _mm256_mul_ps(load_bf16x8(s0 + g0), D), m1 = _mm256_mul_ps(load_bf16x8(s1 + g0), D);
+        __m256 m2 = _mm256_mul_ps(load_bf16x8(s2 + g0), D), m3 = _mm256_mul_ps(load_bf16x8(s3 + g0), D);
+        a0 = _mm256_fmadd_ps(load_bf16x8(s0 + ng + g0), S, a0);
+        a1 = _mm256_fmadd_ps(load_bf16x8(s1 + ng + g0), S, a1);
+        a2 = _mm256_fmadd_ps(load_bf16x8(s2 + ng + g0), S, a2);
+        a3 = _mm256_fmadd_ps(load_bf16x8(s3 + ng + g0), S, a3);
 #define GROUP(j)                                                                                                     \
     do {                                                                                                             \
         const int64_t k = (g0 + j) * 64;                                                                             \

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mistral_cli.hardware import c_compiler, cpu_flags, kernels_blocker
+from mistral_cli.hardware import c_compiler, cpu_flags, kernels_blocker, kernels_not_wanted
 
 SOURCE = Path(__file__).with_name("kernels.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -248,9 +248,9 @@ def status() -> str:
 def problem() -> str | None:
     """Why the kernels are not used on a CPU that could run them (no compiler, a failed build), for the user to
     fix; None when they are used, switched off, or the CPU cannot run them."""
-    if native() is not None or kernels_blocker() == "they need an x86-64 CPU with AVX2 and FMA":
+    if native() is not None or kernels_not_wanted() is not None:
         return None
-    return None if _status.startswith("switched off") else _status.removeprefix("unavailable: ")
+    return _status.removeprefix("unavailable: ")
 
 
 if __name__ == "__main__":  # python -m mistral_cli.kernels: build them now and say where they are
