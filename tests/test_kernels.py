@@ -304,7 +304,80 @@ def test_sliding_window_decodes_the_same_with_our_kernels(ops, tmp_path, tiny_sp
     folder = write_hf(tmp_path / "w", spec, random_state_dict(spec), dtype=torch.bfloat16)
     tokens = torch.randint(3, 32000, (1, 20), generator=torch.Generator().manual_seed(9))
     theirs, mine = load_model(folder, BF16), load_model(folder, BF16, kernels=ops)
-    assert all(a.kernels is ops for a in (layer.attention for layer in mine.layers))
+    assert all(a.kernels is ops for a in (layer.attention for layer in mine.layers)) and mine.step is not None
     a, b = _decode(theirs, tokens, 16), _decode(mine, tokens, 16)  # positions 20..35: the window slides
     ref = _decode(load_model(folder, FP32), tokens, 16)
     assert (b - ref).norm() <= 1.1 * (a - ref).norm() + 1e-3 * ref.norm()
+
+
+# ------------------------------------------------------------------------------------------- the whole-step call
+
+
+def _decode_both(model, tokens, steps):
+    """Logits and cache of `_decode` with every block in one call (model.step), and with one call per layer."""
+    step, results = model.step, []
+    for fused in (True, False):
+        model.step = step if fused else None
+        cache, out = model.new_cache(), []
+        with torch.inference_mode():
+            model(tokens, cache)
+            for t in tokens[0, :steps]:
+                out.append(model(t.view(1, 1), cache)[0, -1])
+        results.append((torch.stack(out), cache))
+    model.step = step
+    return results
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_one_call_per_step_is_the_blocks_math(ops, wide_model, mode):
+    """mc_decode_layers (norms, RoPE, cache writes, attention, SiLU, residuals in C) against the model's blocks
+    on the same kernels: the same logits up to a rare last-bit difference in RMSNorm (torch sums the squares in
+    another order), and the same keys/values in the cache."""
+    model = load_model(wide_model, BF16, quantize=mode, kernels=ops)
+    assert model.step is not None and len(model.step.layers) == len(model.layers)
+    tokens = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(11))
+    (fused, fcache), (blocks, bcache) = _decode_both(model, tokens, 16)
+    assert (fused - blocks).norm() <= 2e-3 * blocks.norm()
+    assert torch.equal(fused.argmax(-1), blocks.argmax(-1))
+    for a, b in zip(fcache.k + fcache.v, bcache.k + bcache.v, strict=True):
+        n = fcache.length
+        assert (a[:, :, :n].float() - b[:, :, :n].float()).norm() <= 2e-3 * b[:, :, :n].float().norm()
+
+
+def test_one_call_per_step_after_rewinding(ops, wide_model):
+    """A chat rewinds the cache and writes over old positions: the step writes where it is told and attends to
+    nothing past it."""
+    model = load_model(wide_model, BF16, kernels=ops)
+    tokens = torch.randint(3, 32000, (1, 12), generator=torch.Generator().manual_seed(12))
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(tokens, cache)
+        model(tokens[:, :3], cache)  # 3 positions that are then dropped
+        cache.truncate(12)
+        again = model(tokens[:, 5:6], cache)[0, -1]
+        fresh = model.new_cache()
+        model(tokens, fresh)
+        once = model(tokens[:, 5:6], fresh)[0, -1]
+    assert torch.equal(again, once)
+
+
+def test_one_call_per_step_only_where_it_fits(ops, tmp_path, tiny_spec):
+    """More than 8 query heads per key/value head, or float32 activations: the model keeps one call per layer."""
+    from tiny import random_state_dict
+
+    spec = tiny_spec.but(dim=256, hidden_dim=256, n_heads=16, n_kv_heads=1, head_dim=16)
+    folder = write_hf(tmp_path / "g16", spec, random_state_dict(spec), dtype=torch.bfloat16)
+    assert load_model(folder, BF16, kernels=ops).step is None
+    assert load_model(folder, FP32, quantize="int8", kernels=ops).step is None
+
+
+def test_the_step_checks_what_the_c_code_trusts(ops, wide_model):
+    model = load_model(wide_model, BF16, kernels=ops)
+    cache = model.new_cache(64)
+    cache.reserve(1)
+    D = model.cfg.head_dim
+    x, cos = torch.zeros(1, 1, model.cfg.dim, dtype=torch.bfloat16), torch.ones(D, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="layout the kernels read"):
+        ops.decode_step(model.step, x[..., :-16], cos, cos, cache.k, cache.v, 0, 0)
+    with pytest.raises(ValueError, match="layout the kernels read"):
+        ops.decode_step(model.step, x, cos, cos, cache.k, cache.v, cache.capacity, 0)

@@ -468,6 +468,128 @@ int mc_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, i
     return failed ? -1 : 0;
 }
 
+/* ------------------------------------------------------------------------------------------ a whole decode step */
+
+/* eight floats rounded to bf16 (nearest even, as torch converts) and stored; finite values only */
+static inline __m256i round_bf16_bits(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+}
+
+static inline void store_bf16x8(uint16_t *p, __m256 v) {
+    __m256i r = round_bf16_bits(v);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+/* v rounded to bf16 and back: the value a bf16 tensor would hold */
+static inline __m256 as_bf16(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_bits(v), 16)); }
+
+/* out = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w): the model's RMSNorm, its float32 result rounded to the
+   activations' dtype before the weight multiplies it */
+static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 v = load_bf16x8(x + i);
+        s = _mm256_fmadd_ps(v, v, s);
+    }
+    const __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(s) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += 8)
+        store_bf16x8(out + i, _mm256_mul_ps(as_bf16(_mm256_mul_ps(load_bf16x8(x + i), r)), load_bf16x8(w + i)));
+}
+
+/* x = bf16(x + y), the residual connection */
+static void add_bf16(uint16_t *x, const uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) store_bf16x8(x + i, _mm256_add_ps(load_bf16x8(x + i), load_bf16x8(y + i)));
+}
+
+/* RoPE on `heads` heads of D in place, rotating halves: (a, b) -> (a cos - b sin, b cos + a sin), each product
+   and the sum rounded to bf16 as three bf16 tensor ops would; cos/sin are the position's (D) bf16 tables */
+static void rope_bf16(uint16_t *x, int64_t heads, int64_t D, const uint16_t *cos, const uint16_t *sin) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        uint16_t *a = x + h * D, *b = a + half;
+        for (int64_t j = 0; j < half; j += 8) {
+            __m256 va = load_bf16x8(a + j), vb = load_bf16x8(b + j);
+            __m256 ca = load_bf16x8(cos + j), sa = load_bf16x8(sin + j);
+            __m256 cb = load_bf16x8(cos + half + j), sb = load_bf16x8(sin + half + j);
+            __m256 ra = _mm256_sub_ps(as_bf16(_mm256_mul_ps(va, ca)), as_bf16(_mm256_mul_ps(vb, sa)));
+            __m256 rb = _mm256_add_ps(as_bf16(_mm256_mul_ps(vb, cb)), as_bf16(_mm256_mul_ps(va, sb)));
+            store_bf16x8(a + j, ra);
+            store_bf16x8(b + j, rb);
+        }
+    }
+}
+
+/* out = bf16(bf16(silu(gate)) * up) for gu = [gate (n), up (n)]: silu(g) = g / (1 + e^-g), from e^-|g| so that
+   the exponential never overflows */
+static void silu_mul_bf16(const uint16_t *gu, int64_t n, uint16_t *out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 g = load_bf16x8(gu + i);
+        __m256 e = exp_neg(_mm256_or_ps(g, sign)); /* e^-|g| */
+        __m256 num = _mm256_blendv_ps(one, e, g);  /* g < 0: sigmoid(g) = e^g / (1 + e^g) */
+        __m256 silu = _mm256_mul_ps(g, _mm256_div_ps(num, _mm256_add_ps(one, e)));
+        store_bf16x8(out + i, _mm256_mul_ps(as_bf16(silu), load_bf16x8(gu + n + i)));
+    }
+}
+
+/* a linear layer as kernels.py describes it: kind 0 bf16 w, 1 int8 w with float32 scales s, 2 int4 w with bf16
+   scales and lows s in groups of G */
+typedef struct {
+    int64_t kind, N, K, G;
+    const void *w, *s;
+} mc_linear;
+
+typedef struct {
+    const uint16_t *attention_norm, *ffn_norm;
+    mc_linear wqkv, wo, w13, w2;
+} mc_layer;
+
+static int linear(const mc_linear *l, const uint16_t *x, uint16_t *y, int threads) {
+    switch (l->kind) {
+    case 0: return mc_gemv_bf16((const uint16_t *)l->w, x, 1, y, 1, l->N, l->K, threads);
+    case 1: return mc_gemv_int8((const int8_t *)l->w, (const float *)l->s, x, 1, y, 1, l->N, l->K, threads);
+    case 2: return mc_gemv_int4((const uint8_t *)l->w, (const uint16_t *)l->s, x, 1, y, 1, l->N, l->K, l->G, threads);
+    default: return -2;
+    }
+}
+
+/* One decode step through every layer, all bf16, the math of model.py's Block for one token at position `pos`:
+   x (dim) is updated in place; layer l's keys/values go to kc[l]/vc[l] (KV heads of head_stride, the cache's
+   layout) at `pos`, and attention reads positions [start, pos]. cos/sin: the position's RoPE tables (D). dim, D and
+   hidden are multiples of 16. Returns 0, -1 when out of memory. */
+int mc_decode_layers(const mc_layer *layers, int64_t n_layers, uint16_t *const *kc, uint16_t *const *vc,
+                     int64_t head_stride, uint16_t *x, int64_t dim, const uint16_t *cos, const uint16_t *sin,
+                     int64_t pos, int64_t start, int64_t H, int64_t KV, int64_t D, int64_t hidden, float eps,
+                     float scale, int threads) {
+    const int64_t nqkv = (H + 2 * KV) * D;
+    uint16_t *h = (uint16_t *)malloc((size_t)(dim + nqkv + H * D + dim + 3 * hidden) * sizeof(uint16_t));
+    if (!h) return -1;
+    uint16_t *qkv = h + dim, *att = qkv + nqkv, *y = att + H * D, *gu = y + dim, *m = gu + 2 * hidden;
+    int rc = 0;
+    for (int64_t l = 0; l < n_layers && rc == 0; l++) {
+        const mc_layer *L = layers + l;
+        rms_norm(x, L->attention_norm, dim, eps, h);
+        rc |= linear(&L->wqkv, h, qkv, threads);
+        rope_bf16(qkv, H + KV, D, cos, sin); /* queries and keys */
+        for (int64_t c = 0; c < KV; c++) {
+            memcpy(kc[l] + c * head_stride + pos * D, qkv + (H + c) * D, (size_t)D * sizeof(uint16_t));
+            memcpy(vc[l] + c * head_stride + pos * D, qkv + (H + KV + c) * D, (size_t)D * sizeof(uint16_t));
+        }
+        rc |= mc_attention_bf16(qkv, kc[l], vc[l], head_stride, start, pos + 1, H, KV, D, scale, att, threads);
+        rc |= linear(&L->wo, att, y, threads);
+        add_bf16(x, y, dim);
+        rms_norm(x, L->ffn_norm, dim, eps, h);
+        rc |= linear(&L->w13, h, gu, threads);
+        silu_mul_bf16(gu, hidden, m);
+        rc |= linear(&L->w2, m, y, threads);
+        add_bf16(x, y, dim);
+    }
+    free(h);
+    return rc;
+}
+
 #else /* no AVX2 + FMA: the library builds, reports version 0, and torch's kernels are used */
 
 int mc_version(void) { return 0; }

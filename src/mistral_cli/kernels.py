@@ -17,6 +17,8 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -37,6 +39,87 @@ def supports(K: int, group: int | None = None) -> bool:
     return K % 32 == 0
 
 
+@dataclass(frozen=True)
+class Operands:
+    """A linear layer as the C code reads it: kind 'bf16' (weight), 'int8' (weight, float32 scales) or 'int4'
+    (packed weight, bf16 scales and lows in groups of `group`)."""
+
+    kind: str
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    group: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the product: output and input features."""
+        N, columns = self.weight.shape
+        return N, columns * (2 if self.kind == "int4" else 1)
+
+
+@dataclass(frozen=True)
+class LayerOperands:
+    """One transformer block for `Kernels.decode_step`: its two norm weights and four linear layers."""
+
+    attention_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    wqkv: Operands
+    wo: Operands
+    w13: Operands
+    w2: Operands
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("G", _I64), ("w", _P), ("s", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attention_norm", _P), ("ffn_norm", _P)] + [(n, _Linear) for n in ("wqkv", "wo", "w13", "w2")]
+
+
+_KINDS = {"bf16": 0, "int8": 1, "int4": 2}
+
+
+class DecodeStep:
+    """A model's blocks laid out once for kernels.c's `mc_decode_layers`, which runs them all for one token in one
+    call; it keeps the tensors it points to alive. Build it with `DecodeStep.of`."""
+
+    def __init__(self, layers: list[LayerOperands], H: int, KV: int, D: int, dim: int, hidden: int, eps: float):
+        self.layers, self.H, self.KV, self.D, self.dim, self.hidden, self.eps = layers, H, KV, D, dim, hidden, eps
+        self.table = (_Layer * len(layers))()
+        for row, layer in zip(self.table, layers, strict=True):
+            row.attention_norm, row.ffn_norm = layer.attention_norm.data_ptr(), layer.ffn_norm.data_ptr()
+            for name in ("wqkv", "wo", "w13", "w2"):
+                op: Operands = getattr(layer, name)
+                scales = None if op.scales is None else op.scales.data_ptr()
+                setattr(row, name, _Linear(_KINDS[op.kind], *op.shape, op.group, op.weight.data_ptr(), scales))
+
+    @classmethod
+    def of(
+        cls, layers: Sequence[LayerOperands], n_heads: int, n_kv_heads: int, head_dim: int, eps: float
+    ) -> DecodeStep | None:
+        """The step for these blocks, or None where mc_decode_layers cannot take them (shapes it does not handle)."""
+        if not layers:
+            return None
+        H, KV, D = n_heads, n_kv_heads, head_dim
+        dim, hidden = layers[0].attention_norm.numel(), layers[0].w2.shape[1]
+        shapes = {"wqkv": ((H + 2 * KV) * D, dim), "wo": (dim, H * D), "w13": (2 * hidden, dim), "w2": (dim, hidden)}
+        fits = (
+            dim % 16 == 0
+            and hidden % 16 == 0
+            and D % 16 == 0
+            and H % KV == 0
+            and H // KV <= 8
+            and all(
+                la.attention_norm.dtype == la.ffn_norm.dtype == torch.bfloat16
+                and la.attention_norm.is_contiguous()
+                and la.ffn_norm.is_contiguous()
+                and all(getattr(la, name).shape == shape for name, shape in shapes.items())
+                for la in layers
+            )
+        )
+        return cls(list(layers), H, KV, D, dim, hidden, eps) if fits else None
+
+
 class Kernels:
     """The loaded library; each method computes x @ W.T for x of one row (any leading shape of size 1)."""
 
@@ -52,7 +135,12 @@ class Kernels:
         self._dequant4.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
         self._attention = lib.mc_attention_bf16
         self._attention.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT]
-        for f in (self._bf16, self._int8, self._int4, self._dequant4, self._attention):
+        self._decode = lib.mc_decode_layers
+        self._decode.argtypes = [
+            ctypes.POINTER(_Layer), _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+            ctypes.c_float, ctypes.c_float, _INT,
+        ]  # fmt: skip
+        for f in (self._bf16, self._int8, self._int4, self._dequant4, self._attention, self._decode):
             f.restype = _INT
 
     @staticmethod
@@ -133,6 +221,42 @@ class Kernels:
         )  # fmt: skip
         self._check(rc)
         return out
+
+    def decode_step(
+        self,
+        step: DecodeStep,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        pos: int,
+        start: int,
+    ) -> torch.Tensor:
+        """Every block of `step` for one token: x (one bf16 row of dim) through all of them, in place. Each block
+        writes its key/value at `pos` of keys[l]/values[l] (1, KV, capacity, D) and attends to [start, pos]."""
+        cap = keys[0].shape[2]
+        if not (
+            x.dtype == cos.dtype == sin.dtype == torch.bfloat16
+            and x.is_contiguous()
+            and x.numel() == step.dim
+            and cos.numel() == sin.numel() == step.D
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+            and len(keys) == len(values) == len(step.layers)
+            and all(t.shape == (1, step.KV, cap, step.D) and t.is_contiguous() for t in (*keys, *values))
+            and 0 <= start <= pos < cap
+        ):
+            raise ValueError("the decode step's activations or cache do not have the layout the kernels read")
+        pointers = ctypes.c_void_p * len(keys)
+        rc = self._decode(
+            step.table, len(step.layers), pointers(*(k.data_ptr() for k in keys)),
+            pointers(*(v.data_ptr() for v in values)), cap * step.D, x.data_ptr(), step.dim,
+            cos.data_ptr(), sin.data_ptr(), pos, start, step.H, step.KV, step.D,
+            step.hidden, step.eps, step.D**-0.5, torch.get_num_threads(),
+        )  # fmt: skip
+        self._check(rc)
+        return x
 
     def dequantize_int4(self, packed: torch.Tensor, sl: torch.Tensor, group: int, rows: slice) -> torch.Tensor:
         """Rows `rows` of an int4 weight in kernels.c's layout, as float32."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from mistral_cli.cache import KVCache
 from mistral_cli.config import ModelConfig
-from mistral_cli.kernels import supports
+from mistral_cli.kernels import DecodeStep, LayerOperands, Operands, supports
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2] if p.isdigit()) >= (2, 5)
 
@@ -105,6 +105,10 @@ class Linear(nn.Linear):
             return blocked_linear(x, self.weight, torch.float32).to(x.dtype)
         return F.linear(x, self.weight)
 
+    def operands(self) -> Operands | None:
+        """This layer for a whole-step kernel (kernels.DecodeStep), when its single-row products use our kernels."""
+        return None if self.kernels is None else Operands("bf16", self.weight)
+
 
 class Attention(nn.Module):
     kernels: Any = None  # our CPU kernels (kernels.Kernels) for a decode step's attention, set at load
@@ -177,6 +181,14 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _block_operands(block: Block) -> LayerOperands | None:
+    linears = (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)
+    ops = [getattr(layer, "operands", lambda: None)() for layer in linears]
+    if block.attention.kernels is None or None in ops:
+        return None
+    return LayerOperands(block.attention_norm.weight, block.ffn_norm.weight, *ops)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -186,6 +198,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._inv_freq_table: torch.Tensor | None = None  # RoPE frequencies, a plain attribute (not in the state)
+        self.kernels: Any = None  # our CPU kernels (kernels.Kernels), set by use_kernels
+        self.step: DecodeStep | None = None  # every block of a decode step in one call to them, where they fit
 
     def new_cache(self, max_len: int | None = None, *, batch: int = 1, static: bool = False) -> KVCache:
         ref = self.tok_embeddings.weight  # never quantized: its dtype is the activations' dtype
@@ -201,7 +215,11 @@ class Transformer(nn.Module):
         )
 
     def use_kernels(self, kernels: Any) -> None:
-        """Decode the bf16 linear layers and attention with our CPU kernels (kernels.Kernels; None for torch's)."""
+        """Decode the bf16 linear layers and attention with our CPU kernels (kernels.Kernels; None for torch's).
+
+        Where every block's layers run on them (bf16 activations; quantized layers built with the same kernels), a
+        decode step runs all the blocks in one call to them. Call it again after swapping layers.
+        """
         bf16 = self.tok_embeddings.weight.dtype == torch.bfloat16  # the activations' and the cache's dtype
         for module in self.modules():
             if isinstance(module, Attention):
@@ -210,6 +228,17 @@ class Transformer(nn.Module):
                 w = module.weight
                 fits = w.dtype == torch.bfloat16 and w.is_contiguous() and supports(module.in_features)
                 module.kernels = kernels if fits else None
+        self.kernels, self.step = (kernels if bf16 else None), None
+        if self.kernels is not None:
+            self.step = DecodeStep.of(
+                [op for op in map(_block_operands, self.layers) if op is not None],
+                self.cfg.n_heads,
+                self.cfg.n_kv_heads,
+                self.cfg.head_dim,
+                self.cfg.norm_eps,
+            )
+            if self.step is not None and len(self.step.layers) != len(self.layers):
+                self.step = None
 
     def set_upcast(self, upcast: bool) -> None:
         """Run multi-row products in float32 (see Linear); chosen at load from the device and dtype."""
@@ -260,8 +289,14 @@ class Transformer(nn.Module):
         slicing) or the positions tensor itself (static cache, written by index)."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self._inv_freq(x.device))
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, write_at, mask)
+        if self.step is not None and x.shape[:2] == (1, 1) and isinstance(write_at, int) and not cache.static:
+            # one token on our kernels: every block in one call, the same math as Block (up to float rounding)
+            window = self.cfg.sliding_window
+            start = max(0, write_at + 1 - window) if window else 0
+            self.kernels.decode_step(self.step, x, cos, sin, cache.k, cache.v, write_at, start)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, cache, i, write_at, mask)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_cli.kernels import Kernels, pack_int4, supports, unpack_int4
+from mistral_cli.kernels import Kernels, Operands, pack_int4, supports, unpack_int4
 from mistral_cli.model import blocked_linear
 
 MODES = ("int8", "int4")
@@ -133,6 +133,10 @@ class WeightOnlyInt8Linear(nn.Module):
             y = F.linear(x.to(dtype), self.weight.to(dtype))
         return (y * self.scales.to(dtype)).to(x.dtype)
 
+    def operands(self) -> Operands | None:
+        """This layer for a whole-step kernel (kernels.DecodeStep), when it runs on our kernels."""
+        return None if self.ops is None else Operands("int8", self.weight, self.scales)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
@@ -200,6 +204,10 @@ class WeightOnlyInt4Linear(nn.Module):
         dtype = torch.float32 if self.upcast else x.dtype
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
+    def operands(self) -> Operands | None:
+        """This layer for a whole-step kernel (kernels.DecodeStep), when it runs on our kernels."""
+        return None if self.ops is None else Operands("int4", self.weight, self.scales_and_lows, self.group)
+
     def dequantize_rows(self, rows: slice) -> torch.Tensor:
         """Rows `rows` of the float weight, in float32 (our layout)."""
         assert self.ops is not None
@@ -259,6 +267,8 @@ def quantize_model(model: nn.Module, mode: str, kernels: Kernels | None = None) 
             upcast = bool(getattr(module, "upcast", False))
             layer = quantized_linear(name, module.weight.detach(), mode, upcast=upcast, kernels=kernels)
             replace_module(model, name, layer)
+    if hasattr(model, "use_kernels"):  # the model's whole-step kernel must see the new layers
+        model.use_kernels(kernels)
     return model
 
 
