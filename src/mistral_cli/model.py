@@ -229,16 +229,10 @@ class Transformer(nn.Module):
                 fits = w.dtype == torch.bfloat16 and w.is_contiguous() and supports(module.in_features)
                 module.kernels = kernels if fits else None
         self.kernels, self.step = (kernels if bf16 else None), None
-        if self.kernels is not None:
-            self.step = DecodeStep.of(
-                [op for op in map(_block_operands, self.layers) if op is not None],
-                self.cfg.n_heads,
-                self.cfg.n_kv_heads,
-                self.cfg.head_dim,
-                self.cfg.norm_eps,
-            )
-            if self.step is not None and len(self.step.layers) != len(self.layers):
-                self.step = None
+        blocks = [_block_operands(block) for block in self.layers]
+        if self.kernels is not None and None not in blocks:
+            cfg = self.cfg
+            self.step = DecodeStep.of(blocks, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
 
     def set_upcast(self, upcast: bool) -> None:
         """Run multi-row products in float32 (see Linear); chosen at load from the device and dtype."""
