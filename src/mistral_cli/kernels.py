@@ -244,7 +244,10 @@ class Kernels:
             and cos.is_contiguous()
             and sin.is_contiguous()
             and len(keys) == len(values) == len(step.layers)
-            and all(t.shape == (1, step.KV, cap, step.D) and t.is_contiguous() for t in (*keys, *values))
+            and all(
+                t.shape == (1, step.KV, cap, step.D) and t.dtype == torch.bfloat16 and t.is_contiguous()
+                for t in (*keys, *values)
+            )
             and 0 <= start <= pos < cap
         ):
             raise ValueError("the decode step's activations or cache do not have the layout the kernels read")
