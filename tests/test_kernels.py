@@ -331,17 +331,19 @@ def _decode_both(model, tokens, steps):
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_one_call_per_step_is_the_blocks_math(ops, wide_model, mode):
     """mc_decode_layers (norms, RoPE, cache writes, attention, SiLU, residuals in C) against the model's blocks
-    on the same kernels: the same logits up to a rare last-bit difference in RMSNorm (torch sums the squares in
-    another order), and the same keys/values in the cache."""
+    on the same kernels: every rounding is the same (RMSNorm even adds its squares in torch's order), so the logits
+    and the keys/values in the cache are bit-identical."""
     model = load_model(wide_model, BF16, quantize=mode, kernels=ops)
     assert model.step is not None and len(model.step.layers) == len(model.layers)
     tokens = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(11))
     (fused, fcache), (blocks, bcache) = _decode_both(model, tokens, 16)
-    assert (fused - blocks).norm() <= 2e-3 * blocks.norm()
-    assert torch.equal(fused.argmax(-1), blocks.argmax(-1))
-    for a, b in zip(fcache.k + fcache.v, bcache.k + bcache.v, strict=True):
-        n = fcache.length
-        assert (a[:, :, :n].float() - b[:, :, :n].float()).norm() <= 2e-3 * b[:, :, :n].float().norm()
+    n = fcache.length
+    caches = zip(fcache.k + fcache.v, bcache.k + bcache.v, strict=True)
+    pairs = [(fused, blocks)] + [(a[:, :, :n], b[:, :, :n]) for a, b in caches]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"):  # torch's 8-lane sums: the order we follow
+        assert all(torch.equal(a, b) for a, b in pairs)
+    else:  # AVX-512 builds sum in 16 lanes; the C code follows that order too, but it is not checked here
+        assert all((a.float() - b.float()).norm() <= 2e-3 * b.float().norm() for a, b in pairs)
 
 
 def test_one_call_per_step_after_rewinding(ops, wide_model):

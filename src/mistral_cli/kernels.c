@@ -485,15 +485,58 @@ static inline void store_bf16x8(uint16_t *p, __m256 v) {
 /* v rounded to bf16 and back: the value a bf16 tensor would hold */
 static inline __m256 as_bf16(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_bits(v), 16)); }
 
+static inline __m256 square_bf16x8(const uint16_t *p) {
+    __m256 v = load_bf16x8(p);
+    return _mm256_mul_ps(v, v);
+}
+
+/* the sum of x^2 (n a multiple of 16) in float32, added in the order of torch's CPU sum (SumKernel.cpp's cascade
+   over torch's vectors of 8 floats, or 16 where it runs AVX-512 code: `halves` 1 or 2; the vectors in 4
+   interleaved rows, partial sums carried up 4 levels every 2^p vectors), so that the RMSNorm below rounds exactly
+   as the model's F.rms_norm does */
+static float sum_squares_as_torch(const uint16_t *x, int64_t n, int halves) {
+    const int64_t V = n / (8 * halves), size = V / 4;
+    int64_t p = size <= 2 ? 1 : 64 - __builtin_clzll((unsigned long long)(size - 1)); /* ceil(log2(size)) */
+    p = p / 4 > 4 ? p / 4 : 4;
+    const int64_t step = (int64_t)1 << p;
+    __m256 acc[4][4][2];
+    for (int j = 0; j < 4; j++)
+        for (int k = 0; k < 4; k++) acc[j][k][0] = acc[j][k][1] = _mm256_setzero_ps();
+#define ADD_VECTOR(a, v)                                                                                             \
+    for (int h = 0; h < halves; h++) (a)[h] = _mm256_add_ps((a)[h], square_bf16x8(x + 8 * (halves * (v) + h)))
+#define ADD_ACC(a, b)                                                                                                \
+    for (int h = 0; h < halves; h++) (a)[h] = _mm256_add_ps((a)[h], (b)[h])
+    int64_t i = 0;
+    while (i + step <= size) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < 4; k++) ADD_VECTOR(acc[0][k], 4 * i + k);
+        for (int j = 1; j < 4; j++) {
+            for (int k = 0; k < 4; k++) {
+                ADD_ACC(acc[j][k], acc[j - 1][k]);
+                acc[j - 1][k][0] = acc[j - 1][k][1] = _mm256_setzero_ps();
+            }
+            if (i & ((step - 1) << (j * p))) break;
+        }
+    }
+    for (; i < size; i++)
+        for (int k = 0; k < 4; k++) ADD_VECTOR(acc[0][k], 4 * i + k);
+    for (int j = 1; j < 4; j++)
+        for (int k = 0; k < 4; k++) ADD_ACC(acc[0][k], acc[j][k]);
+    for (int64_t v = 4 * size; v < V; v++) ADD_VECTOR(acc[0][0], v);
+    for (int k = 1; k < 4; k++) ADD_ACC(acc[0][0], acc[0][k]);
+#undef ADD_VECTOR
+#undef ADD_ACC
+    float lanes[16], total = 0.0f;
+    _mm256_storeu_ps(lanes, acc[0][0][0]);
+    _mm256_storeu_ps(lanes + 8, acc[0][0][1]);
+    for (int k = 0; k < 8 * halves; k++) total += lanes[k];
+    return total;
+}
+
 /* out = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w): the model's RMSNorm, its float32 result rounded to the
    activations' dtype before the weight multiplies it */
-static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out) {
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) {
-        __m256 v = load_bf16x8(x + i);
-        s = _mm256_fmadd_ps(v, v, s);
-    }
-    const __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(s) / (float)n + eps));
+static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, int halves, uint16_t *out) {
+    const __m256 r = _mm256_set1_ps(1.0f / sqrtf(sum_squares_as_torch(x, n, halves) / (float)n + eps));
     for (int64_t i = 0; i < n; i += 8)
         store_bf16x8(out + i, _mm256_mul_ps(as_bf16(_mm256_mul_ps(load_bf16x8(x + i), r)), load_bf16x8(w + i)));
 }
@@ -558,11 +601,12 @@ static int linear(const mc_linear *l, const uint16_t *x, uint16_t *y, int thread
 /* One decode step through every layer, all bf16, the math of model.py's Block for one token at position `pos`:
    x (dim) is updated in place; layer l's keys/values go to kc[l]/vc[l] (KV heads of head_stride, the cache's
    layout) at `pos`, and attention reads positions [start, pos]. cos/sin: the position's RoPE tables (D). dim, D and
-   hidden are multiples of 16. Returns 0, -1 when out of memory. */
+   hidden are multiples of 16; sum_halves: torch's float vectors, 1 for 8 lanes, 2 for 16 (AVX-512). Returns 0, -1
+   when out of memory. */
 int mc_decode_layers(const mc_layer *layers, int64_t n_layers, uint16_t *const *kc, uint16_t *const *vc,
                      int64_t head_stride, uint16_t *x, int64_t dim, const uint16_t *cos, const uint16_t *sin,
                      int64_t pos, int64_t start, int64_t H, int64_t KV, int64_t D, int64_t hidden, float eps,
-                     float scale, int threads) {
+                     float scale, int sum_halves, int threads) {
     const int64_t nqkv = (H + 2 * KV) * D;
     uint16_t *h = (uint16_t *)malloc((size_t)(dim + nqkv + H * D + dim + 3 * hidden) * sizeof(uint16_t));
     if (!h) return -1;
@@ -570,7 +614,7 @@ int mc_decode_layers(const mc_layer *layers, int64_t n_layers, uint16_t *const *
     int rc = 0;
     for (int64_t l = 0; l < n_layers && rc == 0; l++) {
         const mc_layer *L = layers + l;
-        rms_norm(x, L->attention_norm, dim, eps, h);
+        rms_norm(x, L->attention_norm, dim, eps, sum_halves, h);
         rc |= linear(&L->wqkv, h, qkv, threads);
         rope_bf16(qkv, H + KV, D, cos, sin); /* queries and keys */
         for (int64_t c = 0; c < KV; c++) {
@@ -580,7 +624,7 @@ int mc_decode_layers(const mc_layer *layers, int64_t n_layers, uint16_t *const *
         rc |= mc_attention_bf16(qkv, kc[l], vc[l], head_stride, start, pos + 1, H, KV, D, scale, att, threads);
         rc |= linear(&L->wo, att, y, threads);
         add_bf16(x, y, dim);
-        rms_norm(x, L->ffn_norm, dim, eps, h);
+        rms_norm(x, L->ffn_norm, dim, eps, sum_halves, h);
         rc |= linear(&L->w13, h, gu, threads);
         silu_mul_bf16(gu, hidden, m);
         rc |= linear(&L->w2, m, y, threads);

@@ -120,6 +120,13 @@ class DecodeStep:
         return cls(list(layers), H, KV, D, dim, hidden, eps) if fits else None
 
 
+@cache
+def _torch_vector_halves() -> int:
+    """torch's float vectors in its CPU kernels, in halves of 8 lanes: 2 where it runs AVX-512 code. kernels.c adds
+    RMSNorm's squares in the order torch's sum does, which depends on it."""
+    return 2 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 1
+
+
 class Kernels:
     """The loaded library; each method computes x @ W.T for x of one row (any leading shape of size 1)."""
 
@@ -138,7 +145,7 @@ class Kernels:
         self._decode = lib.mc_decode_layers
         self._decode.argtypes = [
             ctypes.POINTER(_Layer), _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
-            ctypes.c_float, ctypes.c_float, _INT,
+            ctypes.c_float, ctypes.c_float, _INT, _INT,
         ]  # fmt: skip
         for f in (self._bf16, self._int8, self._int4, self._dequant4, self._attention, self._decode):
             f.restype = _INT
@@ -256,7 +263,7 @@ class Kernels:
             step.table, len(step.layers), pointers(*(k.data_ptr() for k in keys)),
             pointers(*(v.data_ptr() for v in values)), cap * step.D, x.data_ptr(), step.dim,
             cos.data_ptr(), sin.data_ptr(), pos, start, step.H, step.KV, step.D,
-            step.hidden, step.eps, step.D**-0.5, torch.get_num_threads(),
+            step.hidden, step.eps, step.D**-0.5, _torch_vector_halves(), torch.get_num_threads(),
         )  # fmt: skip
         self._check(rc)
         return x
