@@ -39,6 +39,12 @@ def supports(K: int, group: int | None = None) -> bool:
     return K % 32 == 0
 
 
+def attention_heads_fit(H: int, KV: int, D: int) -> bool:
+    """Whether mc_attention_bf16 takes H query heads over KV key/value heads of D: it keeps up to 8 query heads per
+    key/value head in registers and reads 16 columns at a time."""
+    return D % 16 == 0 and H % KV == 0 and H // KV <= 8
+
+
 @dataclass(frozen=True)
 class Operands:
     """A linear layer as the C code reads it: kind 'bf16' (weight), 'int8' (weight, float32 scales) or 'int4'
@@ -106,9 +112,7 @@ class DecodeStep:
         fits = (
             dim % 16 == 0
             and hidden % 16 == 0
-            and D % 16 == 0
-            and H % KV == 0
-            and H // KV <= 8
+            and attention_heads_fit(H, KV, D)
             and all(
                 la.attention_norm.dtype == la.ffn_norm.dtype == torch.bfloat16
                 and la.attention_norm.is_contiguous()
@@ -208,9 +212,7 @@ class Kernels:
         return (
             B == 1
             and q.dtype == k.dtype == v.dtype == torch.bfloat16
-            and D % 16 == 0
-            and H % KV == 0
-            and H // KV <= 8
+            and attention_heads_fit(H, KV, D)
             and k.stride()[2:] == v.stride()[2:] == (D, 1)
             and k.stride(1) == v.stride(1)
         )

@@ -58,6 +58,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def window_start(length: int, window: int | None) -> int:
+    """The first of `length` positions that a query at the last one attends to: all of them, or the last `window`."""
+    return max(0, length - window) if window else 0
+
+
 UPCAST_BLOCK = 1 << 21  # weights converted at a time by blocked_linear: 8 MiB in float32
 
 
@@ -142,7 +147,7 @@ class Attention(nn.Module):
         ours = self.kernels is not None and T == 1 and isinstance(pos, int) and k.shape[2] == pos + 1
         if ours and self.kernels.attention_fits(q, k, v):
             # a growing cache holds exactly the keys [0, pos]; a sliding window sees the last `window` of them
-            start = max(0, k.shape[2] - self.window) if self.window else 0
+            start = window_start(k.shape[2], self.window)
             return self.wo(self.kernels.attention(q, k, v, start).view(B, T, H * D))
         if T == 1:
             # One query per head: fold the query heads sharing a kv head into the query axis, so the kv heads are
@@ -284,9 +289,8 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self._inv_freq(x.device))
         if self.step is not None and x.shape[:2] == (1, 1) and isinstance(write_at, int) and not cache.static:
-            # one token on our kernels: every block in one call, the same math as Block (up to float rounding)
-            window = self.cfg.sliding_window
-            start = max(0, write_at + 1 - window) if window else 0
+            # one token on our kernels: every block in one call, bit for bit what Block computes
+            start = window_start(write_at + 1, self.cfg.sliding_window)
             self.kernels.decode_step(self.step, x, cos, sin, cache.k, cache.v, write_at, start)
         else:
             for i, layer in enumerate(self.layers):

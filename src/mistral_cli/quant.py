@@ -13,7 +13,8 @@ Elsewhere (cuda, mps) a pure-torch dequantize-and-matmul gives the same numbers;
 
 What is quantized: every linear layer of the blocks. The output head is always int8, even in int4 mode: it
 turns hidden states straight into logits, where int4's error would show most, and it is under 2% of the 7B
-model's weights. The embedding table stays in the model dtype: a token reads one row of it, so it costs no bandwidth per token.
+model's weights. The embedding table stays in the model dtype: a token reads one row of it, so it costs no
+bandwidth per token.
 """
 
 from __future__ import annotations
