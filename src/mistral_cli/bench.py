@@ -2,6 +2,8 @@
 
     python -m mistral_cli.bench --shape small --dtype fp32 bf16 --quantize none int8 int4
     python -m mistral_cli.bench --shape 7b --dtype bf16 --prompt 128 --decode 16 --repeats 2
+    python -m mistral_cli.bench --device cuda --shape 7b --dtype bf16 --quantize none --decode 256 \
+        --engines ours ours+eager ours+sync transformers ours+compile
 
 The checkpoint is written once, in bf16 safetensors with an HF config and the v1 tokenizer (from mistral-common),
 into a temporary folder. Each engine and setting then runs in its own subprocess, one after another, so a peak
@@ -13,6 +15,11 @@ run of the same dtype, teacher-forced over the first prompt tokens (our engine f
 time, the path and the kernels that generation takes). `ours+torch` is our engine on torch's CPU kernels instead
 of our own, to show what they bring. Each run times `--repeats` generations and
 keeps the best of each figure, since other work on the machine only ever slows a run down.
+
+With `--device cuda` every engine runs on the GPU: the bandwidth is a sum over a buffer in GPU memory, the memory
+columns are the GPU's (torch's peak allocation), and the random weights are drawn on the GPU (fast, and different
+numbers from a CPU run's). `ours+eager` is our engine without CUDA graphs, `ours+sync` without queuing the next
+step before the token is read back: what each brings.
 
 Needs the test extras (transformers, mistral-common). llama.cpp (`--engines llama.cpp`) needs llama-cpp-python and
 a llama.cpp checkout for its converter (`--llama-cpp-convert .../convert_hf_to_gguf.py`); it runs F32/BF16 files
@@ -50,7 +57,7 @@ SHARD_BYTES = 5 * 10**9  # like the published checkpoint: shards of about 5 GB
 
 @dataclass
 class RunSpec:
-    engine: str  # "ours" | "ours+compile" | "transformers" | "llama.cpp"
+    engine: str  # "ours" | "ours+torch" | "ours+compile" | "ours+eager" | "ours+sync" | "transformers" | "llama.cpp"
     folder: str
     dtype: str  # "fp32" | "bf16"
     quantize: str = "none"
@@ -62,6 +69,7 @@ class RunSpec:
     logits_path: str = ""
     gguf: str = ""  # llama.cpp runs: the GGUF file
     weight_bytes: int = 0  # llama.cpp runs: bytes of the GGUF's tensors but the embedding table
+    device: str = "cpu"  # "cpu" | "cuda"
 
 
 @dataclass
@@ -120,18 +128,18 @@ def _tokenizer_file() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
-def write_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0) -> Path:
-    """Random bf16 weights in HF layout, generated and written a shard at a time (never the whole model)."""
+def write_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0, device: str = "cpu") -> Path:
+    """Random bf16 weights in HF layout, generated (on `device`) and written a shard at a time."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     d, hd, f = shape["dim"], shape["head_dim"], shape["hidden_dim"]
     q, kv = shape["n_heads"] * hd, shape["n_kv_heads"] * hd
 
     def randn(*size: int, std: float) -> torch.Tensor:
-        return (torch.randn(*size, generator=g) * std).to(torch.bfloat16)
+        return (torch.randn(*size, generator=g, device=device) * std).to(torch.bfloat16).cpu()
 
     def tensors():
         yield "model.embed_tokens.weight", randn(VOCAB, d, std=1.0)
@@ -223,20 +231,38 @@ def gguf_weight_bytes(path: Path, converter: Path) -> int:
 # --- measurements --------------------------------------------------------------------------------------------------
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best of a few float32 sums over a buffer far larger than the caches, with all threads: GB/s read."""
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
+    """Best of a few float32 sums over a buffer far larger than the caches (all threads, or the GPU): GB/s read."""
     import torch
 
-    buf = torch.ones(int(gib * 2**30) // 4)
+    buf = torch.ones(int(gib * 2**30) // 4, device=device)
     buf.sum()  # first touch of the pages out of the timing
-    best = min(_timed(buf.sum) for _ in range(repeats))
-    return buf.numel() * 4 / best / 1e9
+    best = min(_timed(buf.sum, device) for _ in range(repeats))
+    gbs = buf.numel() * 4 / best / 1e9
+    del buf
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs are child processes: leave them the GPU's memory
+    return gbs
 
 
-def _timed(fn: Any) -> float:
+def _timed(fn: Any, device: str = "cpu") -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync()
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
+
+
+def peak_memory_gb(device: str) -> float:
+    """Host: the process's resident high-water mark; cuda: torch's peak allocation on the GPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9
+    return peak_rss_gb()
 
 
 def peak_rss_gb() -> float:
@@ -292,7 +318,7 @@ def measured(
         quantize=names.get("quantize", spec.quantize),
         load_s=load_s,
         load_peak_gb=load_peak,
-        peak_gb=peak_rss_gb(),
+        peak_gb=peak_memory_gb(spec.device),
         ttft_s=ttft,
         prefill_tok_s=prefill,
         decode_tok_s=decode,
@@ -311,14 +337,16 @@ def run_ours(spec: RunSpec) -> RunResult:
     t = time.perf_counter()
     engine = Engine.load(
         Path(spec.folder),
-        device="cpu",
+        device=spec.device,
         dtype=spec.dtype,
         quantize=spec.quantize,
         max_context=spec.prompt + spec.decode + 8,
         compile=spec.engine == "ours+compile",
     )
+    if spec.engine == "ours+sync":
+        engine.lookahead = False  # read each token back before queuing the next step
     load_s = time.perf_counter() - t
-    load_peak = peak_rss_gb()
+    load_peak = peak_memory_gb(spec.device)
     model = engine.model
     weight_bytes = sum(
         t.numel() * t.element_size()
@@ -348,11 +376,11 @@ def run_ours(spec: RunSpec) -> RunResult:
         spec, timed_run, load_s=load_s, load_peak=load_peak, weight_bytes=weight_bytes, threads=torch.get_num_threads()
     )
     if spec.accuracy_tokens:  # one decode step per position: the path (and kernels) that generation takes
-        x = torch.tensor([prompt[: spec.accuracy_tokens]])
+        x = torch.tensor([prompt[: spec.accuracy_tokens]], device=spec.device)
         cache = model.new_cache(spec.accuracy_tokens)
         with torch.inference_mode():
             logits = torch.cat([model(x[:, i : i + 1], cache)[0] for i in range(x.shape[1])])
-        torch.save(logits.float(), spec.logits_path)
+        torch.save(logits.float().cpu(), spec.logits_path)
     return result
 
 
@@ -381,10 +409,13 @@ def run_transformers(spec: RunSpec) -> RunResult:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
     t = time.perf_counter()
-    model = MistralForCausalLM.from_pretrained(spec.folder, dtype=dtype).eval()
+    placed = {"device_map": spec.device} if spec.device != "cpu" else {}  # straight onto the GPU
+    model = MistralForCausalLM.from_pretrained(spec.folder, dtype=dtype, **placed).eval()
+    if spec.device == "cuda":
+        torch.cuda.synchronize()
     load_s = time.perf_counter() - t
-    load_peak = peak_rss_gb()
-    prompt = torch.tensor([prompt_ids(spec.prompt)])
+    load_peak = peak_memory_gb(spec.device)
+    prompt = torch.tensor([prompt_ids(spec.prompt)], device=spec.device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         model.generate(prompt[:, :8], max_new_tokens=2, **kw)  # warm-up, as for ours
@@ -413,7 +444,7 @@ def run_transformers(spec: RunSpec) -> RunResult:
     if spec.accuracy_tokens:
         with torch.inference_mode():
             logits = model(prompt[:, : spec.accuracy_tokens]).logits[0]
-        torch.save(logits.float(), spec.logits_path)
+        torch.save(logits.float().cpu(), spec.logits_path)
     return result
 
 
@@ -473,6 +504,8 @@ def run_llama_cpp(spec: RunSpec) -> RunResult:
 def worker(spec: RunSpec) -> None:
     if spec.engine == "ours+torch":
         os.environ["MISTRAL_KERNELS"] = "off"  # our engine on torch's CPU kernels
+    if spec.engine == "ours+eager":
+        os.environ["MISTRAL_CUDA_GRAPHS"] = "off"  # our engine launching every kernel from Python
     if spec.threads:
         import torch
 
@@ -517,11 +550,14 @@ def accuracy(ref_path: Path, path: Path) -> dict[str, float]:
 
 def markdown(report: dict[str, Any]) -> str:
     bw = report["read_bandwidth_gbs"]
+    gpu = report.get("device") == "cuda"
+    where = f"on {report['gpu']}; GPU memory read" if gpu else "read"
     lines = [
         f"Shape `{report['shape']}` ({report['params'] / 1e6:.0f}M parameters), prompt {report['prompt']} tokens, "
-        f"{report['decode']} decoded; read bandwidth measured {bw:.1f} GB/s.",
+        f"{report['decode']} decoded; {where} bandwidth measured {bw:.1f} GB/s.",
         "",
-        "| engine | dtype | quant | load s | load peak GB | peak GB | TTFT s | prefill tok/s | decode tok/s "
+        f"| engine | dtype | quant | load s | load peak GB{' (GPU)' if gpu else ''} | peak GB | TTFT s "
+        "| prefill tok/s | decode tok/s "
         "| weights GB | GB/s | of bandwidth |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -551,6 +587,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary(run: dict[str, Any]) -> str:
+    """One run in a line, printed as it finishes (a long benchmark that is cut short still shows its runs)."""
+    if run["error"]:
+        return f"failed: {run['error']}"
+    return (
+        f"decode {run['decode_tok_s']:.2f} tok/s, prefill {run['prefill_tok_s']:.1f} tok/s, "
+        f"TTFT {run['ttft_s']:.3f} s, load {run['load_s']:.1f} s, peak {run['peak_gb']:.2f} GB"
+    )
+
+
 def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
     ok = {(r["engine"], r["dtype"], r["quantize"]): r for r in runs if not r["error"]}
     out: dict[str, float] = {}
@@ -570,6 +616,8 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
             ratio(f"decode ours/ours+torch {d} {q}", "decode_tok_s", ("ours", d, q), ("ours+torch", d, q))
         for q in ("none", "int8", "int4"):
             ratio(f"decode ours/llama.cpp {d} {q}", "decode_tok_s", ("ours", d, q), ("llama.cpp", d, q))
+        for other in ("ours+eager", "ours+sync"):  # what CUDA graphs and queuing ahead bring
+            ratio(f"decode ours/{other} {d}", "decode_tok_s", ("ours", d, "none"), (other, d, "none"))
     return out
 
 
@@ -581,11 +629,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--engines",
         nargs="+",
-        choices=["ours", "ours+torch", "ours+compile", "transformers", "llama.cpp"],
+        choices=["ours", "ours+torch", "ours+compile", "ours+eager", "ours+sync", "transformers", "llama.cpp"],
         default=["ours", "transformers"],
         help="ours+torch: our engine on torch's CPU kernels instead of ours (MISTRAL_KERNELS=off); ours+compile: "
-        "with --compile (load time includes the compilation)",
+        "with --compile (load time includes the compilation); cuda: ours+eager without CUDA graphs, ours+sync "
+        "reading each token back before queuing the next step",
     )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every engine runs")
     ap.add_argument(
         "--llama-cpp-convert",
         type=Path,
@@ -598,7 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per run; the best is reported")
     ap.add_argument("--model-dir", type=Path, help="reuse (or keep) the random checkpoint in this folder")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
-    ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="buffer for the bandwidth measurement")
+    ap.add_argument(
+        "--bandwidth-gib", type=float, help="buffer for the bandwidth measurement (default 1, or 4 on cuda)"
+    )
     ap.add_argument("--json", type=Path, help="also write the full report here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -612,9 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (folder / "config.json").is_file():
             t = time.perf_counter()
-            write_checkpoint(folder, shape)
+            write_checkpoint(folder, shape, device=args.device)
+            if args.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
             print(f"wrote a random {args.shape} checkpoint in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        bandwidth = read_bandwidth_gbs(args.bandwidth_gib)
+        gib = args.bandwidth_gib or (4.0 if args.device == "cuda" else 1.0)
+        bandwidth = read_bandwidth_gbs(gib, device=args.device)
         ggufs: dict[tuple[str, str], Path] = {}
         if "llama.cpp" in args.engines:
             if not args.llama_cpp_convert:
@@ -629,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                 for q in args.quantize if engine != "transformers" else ["none"]:
                     name = f"{engine}-{dtype}-{q}"
                     spec = RunSpec(engine, str(folder), dtype, q, args.prompt, args.decode, args.threads, args.repeats)
+                    spec.device = args.device
                     if engine == "llama.cpp":
                         if (dtype, q) not in ggufs:
                             continue  # no llama.cpp type for it (Q8_0/Q4_0 come from the BF16 file)
@@ -637,11 +695,12 @@ def main(argv: list[str] | None = None) -> int:
                     if acc_tokens:
                         spec.accuracy_tokens, spec.logits_path = acc_tokens, str(work / f"{name}.pt")
                     need = n_params(shape) * (4 if dtype == "fp32" else 2)
-                    if q == "none" and need > 0.9 * _available():
+                    if q == "none" and need > 0.9 * _available(args.device):
                         runs.append(asdict(_failed(spec, f"skipped: {need / 1e9:.1f} GB of weights do not fit")))
                         continue
                     print(f"running {name} ...", file=sys.stderr, flush=True)
                     runs.append(asdict(spawn(spec, args.timeout)))
+                    print(f"  {summary(runs[-1])}", file=sys.stderr, flush=True)
                     if not runs[-1]["error"] and spec.logits_path:
                         logits[name] = Path(spec.logits_path)
         # every run against ours unquantized at the same dtype: transformers' row shows both compute one network
@@ -656,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt,
             "decode": args.decode,
             "machine": machine(),
+            "device": args.device,
+            "gpu": gpu_name() if args.device == "cuda" else "",
             "torch_threads": args.threads,
             "read_bandwidth_gbs": bandwidth,
             "runs": runs,
@@ -670,10 +731,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _available() -> int:
+def _available(device: str = "cpu") -> int:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
     from mistral_cli.hardware import available_memory
 
     return available_memory() or 1 << 62
+
+
+def gpu_name() -> str:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, torch {torch.__version__})"
 
 
 if __name__ == "__main__":

@@ -53,9 +53,10 @@ class KVCache:
         shape = (self.batch, self.n_kv_heads, new_cap, self.head_dim)
         for store in (self.k, self.v):
             for i in range(self.n_layers):
-                # zeros where a static cache is read past its length: masked out, but garbage could be NaN and 0 * NaN
-                # is NaN in an attention that multiplies instead of skipping
-                fresh = (torch.zeros if self.static else torch.empty)(shape, dtype=self.dtype, device=self.device)
+                # zeros where a decode step reads the whole buffer past the length (a static cache, or a GPU's graphed
+                # step): masked out, but garbage could be NaN, and 0 * NaN is NaN in an attention that multiplies
+                zeros = self.static or self.device.type != "cpu"
+                fresh = (torch.zeros if zeros else torch.empty)(shape, dtype=self.dtype, device=self.device)
                 if i < len(store):
                     fresh[:, :, : self.length] = store[i][:, :, : self.length]
                     store[i] = fresh  # the old buffer is freed here, one layer at a time

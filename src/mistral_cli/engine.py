@@ -4,10 +4,15 @@
 yielding each token's text as it becomes final, and finally a `Done` with the finish reason and timings.
 It never prints. The cache is reused across calls: a new prompt that extends the previous sequence (the next turn
 of a chat) prefills only its new tokens.
+
+On a GPU, decode steps replay a captured CUDA graph (one launch instead of hundreds of kernel launches from
+Python), and greedy decoding queues the next step before it reads the token back, so the GPU is never idle
+while Python turns a token into text.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -101,7 +106,11 @@ class Engine:
         *,
         quantize: str = "none",
         compile: bool = False,
+        graphs: bool | None = None,
+        lookahead: bool | None = None,
     ) -> None:
+        """graphs: replay decode steps from CUDA graphs (default: on cuda, unless $MISTRAL_CUDA_GRAPHS is off);
+        lookahead: greedy decoding queues each step before reading its token back (default: on cuda)."""
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.quantize = quantize
         self.kernels = any(getattr(m, "kernels", None) or getattr(m, "ops", None) for m in model.modules())
@@ -114,6 +123,11 @@ class Engine:
         # --compile: a static cache of the whole context and one compiled graph for every decode step
         self.cache: KVCache = model.new_cache(max_context, static=compile)
         self._decode = compile_decode(model, self.cache, placement.device) if compile else None
+        cuda = placement.device.type == "cuda"
+        if graphs is None:
+            graphs = cuda and not compile and os.environ.get(GRAPHS_ENV, "").strip().lower() not in OFF
+        self._graph = GraphedDecode(model, self.cache) if graphs else None
+        self.lookahead = cuda if lookahead is None else lookahead
         self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
 
     @classmethod
@@ -155,6 +169,8 @@ class Engine:
     def hardware(self) -> str:
         """'cpu bf16 int8, AVX2 kernels, 2 threads' or 'cuda bf16': what --verbose and the chat banner show."""
         parts = [str(self.placement) + ("" if self.quantize == "none" else f" {self.quantize}")]
+        if self._graph is not None:
+            parts.append("CUDA graphs" if self._graph.problem is None else f"no CUDA graphs ({self._graph.problem})")
         if self.kernels:
             parts.append("AVX2 kernels")
         elif self.kernel_problem:
@@ -196,14 +212,19 @@ class Engine:
         return logits, len(new)
 
     @torch.inference_mode()
-    def _step(self, token: int) -> torch.Tensor:
-        """Feed one token at the end of the sequence; returns its logits (V,)."""
+    def _step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token (an id, or a 0-d tensor on the device) at the end of the sequence; returns its logits
+        (V,). Nothing here waits for the device."""
         pos = len(self.tokens)
-        x = torch.tensor([[token]], dtype=torch.long, device=self.placement.device)
+        if self._graph is not None and self._graph.problem is None:
+            return self._graph(token, pos)
+        device = self.placement.device
+        # made on the device (a fill, not a copy from host memory, which would wait for the device)
+        x = token.view(1, 1) if isinstance(token, torch.Tensor) else torch.full((1, 1), token, device=device)
         if self._decode is None:
             return self.model(x, self.cache, pos)[0, -1]
         self.cache.reserve(pos + 1)  # a static cache allocates nothing: this only checks the bound
-        logits = self._decode(x, self.cache, torch.tensor([pos], device=self.placement.device))
+        logits = self._decode(x, self.cache, torch.full((1,), pos, device=device))
         self.cache.length = pos + 1
         return logits[0, -1]
 
@@ -229,8 +250,18 @@ class Engine:
         generated: list[int] = []
         finish = "length"
         limit = options.max_tokens
+        # greedy with no penalty: the next step is queued on the argmax's tensor before the token is read back
+        ahead = self.lookahead and options.temperature == 0 and options.repeat_penalty == 1.0
+        queued: torch.Tensor | None = None
         while limit is None or len(generated) < limit:
-            token = sampler(logits, self.tokens)
+            if ahead:
+                best = logits.argmax()
+                # queue the step unless the loop ends after this token whatever it is
+                if len(self.tokens) < self.max_context and (limit is None or len(generated) + 1 < limit):
+                    queued = self._step(best)
+                token = int(best)  # waits for the argmax, not for the queued step
+            else:
+                token = sampler(logits, self.tokens)
             if token == eos:
                 finish = "stop"
                 break
@@ -245,8 +276,11 @@ class Engine:
                 break
             if limit is not None and len(generated) >= limit:
                 break
-            logits = self._step(token)
+            logits = self._step(token) if queued is None else queued
+            queued = None
             self.tokens.append(token)
+        # a step queued for a token that ended the text wrote past the sequence: the cache ends with the tokens
+        self.cache.truncate(len(self.tokens))
         if finish != "stop_sequence":
             tail = stops.feed(stream.flush())[0] + stops.flush()
             if tail:
@@ -262,6 +296,65 @@ class Engine:
             prefill_s=t1 - t0,
             decode_s=t2 - t1,
         )
+
+
+GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"
+OFF = ("0", "off", "no", "false")
+
+
+class GraphedDecode:
+    """Decode steps replayed from a CUDA graph of `Transformer.decode_step`: one launch per token.
+
+    The step reads the cache's whole buffers with a mask (fixed shapes); the cache grows by doubling, so it reads
+    at most twice the live length, and each growth (new buffers) captures a new graph, a few milliseconds. The
+    token and position are copied into fixed input tensors, so a token still on the device needs no sync. If a
+    capture fails, `problem` says why and the engine decodes without graphs.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        device = cache.device
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.key: tuple[int, int] | None = None  # the cache buffers the graph was captured on
+        self.problem: str | None = None
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
+        self.cache.reserve(pos + 1)
+        if isinstance(token, torch.Tensor):
+            self.token.copy_(token.view(1, 1))
+        else:
+            self.token.fill_(token)
+        self.position.fill_(pos)
+        if self.key != (self.cache.capacity, self.cache.k[0].data_ptr()):
+            try:
+                self._capture()
+            except RuntimeError as e:  # from here on the engine decodes without graphs; its banner says why
+                self.problem = f"capture failed: {str(e).splitlines()[0][:120]}"
+                self.graph, self.logits, self.key = None, None, None
+                logits = self.model.decode_step(self.token, self.cache, self.position)
+                self.cache.length = pos + 1
+                return logits[0, -1]
+        self.graph.replay()  # type: ignore[union-attr]
+        self.cache.length = pos + 1
+        return self.logits[0, -1]  # type: ignore[index]
+
+    def _capture(self) -> None:
+        self.graph, self.logits = None, None  # the old graph's memory goes back to the pool first
+        step = self.model.decode_step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a warm-up outside the capture (cuBLAS and SDPA pick their kernels)
+            step(self.token, self.cache, self.position)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.logits = step(self.token, self.cache, self.position)
+        self.graph = graph
+        self.key = (self.cache.capacity, self.cache.k[0].data_ptr())
 
 
 def compile_decode(model: Transformer, cache: KVCache, device: torch.device) -> Callable[..., torch.Tensor]:

@@ -1,0 +1,285 @@
+"""The GPU paths: decode steps replayed from CUDA graphs, greedy steps queued before the token is read back, and
+--compile. The logic they rest on is checked on the CPU too; the rest runs only where torch sees a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mistral_cli.checkpoint import load_model
+from mistral_cli.devices import Placement
+from mistral_cli.engine import Done, Engine
+from mistral_cli.quant import quantized_linear
+from mistral_cli.sampling import GenerationOptions
+from tiny import TinySpec, hf_reference, random_state_dict, write_hf
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def greedy(n: int, stop: list[str] | None = None) -> GenerationOptions:
+    return GenerationOptions(max_tokens=n, temperature=0, stop=stop or [])
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, 32000, (n - 1,), generator=g).tolist()]
+
+
+def run(engine: Engine, ids: list[int], options: GenerationOptions) -> Done:
+    return [e for e in engine.generate(ids, options) if isinstance(e, Done)][0]
+
+
+def same_weights(engine: Engine, **kw: object) -> Engine:
+    return Engine(engine.model, engine.tokenizer, engine.placement, engine.max_context, **kw)  # type: ignore[arg-type]
+
+
+def state(engine: Engine) -> tuple[list[int], int, torch.Tensor]:
+    """The sequence, the cache's length and the keys/values it holds for it."""
+    n = engine.cache.length
+    kv = torch.stack([t[:, :, :n].float().cpu() for t in engine.cache.k + engine.cache.v])
+    return list(engine.tokens), n, kv
+
+
+# --- on the CPU: queued greedy steps, and the masked decode step that the graphs replay ------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(hf_model_dir) -> Engine:
+    return Engine.load(hf_model_dir, device="cpu", dtype="fp32", max_context=64)
+
+
+def test_queued_greedy_steps_give_the_same_text_and_cache(cpu_engine):
+    ids = prompt(20)
+    plain = same_weights(cpu_engine, lookahead=False)
+    reference = run(plain, ids, greedy(12))
+    assert reference.finish_reason == "length" and len(reference.tokens) == 12
+    stop_text = plain.tokenizer.decode(reference.tokens[3:6])  # ends the text inside the reply
+    cases = {
+        "length": greedy(12),
+        "stop sequence": greedy(12, [stop_text]),
+        "context": greedy(200),  # 20 + 44 fills the context of 64
+        "one token": greedy(1),
+    }
+    for name, options in cases.items():
+        done = {}
+        for ahead in (False, True):
+            engine = same_weights(cpu_engine, lookahead=ahead)
+            done[ahead] = run(engine, ids, options)
+            done[ahead, "state"] = state(engine)
+            # the next turn extends the sequence (or rewrites its end): the same logits either way
+            more = [*engine.tokens[:60], *prompt(5, seed=1)[1:]]
+            done[ahead, "next"] = engine.prefill(more)[0]
+        assert done[True].tokens == done[False].tokens, name
+        assert (done[True].text, done[True].finish_reason) == (done[False].text, done[False].finish_reason), name
+        tokens, length, kv = done[True, "state"]
+        assert (tokens, length) == done[False, "state"][:2] and length == len(tokens), name
+        assert torch.equal(kv, done[False, "state"][2]), name
+        assert torch.equal(done[True, "next"], done[False, "next"]), name
+    assert run(same_weights(cpu_engine, lookahead=True), ids, greedy(200)).finish_reason == "context"
+
+
+def test_queued_step_for_an_end_of_sequence_is_dropped(cpu_engine):
+    ids = prompt(20)
+    reference = run(same_weights(cpu_engine, lookahead=False), ids, greedy(10)).tokens
+    tokenizer = copy.copy(cpu_engine.tokenizer)
+    tokenizer.eos_id = reference[4]  # the fifth greedy token now ends the sequence
+    for ahead in (False, True):
+        engine = Engine(cpu_engine.model, tokenizer, cpu_engine.placement, cpu_engine.max_context, lookahead=ahead)
+        done = run(engine, ids, greedy(10))
+        first = reference.index(reference[4])
+        assert done.finish_reason == "stop" and done.tokens == reference[:first]
+        assert engine.cache.length == len(engine.tokens) == 20 + first
+
+
+def test_sampling_and_penalties_are_not_queued(cpu_engine):
+    """Only greedy decoding without a penalty queues ahead; the others give what they gave before."""
+    ids = prompt(12)
+    for options in (
+        GenerationOptions(max_tokens=8, temperature=0.8, seed=3),
+        GenerationOptions(max_tokens=8, temperature=0, repeat_penalty=1.3),
+    ):
+        a = run(same_weights(cpu_engine, lookahead=False), ids, options)
+        b = run(same_weights(cpu_engine, lookahead=True), ids, options)
+        assert a.tokens == b.tokens
+
+
+def test_masked_decode_over_a_growing_cache_equals_plain_decoding(hf_model_dir, tiny_spec):
+    """What a graphed step computes: the whole (zeroed) cache buffer, a mask, positions as a tensor."""
+    model = Engine.load(hf_model_dir, device="cpu", dtype="fp32").model
+    ids = torch.tensor([prompt(300, seed=2)])
+    plain, masked = model.new_cache(), model.new_cache()
+    with torch.inference_mode():
+        model(ids[:, :250], plain)
+        masked.reserve(250)
+        for t in masked.k + masked.v:
+            t.zero_()  # as on a GPU, where new buffers are zeroed
+        model(ids[:, :250], masked)
+        for pos in range(250, 300):  # crosses the growth from 256 to 512 positions
+            a = model(ids[:, pos : pos + 1], plain)[0, -1]
+            masked.reserve(pos + 1)
+            b = model.decode_step(ids[:, pos : pos + 1], masked, torch.tensor([pos]))[0, -1]
+            masked.length = pos + 1
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert masked.capacity == 512
+
+
+# --- on a CUDA GPU --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_folder(tmp_path_factory, tiny_spec, tiny_sd):
+    return write_hf(tmp_path_factory.mktemp("gpu") / "tiny", tiny_spec, tiny_sd)
+
+
+@needs_cuda
+def test_cuda_fp32_matches_transformers_on_cuda(tmp_path):
+    spec = TinySpec(n_layers=3)
+    sd = random_state_dict(spec, seed=11)
+    ours = load_model(write_hf(tmp_path / "m", spec, sd), Placement(torch.device("cuda"), torch.float32))
+    ref = hf_reference(spec, sd).cuda()
+    ids = torch.tensor([prompt(40, seed=3)], device="cuda")
+    with torch.inference_mode():
+        got = ours(ids, ours.new_cache(), 0)
+        expected = ref(ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        reference = ref.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=None, pad_token_id=0)
+    engine = Engine(ours, None, Placement(torch.device("cuda"), torch.float32), 512)  # type: ignore[arg-type]
+    with torch.inference_mode():
+        logits, _ = engine.prefill(ids[0].tolist())
+        tokens = []
+        for _ in range(48):
+            tokens.append(int(logits.argmax()))
+            logits = engine._step(tokens[-1])
+            engine.tokens.append(tokens[-1])
+    assert tokens == reference[0, 40:].tolist()
+
+
+@needs_cuda
+def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder):
+    ids = prompt(64, seed=4)
+    fp32 = Engine.load(gpu_folder, device="cpu", dtype="fp32")
+    bf16 = Engine.load(gpu_folder, device="cuda", dtype="bf16")
+    assert bf16.placement.dtype == torch.bfloat16 and "CUDA graphs" in bf16.hardware
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        ref = fp32.model(x, fp32.model.new_cache(), 0)[0]
+        got = bf16.model(x.cuda(), bf16.model.new_cache(), 0)[0].float().cpu()
+    assert float((got - ref).norm() / ref.norm()) < 0.03
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.9
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_graphed_steps_equal_eager_steps(gpu_folder, dtype):
+    """Graph replays are the eager masked step bit for bit, across a recapture when the cache grows."""
+    ids = prompt(250, seed=5)
+    graphed = Engine.load(gpu_folder, device="cuda", dtype=dtype, max_context=1024)
+    assert graphed._graph is not None
+    eager = same_weights(graphed, graphs=False)
+    for engine in (graphed, eager):
+        engine.prefill(ids)
+    with torch.inference_mode():
+        for pos in range(250, 300):
+            token = ids[pos - 200]
+            a = graphed._step(token).clone()
+            graphed.tokens.append(token)
+            eager.cache.reserve(pos + 1)
+            b = graphed.model.decode_step(
+                torch.tensor([[token]], device="cuda"), eager.cache, torch.tensor([pos], device="cuda")
+            )[0, -1]
+            eager.cache.length = pos + 1
+            eager.tokens.append(token)
+            assert torch.equal(a, b), pos
+    assert graphed._graph.problem is None and graphed.cache.capacity == 512
+
+
+@needs_cuda
+def test_graphs_and_queued_steps_give_the_eager_text(gpu_folder):
+    ids = prompt(200, seed=6)
+    fast = Engine.load(gpu_folder, device="cuda", dtype="fp32", max_context=400)
+    slow = same_weights(fast, graphs=False, lookahead=False)
+    assert fast.lookahead and fast._graph is not None
+    a, b = run(fast, ids, greedy(120)), run(slow, ids, greedy(120))  # crosses 256 positions
+    assert a.tokens == b.tokens and a.text == b.text
+    assert fast.cache.length == len(fast.tokens) == 319
+    # a second turn on the same engine: its cache was kept consistent
+    more = [*fast.tokens, *prompt(10, seed=7)[1:]]
+    assert run(fast, more, greedy(20)).tokens == run(slow, more, greedy(20)).tokens
+
+
+@needs_cuda
+def test_decode_steps_never_wait_for_the_gpu(gpu_folder):
+    engine = Engine.load(gpu_folder, device="cuda", dtype="bf16", max_context=600)
+    for graphs in (True, False):
+        e = same_weights(engine, graphs=graphs)
+        e.prefill(prompt(300, seed=8))
+        e._step(5)  # the first step captures (and may synchronize while it does)
+        e.tokens.append(5)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.inference_mode():
+                for i in range(3):
+                    best = e._step(7 + i).argmax()  # an id from the host, then a token left on the device
+                    e.tokens.append(7 + i)
+                    e._step(best)
+                    e.tokens.append(0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+@needs_cuda
+def test_compiled_step_matches_eager_on_cuda(gpu_folder):
+    ids = prompt(30, seed=9)
+    compiled = Engine.load(gpu_folder, device="cuda", dtype="fp32", max_context=128, compile=True)
+    eager = same_weights(compiled, graphs=False)
+    assert run(compiled, ids, greedy(24)).tokens == run(eager, ids, greedy(24)).tokens
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_layers_on_cuda(mode):
+    """The plain dequantize-and-multiply path of other devices computes x @ W.T for the weight it stands for."""
+    g = torch.Generator().manual_seed(12)
+    w, x = torch.randn(256, 512, generator=g) / 512**0.5, torch.randn(3, 512, generator=g)
+    layer = quantized_linear("layers.0.feed_forward.w2", w.cuda(), mode)
+    if mode == "int8":
+        deq = layer.weight.double().cpu() * layer.scales.double().cpu()[:, None]
+    else:
+        deq = layer.dequantize(torch.float64).cpu()
+    assert float((deq - w).abs().max()) < (0.01 if mode == "int8" else 0.1)  # it is a quantization of w
+    for rows in (1, 3):
+        got = layer(x[:rows].cuda()).double().cpu()
+        torch.testing.assert_close(got, x[:rows].double() @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_decodes_with_graphs(gpu_folder, mode):
+    ids = prompt(40, seed=10)
+    fast = Engine.load(gpu_folder, device="cuda", dtype="fp32", quantize=mode, max_context=128)
+    assert "CUDA graphs" in fast.hardware and mode in fast.hardware
+    slow = same_weights(fast, graphs=False, lookahead=False)
+    assert run(fast, ids, greedy(40)).tokens == run(slow, ids, greedy(40)).tokens
+    assert fast._graph.problem is None
+
+
+@needs_cuda
+def test_cli_on_cuda(gpu_folder):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = {}
+    for device in ("cpu", "cuda"):
+        cmd = [sys.executable, "-m", "mistral_cli", "complete", "-m", str(gpu_folder)]
+        cmd += ["--device", device, "--dtype", "fp32", "--temperature", "0", "--max-tokens", "24", "--verbose"]
+        proc = subprocess.run(cmd, input="The weather today", capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out[device] = proc
+    assert out["cuda"].stdout == out["cpu"].stdout and out["cuda"].stdout.strip()
+    assert "cuda fp32" in out["cuda"].stderr and "CUDA graphs" in out["cuda"].stderr
