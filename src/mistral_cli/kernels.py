@@ -168,8 +168,10 @@ class Kernels:
 
     @staticmethod
     def _check(rc: int) -> None:
-        if rc != 0:
+        if rc == -1:
             raise MemoryError("out of memory in a decode kernel")
+        if rc != 0:
+            raise RuntimeError(f"a decode kernel failed with code {rc}")
 
     def linear_bf16(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         N, K = w.shape

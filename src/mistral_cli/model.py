@@ -262,8 +262,8 @@ class Transformer(nn.Module):
         if cache.static:
             mask = self.position_mask(positions, cache.capacity)
             logits = self._run(tokens, cache, positions, positions, mask, last_only)
-        else:
-            mask = self._mask(start, T, end, tokens.device)
+        else:  # the one-call step applies the sliding window itself: no mask to build for it
+            mask = None if self._one_call(tokens.shape, start, cache) else self._mask(start, T, end, tokens.device)
             logits = self._run(tokens, cache, start, positions, mask, last_only)
         cache.length = end
         return logits
@@ -288,7 +288,7 @@ class Transformer(nn.Module):
         slicing) or the positions tensor itself (static cache, written by index)."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self._inv_freq(x.device))
-        if self.step is not None and x.shape[:2] == (1, 1) and isinstance(write_at, int) and not cache.static:
+        if self._one_call(tokens.shape, write_at, cache):
             # one token on our kernels: every block in one call, bit for bit what Block computes
             start = window_start(write_at + 1, self.cfg.sliding_window)
             self.kernels.decode_step(self.step, x, cos, sin, cache.k, cache.v, write_at, start)
@@ -298,6 +298,10 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+    def _one_call(self, shape: torch.Size, write_at: int | torch.Tensor, cache: KVCache) -> bool:
+        """Whether `_run` takes the whole-step kernel: one token of one sequence written at an int position."""
+        return self.step is not None and tuple(shape) == (1, 1) and isinstance(write_at, int) and not cache.static
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         # made on first use, not in __init__: the model is built on the meta device and only then filled
