@@ -104,3 +104,50 @@ def test_show_and_install_completion_under_bash(tmp_path):
     assert "bash completion installed" in installed.stdout, installed.stderr
     assert (tmp_path / ".bash_completions" / "mistral.sh").read_text(encoding="utf-8") + "\n" == body
     assert "source" in (tmp_path / ".bashrc").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="needs fish")
+def test_the_fish_script_in_fish():
+    # fish's own completion machinery (`complete -C` completes a command line) over the checked-in script
+    script = ROOT / "completions" / "mistral.fish"
+    program = f"source '{script}'; complete -C'mistral complete --max-t'; complete -C'mistral info --device '"
+    r = subprocess.run(["fish", "--no-config", "-c", program], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    offered = [line.split("\t")[0] for line in r.stdout.splitlines()]
+    assert offered == ["--max-tokens", "auto", "cpu", "cuda", "mps"]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None or shutil.which("tmux") is None, reason="needs zsh and tmux")
+@pytest.mark.parametrize("how", ["checked-in", "installed"])
+def test_zsh_completes_from_the_first_tab(tmp_path, how):
+    """Tab in a real interactive zsh, with the checked-in _mistral in $fpath (as the wheel installs it) or after
+    `mistral --install-completion` (~/.zfunc and ~/.zshrc); the first Tab of the session completes too."""
+    if shutil.which("mistral", path=str(BIN)) is None:
+        pytest.skip("the mistral console script is not installed next to this interpreter")
+    from terminal import Tmux
+
+    env = _env(HOME=str(tmp_path), TERM="xterm-256color")
+    if how == "installed":
+        r = subprocess.run(["zsh", "-f", "-c", "mistral --install-completion; true"], env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert "zsh completion installed" in r.stdout, r.stderr
+        setup = "PS1='> '"  # ~/.zshrc, as --install-completion wrote it, has set up completion
+        shell = "zsh -i"
+    else:
+        setup = f"fpath=('{ROOT / 'completions'}' $fpath); autoload -U compinit; compinit -u -D; PS1='> '"
+        shell = "zsh -f -i"
+    t = Tmux(shell, env, tmp_path)
+    try:
+        t.type(setup)
+        t.keys("Enter")
+        t.wait(r"(?m)^> *$")  # the new prompt: the completion system is loaded and the line editor is reading
+        t.type("mistral complete --max-t")
+        t.keys("Tab")
+        t.wait(r"> mistral complete --max-tokens ")
+        t.keys("C-u")
+        t.type("mistral info --device ")
+        t.keys("Tab")
+        screen = t.wait(r"cuda")
+        assert {"auto", "cpu", "cuda", "mps"} <= set(screen.split())
+    finally:
+        t.close()

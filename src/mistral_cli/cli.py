@@ -11,7 +11,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from mistral_cli import __version__
+from mistral_cli import __version__, shell_completion
 from mistral_cli.errors import MistralError
 from mistral_cli.settings import DEFAULTS, SPECS, Settings, resolve
 
@@ -32,6 +32,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+shell_completion.use_ours()
 
 
 class Device(str, Enum):
