@@ -14,7 +14,7 @@ import torch
 
 from mistral_cli.checkpoint import load_model
 from mistral_cli.devices import Placement
-from mistral_cli.engine import Done, Engine
+from mistral_cli.engine import Done, Engine, TokenReader
 from mistral_cli.quant import quantized_linear
 from mistral_cli.sampling import GenerationOptions
 from tiny import TinySpec, hf_reference, random_state_dict, write_hf
@@ -233,6 +233,42 @@ def test_decode_steps_never_wait_for_the_gpu(gpu_folder):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+
+
+@needs_cuda
+def test_a_token_is_read_back_without_waiting_for_later_work():
+    reader = TokenReader(torch.device("cuda"))
+    reader.start(torch.tensor(123, device="cuda"))
+    torch.cuda._sleep(2_000_000_000)  # GPU work queued after the copy: a spin of about a second
+    assert reader.result() == 123
+    assert not torch.cuda.current_stream().query()  # that work is still running: the read did not wait for it
+    torch.cuda.synchronize()
+
+
+def syncs_of(engine: Engine, ids: list[int], n: int) -> int:
+    """How many times a greedy generation of n tokens waits for the GPU in a way torch reports."""
+    import warnings
+
+    engine.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(engine, ids, greedy(n))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@needs_cuda
+def test_greedy_decoding_never_waits_for_the_gpu_per_token(gpu_folder):
+    ids = prompt(100, seed=13)
+    engine = Engine.load(gpu_folder, device="cuda", dtype="bf16", max_context=256)
+    run(engine, ids, greedy(4))  # the graph is captured here
+    # the prefill and the end of the generation wait; the tokens in between add nothing
+    assert syncs_of(engine, ids, 5) == syncs_of(engine, ids, 50)
+    engine.lookahead = False  # reading each token back before the next step waits once per token
+    assert syncs_of(engine, ids, 50) > syncs_of(engine, ids, 5)
 
 
 @needs_cuda

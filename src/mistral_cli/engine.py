@@ -128,6 +128,7 @@ class Engine:
             graphs = cuda and not compile and os.environ.get(GRAPHS_ENV, "").strip().lower() not in OFF
         self._graph = GraphedDecode(model, self.cache) if graphs else None
         self.lookahead = cuda if lookahead is None else lookahead
+        self._reader = TokenReader(placement.device)
         self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
 
     @classmethod
@@ -256,10 +257,11 @@ class Engine:
         while limit is None or len(generated) < limit:
             if ahead:
                 best = logits.argmax()
+                self._reader.start(best)  # its copy to the host is queued before the step
                 # queue the step unless the loop ends after this token whatever it is
                 if len(self.tokens) < self.max_context and (limit is None or len(generated) + 1 < limit):
                     queued = self._step(best)
-                token = int(best)  # waits for the argmax, not for the queued step
+                token = self._reader.result()  # waits for the argmax and the copy, not for the queued step
             else:
                 token = sampler(logits, self.tokens)
             if token == eos:
@@ -298,6 +300,32 @@ class Engine:
         )
 
 
+class TokenReader:
+    """Reads a token id back from the device without waiting for the work queued after it.
+
+    `int(t)` on a CUDA tensor copies in stream order, after everything queued so far: after the next step, when
+    that step is queued first. Instead, `start` queues the copy into pinned host memory and marks it with an
+    event; `result` waits for that event only. On the CPU both are a plain copy.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.long, pin_memory=self.cuda)
+        self.copied: torch.cuda.Event | None = None
+
+    def start(self, token: torch.Tensor) -> None:
+        self.host.copy_(token, non_blocking=self.cuda)
+        if self.cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def result(self) -> int:
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+        return int(self.host)
+
+
 GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"
 OFF = ("0", "off", "no", "false")
 
@@ -306,7 +334,7 @@ class GraphedDecode:
     """Decode steps replayed from a CUDA graph of `Transformer.decode_step`: one launch per token.
 
     The step reads the cache's whole buffers with a mask (fixed shapes); the cache grows by doubling, so it reads
-    at most twice the live length, and each growth (new buffers) captures a new graph, a few milliseconds. The
+    at most twice the live length, and each growth (new buffers) captures a new graph (a recording, no compiling). The
     token and position are copied into fixed input tensors, so a token still on the device needs no sync. If a
     capture fails, `problem` says why and the engine decodes without graphs.
     """
