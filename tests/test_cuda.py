@@ -176,11 +176,12 @@ def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_graphed_steps_equal_eager_steps(gpu_folder, dtype):
-    """Graph replays are the eager masked step bit for bit, across a recapture when the cache grows."""
+@pytest.mark.parametrize("dtype, quantize", [("fp32", "none"), ("bf16", "none"), ("bf16", "int8"), ("bf16", "int4")])
+def test_graphed_steps_equal_eager_steps(gpu_folder, dtype, quantize):
+    """Graph replays are the eager masked step bit for bit, across a recapture when the cache grows (bf16 int8:
+    with torch's GPU int8 kernel in the graph)."""
     ids = prompt(250, seed=5)
-    graphed = Engine.load(gpu_folder, device="cuda", dtype=dtype, max_context=1024)
+    graphed = Engine.load(gpu_folder, device="cuda", dtype=dtype, quantize=quantize, max_context=1024)
     assert graphed._graph is not None
     eager = same_weights(graphed, graphs=False)
     for engine in (graphed, eager):
@@ -294,6 +295,21 @@ def test_quantized_layers_on_cuda(mode):
     for rows in (1, 3):
         got = layer(x[:rows].cuda()).double().cpu()
         torch.testing.assert_close(got, x[:rows].double() @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+def test_int8_layers_use_torchs_gpu_kernel_where_it_is_right():
+    from mistral_cli.quant import has_kernel
+
+    g = torch.Generator().manual_seed(14)
+    w, x = torch.randn(1024, 4096, generator=g) / 64, torch.randn(3, 4096, generator=g)
+    layer = quantized_linear("layers.0.attention.wo", w.to("cuda", torch.bfloat16), "int8")
+    assert layer.kernel == ("torch" if has_kernel("_weight_int8pack_mm", torch.device("cuda")) else None)
+    deq = layer.weight.double().cpu() * layer.scales.double().cpu()[:, None]
+    for rows in (1, 3):
+        got = layer(x[:rows].to("cuda", torch.bfloat16)).double().cpu()
+        expected = x[:rows].to(torch.bfloat16).double() @ deq.T
+        assert float((got - expected).norm() / expected.norm()) < 0.01
 
 
 @needs_cuda

@@ -95,6 +95,17 @@ def test_int8_layer_matches_float_within_bound(monkeypatch, kind, rows, dtype):
     assert ((y - x @ w.T).abs() <= bound).all()
 
 
+def test_the_load_time_check_of_torchs_int8_kernel(monkeypatch):
+    """The check that decides whether a GPU's int8 kernel is used, run here on torch's CPU kernel (right)."""
+    _kind(monkeypatch, "torch")
+    layer = WeightOnlyInt8Linear(_weight(n=320, k=4096), kernels=None)  # checked in blocks of 256 rows: two
+    assert layer.kernel == "torch"
+    assert layer.kernel_agrees()
+    assert not layer.kernel_agrees(tolerance=0.0)  # it measures an error: bf16 rounding is more than none
+    assert quant.has_kernel("_weight_int8pack_mm", torch.device("cpu"))
+    assert not quant.has_kernel("no_such_op", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [1, 40], ids=["decode", "prefill"])
 @pytest.mark.parametrize("k", [256, 512], ids=["k256", "k512"])  # 512: our int4 kernel's vectorized path

@@ -9,7 +9,9 @@ passes them in, else torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_
 only, so activations are cast to bf16 around them). A product of many rows (a prefill) runs in float instead: the
 weight is dequantized a block of rows at a time into the compute dtype and multiplied with the fast float GEMM,
 except with torch's int4 kernel, whose packed layout is private and which therefore runs at every size.
-Elsewhere (cuda, mps) a pure-torch dequantize-and-matmul gives the same numbers; `torch.compile` fuses it.
+On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm` for up to KERNEL_MAX_ROWS
+rows, once a check at load (the layer's own weight, against its dequantized product) says it computes the right
+product there. Otherwise (int4 on cuda, mps) a pure-torch dequantize-and-matmul; `torch.compile` fuses it.
 
 What is quantized: every linear layer of the blocks. The output head is always int8, even in int4 mode: it
 turns hidden states straight into logits, where int4's error would show most, and it is under 2% of the 7B
@@ -33,10 +35,19 @@ MODES = ("int8", "int4")
 INT4_GROUP = 64  # weights per int4 scale/zero pair; 32, 64, 128 or 256
 KERNEL_MAX_ROWS = 16  # int8: above this many rows, dequantizing and one float GEMM is faster than the kernel
 QUANT_BLOCK = 1 << 20  # weights quantized at a time: small float32 temporaries, reused with no page faults
-_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_INT8_OP = "_weight_int8pack_mm"
+_HAS_INT8_KERNEL = hasattr(torch.ops.aten, _INT8_OP)
 _HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
 )
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether torch has a kernel for aten `op` on this device type (CUDA builds, for instance)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", device.type.upper())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +121,9 @@ class WeightOnlyInt8Linear(nn.Module):
         self.upcast = upcast  # multi-row products in float32 (CPUs without fast bf16)
         cpu = ref.device.type == "cpu"
         self.ops = kernels if cpu and supports(self.in_features) else None
-        self.kernel = "ours" if self.ops else "torch" if _HAS_INT8_KERNEL and cpu else None
+        # torch's kernel: on the CPU; on a GPU with bf16 activations, where torch has one and it passes a check
+        gpu_kernel = ref.device.type == "cuda" and ref.dtype == torch.bfloat16 and has_kernel(_INT8_OP, ref.device)
+        self.kernel = "ours" if self.ops else "torch" if _HAS_INT8_KERNEL and (cpu or gpu_kernel) else None
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=ref.device)
         scales = torch.empty(self.out_features, device=ref.device)
         for rows, block in stacked_blocks(parts):
@@ -119,6 +132,26 @@ class WeightOnlyInt8Linear(nn.Module):
         # ours reads float32 scales; torch's kernel takes them in the activation dtype it runs in: bf16
         dtype = {"ours": torch.float32, "torch": torch.bfloat16}.get(self.kernel, ref.dtype)  # type: ignore[arg-type]
         self.register_buffer("scales", scales.to(dtype))
+        if gpu_kernel and self.kernel == "torch" and not self.kernel_agrees():
+            self.kernel = None  # the dequantize-and-matmul path, with the same bf16 scales
+
+    def kernel_agrees(self, tolerance: float = 0.02) -> bool:
+        """Whether torch's kernel computes x @ (q * scale).T for this layer on its device: one random row against
+        the dequantized product (in blocks of rows), within bf16 rounding. It runs where nothing else has shown it
+        right (a GPU's kernel); a failure or a wrong answer means the layer does without it."""
+        g = torch.Generator(self.weight.device).manual_seed(0)
+        x = torch.randn(1, self.in_features, generator=g, device=self.weight.device).to(torch.bfloat16)
+        try:
+            got = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(torch.bfloat16)).float()
+        except RuntimeError:
+            return False
+        expected = torch.cat([
+            x.float() @ (self.weight[rows].float() * self.scales[rows].float()[:, None]).T
+            for rows in row_blocks(self.out_features, self.in_features)
+        ], dim=-1)  # fmt: skip
+        if got.shape != expected.shape or not torch.isfinite(got).all():
+            return False
+        return float((got - expected).norm() / expected.norm().clamp(min=1e-30)) < tolerance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
