@@ -98,6 +98,15 @@ def test_queued_step_for_an_end_of_sequence_is_dropped(cpu_engine):
         assert engine.cache.length == len(engine.tokens) == 20 + first
 
 
+def test_a_generation_closed_early_leaves_the_cache_with_its_tokens(cpu_engine):
+    engine = same_weights(cpu_engine, lookahead=True)
+    events = engine.generate(prompt(20), greedy(10))
+    for _ in range(3):
+        next(events)  # the third token is out, and the step for it is already queued
+    events.close()  # what Ctrl-C in a chat does at that point
+    assert len(engine.tokens) == 22 and engine.cache.length == 22
+
+
 def test_sampling_and_penalties_are_not_queued(cpu_engine):
     """Only greedy decoding without a penalty queues ahead; the others give what they gave before."""
     ids = prompt(12)

@@ -254,35 +254,37 @@ class Engine:
         # greedy with no penalty: the next step is queued on the argmax's tensor before the token is read back
         ahead = self.lookahead and options.temperature == 0 and options.repeat_penalty == 1.0
         queued: torch.Tensor | None = None
-        while limit is None or len(generated) < limit:
-            if ahead:
-                best = logits.argmax()
-                self._reader.start(best)  # its copy to the host is queued before the step
-                # queue the step unless the loop ends after this token whatever it is
-                if len(self.tokens) < self.max_context and (limit is None or len(generated) + 1 < limit):
-                    queued = self._step(best)
-                token = self._reader.result()  # waits for the argmax and the copy, not for the queued step
-            else:
-                token = sampler(logits, self.tokens)
-            if token == eos:
-                finish = "stop"
-                break
-            generated.append(token)
-            text, hit = stops.feed(stream.push(token))
-            yield Chunk(text, token)
-            if hit:
-                finish = "stop_sequence"
-                break
-            if len(self.tokens) >= self.max_context:
-                finish = "context"
-                break
-            if limit is not None and len(generated) >= limit:
-                break
-            logits = self._step(token) if queued is None else queued
-            queued = None
-            self.tokens.append(token)
-        # a step queued for a token that ended the text wrote past the sequence: the cache ends with the tokens
-        self.cache.truncate(len(self.tokens))
+        try:
+            while limit is None or len(generated) < limit:
+                if ahead:
+                    best = logits.argmax()
+                    self._reader.start(best)  # its copy to the host is queued before the step
+                    # queue the step unless the loop ends after this token whatever it is
+                    if len(self.tokens) < self.max_context and (limit is None or len(generated) + 1 < limit):
+                        queued = self._step(best)
+                    token = self._reader.result()  # waits for the argmax and the copy, not for the queued step
+                else:
+                    token = sampler(logits, self.tokens)
+                if token == eos:
+                    finish = "stop"
+                    break
+                generated.append(token)
+                text, hit = stops.feed(stream.push(token))
+                yield Chunk(text, token)
+                if hit:
+                    finish = "stop_sequence"
+                    break
+                if len(self.tokens) >= self.max_context:
+                    finish = "context"
+                    break
+                if limit is not None and len(generated) >= limit:
+                    break
+                logits = self._step(token) if queued is None else queued
+                queued = None
+                self.tokens.append(token)
+        finally:
+            # a step queued for a token that ended the text (or before Ctrl-C) wrote past the sequence: drop it
+            self.cache.truncate(len(self.tokens))
         if finish != "stop_sequence":
             tail = stops.feed(stream.flush())[0] + stops.flush()
             if tail:
