@@ -9,9 +9,10 @@ passes them in, else torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_
 only, so activations are cast to bf16 around them). A product of many rows (a prefill) runs in float instead: the
 weight is dequantized a block of rows at a time into the compute dtype and multiplied with the fast float GEMM,
 except with torch's int4 kernel, whose packed layout is private and which therefore runs at every size.
-On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm` for up to KERNEL_MAX_ROWS
-rows, once a check at load (the layer's own weight, against its dequantized product) says it computes the right
-product there. Otherwise (int4 on cuda, mps) a pure-torch dequantize-and-matmul; `torch.compile` fuses it.
+On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm` (up to KERNEL_MAX_ROWS rows)
+and int4 layers its `_weight_int4pack_mm` (tinygemm), each once a check at load (the layer's own weight, against
+its dequantized product: `kernel_agrees`) says it computes the right product on that GPU. Otherwise (mps, other
+GPUs) a pure-torch dequantize-and-matmul; `torch.compile` fuses it.
 
 What is quantized: every linear layer of the blocks. The output head is always int8, even in int4 mode: it
 turns hidden states straight into logits, where int4's error would show most, and it is under 2% of the 7B
@@ -22,7 +23,7 @@ bandwidth per token.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,28 @@ def has_kernel(op: str, device: torch.device) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", device.type.upper())
     except (AttributeError, RuntimeError):
         return False
+
+
+def kernel_agrees(
+    product: Callable[[torch.Tensor], torch.Tensor],
+    weight_rows: Callable[[slice], torch.Tensor],
+    shape: tuple[int, int],
+    device: torch.device,
+    tolerance: float = 0.02,
+) -> bool:
+    """Whether `product(x)` is x @ W.T for a random bf16 row x, within bf16 rounding, for the (N, K) weight whose
+    rows `weight_rows(rows)` gives in float32 (a block at a time). A kernel that raises does not agree either. For
+    a kernel that nothing else has shown right where it runs (a GPU's), at load: otherwise the layer does without."""
+    N, K = shape
+    x = torch.randn(1, K, generator=torch.Generator(device).manual_seed(0), device=device).to(torch.bfloat16)
+    try:
+        got = product(x).float()
+    except RuntimeError:
+        return False
+    expected = torch.cat([x.float() @ weight_rows(rows).T for rows in row_blocks(N, K)], dim=-1)
+    if got.shape != expected.shape or not torch.isfinite(got).all():
+        return False
+    return float((got - expected).norm() / expected.norm().clamp(min=1e-30)) < tolerance
 
 
 def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,22 +159,14 @@ class WeightOnlyInt8Linear(nn.Module):
             self.kernel = None  # the dequantize-and-matmul path, with the same bf16 scales
 
     def kernel_agrees(self, tolerance: float = 0.02) -> bool:
-        """Whether torch's kernel computes x @ (q * scale).T for this layer on its device: one random row against
-        the dequantized product (in blocks of rows), within bf16 rounding. It runs where nothing else has shown it
-        right (a GPU's kernel); a failure or a wrong answer means the layer does without it."""
-        g = torch.Generator(self.weight.device).manual_seed(0)
-        x = torch.randn(1, self.in_features, generator=g, device=self.weight.device).to(torch.bfloat16)
-        try:
-            got = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(torch.bfloat16)).float()
-        except RuntimeError:
-            return False
-        expected = torch.cat([
-            x.float() @ (self.weight[rows].float() * self.scales[rows].float()[:, None]).T
-            for rows in row_blocks(self.out_features, self.in_features)
-        ], dim=-1)  # fmt: skip
-        if got.shape != expected.shape or not torch.isfinite(got).all():
-            return False
-        return float((got - expected).norm() / expected.norm().clamp(min=1e-30)) < tolerance
+        """Whether torch's kernel computes x @ (q * scale).T for this layer where it is (see `kernel_agrees`)."""
+        return kernel_agrees(
+            lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(torch.bfloat16)),
+            lambda rows: self.weight[rows].float() * self.scales[rows].float()[:, None],
+            (self.out_features, self.in_features),
+            self.weight.device,
+            tolerance,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -178,9 +193,10 @@ class WeightOnlyInt8Linear(nn.Module):
 class WeightOnlyInt4Linear(nn.Module):
     """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15.
 
-    Three layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4, and (N, 2, K/group)
-    bf16 scales and lows, low = zero - 8 * scale), torch's CPU kernel's private packing with (K/group, N, 2)
-    scales_and_zeros, or a plain one (two codes per byte, even column in the low nibble) for other devices.
+    Four layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4, and (N, 2, K/group)
+    bf16 scales and lows, low = zero - 8 * scale), the private packings of torch's CPU and CUDA kernels (`kernel
+    == "torch"`) with (K/group, N, 2) bf16 scales_and_zeros, or a plain one (two codes per byte, even column in
+    the low nibble) for other devices.
     """
 
     def __init__(
@@ -214,6 +230,15 @@ class WeightOnlyInt4Linear(nn.Module):
             else:
                 packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd high
         self.register_buffer("weight", packed)
+        gpu_kernel = (
+            ref.device.type == "cuda"
+            and ref.dtype == torch.bfloat16
+            and self.group in (32, 64, 128, 256)
+            and K % 128 == 0  # the CUDA kernel's packing takes 8 tiles of 16 columns at a time
+            and N % 8 == 0
+            and has_kernel("_weight_int4pack_mm", ref.device)
+            and has_kernel("_convert_weight_to_int4pack", ref.device)
+        )
         if self.kernel == "ours":
             scales, zeros = scales_and_zeros.unbind(-1)  # (K/group, N) each
             lows = zeros - 8 * scales
@@ -222,6 +247,25 @@ class WeightOnlyInt4Linear(nn.Module):
             self.register_buffer(
                 "scales_and_zeros", scales_and_zeros.to(torch.bfloat16 if self.kernel == "torch" else ref.dtype)
             )
+        if gpu_kernel:
+            self._use_gpu_kernel()
+
+    def _use_gpu_kernel(self) -> None:
+        """Repack the plain layout for torch's CUDA kernel (tinygemm) if it computes this layer's product right on
+        this GPU; else keep the plain layout."""
+        plain = self.weight
+        try:  # its packing reads the even column of each pair from the high nibble
+            packed = torch.ops.aten._convert_weight_to_int4pack(((plain & 15) << 4) | (plain >> 4), 8)
+        except RuntimeError:
+            return
+        agrees = kernel_agrees(
+            lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, self.group, self.scales_and_zeros),
+            lambda rows: self.dequantize(torch.float32, rows),
+            (self.out_features, self.in_features),
+            plain.device,
+        )
+        if agrees:
+            self.weight, self.kernel = packed, "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -231,9 +275,12 @@ class WeightOnlyInt4Linear(nn.Module):
             dtype = torch.float32 if self.upcast else x.dtype
             return blocked_linear(x, self.weight, dtype, self.dequantize_rows).to(x.dtype)
         if self.kernel == "torch":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.group, self.scales_and_zeros
+            op = (
+                torch.ops.aten._weight_int4pack_mm
+                if self.weight.is_cuda
+                else torch.ops.aten._weight_int4pack_mm_for_cpu
             )
+            y = op(x.reshape(rows, -1).to(torch.bfloat16).contiguous(), self.weight, self.group, self.scales_and_zeros)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
@@ -247,18 +294,21 @@ class WeightOnlyInt4Linear(nn.Module):
         assert self.ops is not None
         return self.ops.dequantize_int4(self.weight, self.scales_and_lows, self.group, rows)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight (N, K) this layer stands for (not for torch's kernel: its packed layout is private)."""
+    def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows `rows` (all by default) of the float weight (N, K) this layer stands for; not for torch's kernels,
+        whose packed layouts are private."""
         if self.kernel == "torch":
-            raise RuntimeError("the CPU kernel's packed layout cannot be dequantized")
-        N, K = self.out_features, self.in_features
+            raise RuntimeError("the packed layout of torch's int4 kernels cannot be dequantized")
+        K, g = self.in_features, self.group
+        w = self.weight[rows]
+        n = w.shape[0]
         if self.kernel == "ours":
-            q = unpack_int4(self.weight).reshape(N, K // self.group, self.group).to(dtype)
-            scales, lows = self.scales_and_lows.to(dtype).unbind(1)  # (N, K/group) each
-            return (q * scales[..., None] + lows[..., None]).reshape(N, K)
-        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(N, K // self.group, self.group)
-        scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, K/group) each
-        return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
+            q = unpack_int4(w).reshape(n, K // g, g).to(dtype)
+            scales, lows = self.scales_and_lows[rows].to(dtype).unbind(1)  # (n, K/group) each
+            return (q * scales[..., None] + lows[..., None]).reshape(n, K)
+        q = torch.stack([w & 15, w >> 4], dim=-1).reshape(n, K // g, g)
+        scales, zeros = self.scales_and_zeros[:, rows].to(dtype).transpose(0, 1).unbind(-1)  # (n, K/group) each
+        return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(n, K)
 
     def extra_repr(self) -> str:
         return (
