@@ -9,10 +9,11 @@ passes them in, else torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_
 only, so activations are cast to bf16 around them). A product of many rows (a prefill) runs in float instead: the
 weight is dequantized a block of rows at a time into the compute dtype and multiplied with the fast float GEMM,
 except with torch's int4 kernel, whose packed layout is private and which therefore runs at every size.
-On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm` (up to KERNEL_MAX_ROWS rows)
-and int4 layers its `_weight_int4pack_mm` (tinygemm), each once a check at load (the layer's own weight, against
-its dequantized product: `kernel_agrees`) says it computes the right product on that GPU. Otherwise (mps, other
-GPUs) a pure-torch dequantize-and-matmul; `torch.compile` fuses it.
+On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm` for up to KERNEL_MAX_ROWS
+rows, once a check at load (the layer's own weight, against its dequantized product: `kernel_agrees`) says it
+computes the right product on that GPU. Otherwise (int4 on a GPU, mps) a pure-torch dequantize-and-matmul;
+`torch.compile` fuses it. (torch's CUDA int4 kernel, tinygemm, would need its private packing in place of the
+plain one, and a prompt could then no longer be dequantized for a fast GEMM.)
 
 What is quantized: every linear layer of the blocks. The output head is always int8, even in int4 mode: it
 turns hidden states straight into logits, where int4's error would show most, and it is under 2% of the 7B
@@ -193,10 +194,9 @@ class WeightOnlyInt8Linear(nn.Module):
 class WeightOnlyInt4Linear(nn.Module):
     """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15.
 
-    Four layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4, and (N, 2, K/group)
-    bf16 scales and lows, low = zero - 8 * scale), the private packings of torch's CPU and CUDA kernels (`kernel
-    == "torch"`) with (K/group, N, 2) bf16 scales_and_zeros, or a plain one (two codes per byte, even column in
-    the low nibble) for other devices.
+    Three layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4, and (N, 2, K/group)
+    bf16 scales and lows, low = zero - 8 * scale), torch's CPU kernel's private packing with (K/group, N, 2)
+    scales_and_zeros, or a plain one (two codes per byte, even column in the low nibble) for other devices.
     """
 
     def __init__(
@@ -230,15 +230,6 @@ class WeightOnlyInt4Linear(nn.Module):
             else:
                 packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd high
         self.register_buffer("weight", packed)
-        gpu_kernel = (
-            ref.device.type == "cuda"
-            and ref.dtype == torch.bfloat16
-            and self.group in (32, 64, 128, 256)
-            and K % 128 == 0  # the CUDA kernel's packing takes 8 tiles of 16 columns at a time
-            and N % 8 == 0
-            and has_kernel("_weight_int4pack_mm", ref.device)
-            and has_kernel("_convert_weight_to_int4pack", ref.device)
-        )
         if self.kernel == "ours":
             scales, zeros = scales_and_zeros.unbind(-1)  # (K/group, N) each
             lows = zeros - 8 * scales
@@ -247,25 +238,6 @@ class WeightOnlyInt4Linear(nn.Module):
             self.register_buffer(
                 "scales_and_zeros", scales_and_zeros.to(torch.bfloat16 if self.kernel == "torch" else ref.dtype)
             )
-        if gpu_kernel:
-            self._use_gpu_kernel()
-
-    def _use_gpu_kernel(self) -> None:
-        """Repack the plain layout for torch's CUDA kernel (tinygemm) if it computes this layer's product right on
-        this GPU; else keep the plain layout."""
-        plain = self.weight
-        try:  # its packing reads the even column of each pair from the high nibble
-            packed = torch.ops.aten._convert_weight_to_int4pack(((plain & 15) << 4) | (plain >> 4), 8)
-        except RuntimeError:
-            return
-        agrees = kernel_agrees(
-            lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, self.group, self.scales_and_zeros),
-            lambda rows: self.dequantize(torch.float32, rows),
-            (self.out_features, self.in_features),
-            plain.device,
-        )
-        if agrees:
-            self.weight, self.kernel = packed, "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -275,12 +247,9 @@ class WeightOnlyInt4Linear(nn.Module):
             dtype = torch.float32 if self.upcast else x.dtype
             return blocked_linear(x, self.weight, dtype, self.dequantize_rows).to(x.dtype)
         if self.kernel == "torch":
-            op = (
-                torch.ops.aten._weight_int4pack_mm
-                if self.weight.is_cuda
-                else torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.group, self.scales_and_zeros
             )
-            y = op(x.reshape(rows, -1).to(torch.bfloat16).contiguous(), self.weight, self.group, self.scales_and_zeros)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
