@@ -95,14 +95,6 @@ def test_int8_layer_matches_float_within_bound(monkeypatch, kind, rows, dtype):
     assert ((y - x @ w.T).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("kind", ["ours", "fallback"])
-def test_int4_dequantizes_any_block_of_rows(monkeypatch, kind):
-    layer = WeightOnlyInt4Linear(_weight(n=96, k=512), kernels=_kind(monkeypatch, kind))
-    whole = layer.dequantize(torch.float32)
-    for rows in (slice(0, 32), slice(40, 96), slice(95, 96)):
-        assert torch.equal(layer.dequantize(torch.float32, rows), whole[rows])
-
-
 def test_the_load_time_check_of_torchs_int8_kernel(monkeypatch):
     """The check that decides whether a GPU's int8 kernel is used, run here on torch's CPU kernel (right)."""
     _kind(monkeypatch, "torch")

@@ -12,7 +12,6 @@ while Python turns a token into text.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from mistral_cli.checkpoint import load_model
 from mistral_cli.config import ModelConfig
 from mistral_cli.devices import Placement, pick
 from mistral_cli.errors import MistralError
+from mistral_cli.hardware import GRAPHS_ENV, switched_off
 from mistral_cli.model import Transformer
 from mistral_cli.sampling import GenerationOptions, Sampler
 from mistral_cli.tokenizer import Tokenizer
@@ -125,7 +125,7 @@ class Engine:
         self._decode = compile_decode(model, self.cache, placement.device) if compile else None
         cuda = placement.device.type == "cuda"
         if graphs is None:
-            graphs = cuda and not compile and os.environ.get(GRAPHS_ENV, "").strip().lower() not in OFF
+            graphs = cuda and not compile and not switched_off(GRAPHS_ENV)
         self._graph = GraphedDecode(model, self.cache) if graphs else None
         self.lookahead = cuda if lookahead is None else lookahead
         self._reader = TokenReader(placement.device)
@@ -306,30 +306,24 @@ class TokenReader:
     """Reads a token id back from the device without waiting for the work queued after it.
 
     `int(t)` on a CUDA tensor copies in stream order, after everything queued so far: after the next step, when
-    that step is queued first. Instead, `start` queues the copy into pinned host memory and marks it with an
-    event; `result` waits for that event only. On the CPU both are a plain copy.
+    that step is queued first. Instead, `start` queues the copy into pinned host memory and records an event
+    after it; `result` waits for that event only. On the CPU the copy is done when `start` returns.
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.long, pin_memory=self.cuda)
-        self.copied: torch.cuda.Event | None = None
+        cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.long, pin_memory=cuda)
+        self.copied = torch.cuda.Event() if cuda else None  # one event, recorded again for every token
 
     def start(self, token: torch.Tensor) -> None:
-        self.host.copy_(token, non_blocking=self.cuda)
-        if self.cuda:
-            self.copied = torch.cuda.Event()
+        self.host.copy_(token, non_blocking=self.copied is not None)
+        if self.copied is not None:
             self.copied.record()
 
     def result(self) -> int:
         if self.copied is not None:
             self.copied.synchronize()
-            self.copied = None
         return int(self.host)
-
-
-GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"
-OFF = ("0", "off", "no", "false")
 
 
 class GraphedDecode:

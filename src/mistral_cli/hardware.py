@@ -10,6 +10,12 @@ import shutil
 from functools import cache
 
 KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours
+GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
+
+
+def switched_off(env: str) -> bool:
+    """Whether the variable `env` switches a feature off: 0, off, no or false."""
+    return os.environ.get(env, "").strip().lower() in ("0", "off", "no", "false")
 
 
 @cache
@@ -90,7 +96,7 @@ def c_compiler() -> list[str] | None:
 def kernels_not_wanted() -> str | None:
     """Why our CPU kernels (kernels.c) are not for this run whatever the user installs: switched off, or a CPU they
     do not run on. None when they are."""
-    if os.environ.get(KERNELS_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+    if switched_off(KERNELS_ENV):
         return f"switched off with ${KERNELS_ENV}"
     if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= cpu_flags():
         return "they need an x86-64 CPU with AVX2 and FMA"

@@ -10,8 +10,8 @@ only, so activations are cast to bf16 around them). A product of many rows (a pr
 weight is dequantized a block of rows at a time into the compute dtype and multiplied with the fast float GEMM,
 except with torch's int4 kernel, whose packed layout is private and which therefore runs at every size.
 On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm` for up to KERNEL_MAX_ROWS
-rows, once a check at load (the layer's own weight, against its dequantized product: `kernel_agrees`) says it
-computes the right product on that GPU. Otherwise (int4 on a GPU, mps) a pure-torch dequantize-and-matmul;
+rows, once a check at load (the layer's own weight, against its dequantized product) says it computes the
+right product on that GPU. Otherwise (int4 on a GPU, mps) a pure-torch dequantize-and-matmul;
 `torch.compile` fuses it. (torch's CUDA int4 kernel, tinygemm, would need its private packing in place of the
 plain one, and a prompt could then no longer be dequantized for a fast GEMM.)
 
@@ -24,7 +24,7 @@ bandwidth per token.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,28 +50,6 @@ def has_kernel(op: str, device: torch.device) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", device.type.upper())
     except (AttributeError, RuntimeError):
         return False
-
-
-def kernel_agrees(
-    product: Callable[[torch.Tensor], torch.Tensor],
-    weight_rows: Callable[[slice], torch.Tensor],
-    shape: tuple[int, int],
-    device: torch.device,
-    tolerance: float = 0.02,
-) -> bool:
-    """Whether `product(x)` is x @ W.T for a random bf16 row x, within bf16 rounding, for the (N, K) weight whose
-    rows `weight_rows(rows)` gives in float32 (a block at a time). A kernel that raises does not agree either. For
-    a kernel that nothing else has shown right where it runs (a GPU's), at load: otherwise the layer does without."""
-    N, K = shape
-    x = torch.randn(1, K, generator=torch.Generator(device).manual_seed(0), device=device).to(torch.bfloat16)
-    try:
-        got = product(x).float()
-    except RuntimeError:
-        return False
-    expected = torch.cat([x.float() @ weight_rows(rows).T for rows in row_blocks(N, K)], dim=-1)
-    if got.shape != expected.shape or not torch.isfinite(got).all():
-        return False
-    return float((got - expected).norm() / expected.norm().clamp(min=1e-30)) < tolerance
 
 
 def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,14 +138,21 @@ class WeightOnlyInt8Linear(nn.Module):
             self.kernel = None  # the dequantize-and-matmul path, with the same bf16 scales
 
     def kernel_agrees(self, tolerance: float = 0.02) -> bool:
-        """Whether torch's kernel computes x @ (q * scale).T for this layer where it is (see `kernel_agrees`)."""
-        return kernel_agrees(
-            lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(torch.bfloat16)),
-            lambda rows: self.weight[rows].float() * self.scales[rows].float()[:, None],
-            (self.out_features, self.in_features),
-            self.weight.device,
-            tolerance,
-        )
+        """Whether torch's kernel computes x @ (q * scale).T for this layer on its device: one random bf16 row
+        against the dequantized product (a block of rows at a time), within bf16 rounding; a kernel that raises
+        does not agree. For a kernel nothing else has shown right where it runs (a GPU's), at load."""
+        N, K = self.out_features, self.in_features
+        device = self.weight.device
+        x = torch.randn(1, K, generator=torch.Generator(device).manual_seed(0), device=device).to(torch.bfloat16)
+        try:
+            got = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(torch.bfloat16)).float()
+        except RuntimeError:
+            return False
+        deq = [self.weight[rows].float() * self.scales[rows].float()[:, None] for rows in row_blocks(N, K)]
+        expected = torch.cat([x.float() @ w.T for w in deq], dim=-1)
+        if got.shape != expected.shape or not torch.isfinite(got).all():
+            return False
+        return float((got - expected).norm() / expected.norm().clamp(min=1e-30)) < tolerance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -263,21 +248,18 @@ class WeightOnlyInt4Linear(nn.Module):
         assert self.ops is not None
         return self.ops.dequantize_int4(self.weight, self.scales_and_lows, self.group, rows)
 
-    def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
-        """Rows `rows` (all by default) of the float weight (N, K) this layer stands for; not for torch's kernels,
-        whose packed layouts are private."""
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight (N, K) this layer stands for (not for torch's kernel: its packed layout is private)."""
         if self.kernel == "torch":
-            raise RuntimeError("the packed layout of torch's int4 kernels cannot be dequantized")
-        K, g = self.in_features, self.group
-        w = self.weight[rows]
-        n = w.shape[0]
+            raise RuntimeError("the CPU kernel's packed layout cannot be dequantized")
+        N, K = self.out_features, self.in_features
         if self.kernel == "ours":
-            q = unpack_int4(w).reshape(n, K // g, g).to(dtype)
-            scales, lows = self.scales_and_lows[rows].to(dtype).unbind(1)  # (n, K/group) each
-            return (q * scales[..., None] + lows[..., None]).reshape(n, K)
-        q = torch.stack([w & 15, w >> 4], dim=-1).reshape(n, K // g, g)
-        scales, zeros = self.scales_and_zeros[:, rows].to(dtype).transpose(0, 1).unbind(-1)  # (n, K/group) each
-        return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(n, K)
+            q = unpack_int4(self.weight).reshape(N, K // self.group, self.group).to(dtype)
+            scales, lows = self.scales_and_lows.to(dtype).unbind(1)  # (N, K/group) each
+            return (q * scales[..., None] + lows[..., None]).reshape(N, K)
+        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(N, K // self.group, self.group)
+        scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, K/group) each
+        return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
 
     def extra_repr(self) -> str:
         return (
