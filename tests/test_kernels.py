@@ -92,28 +92,45 @@ def test_int8_product(ops, N, K, xdtype):
 
 
 @pytest.mark.parametrize(
-    "N, K, group",
-    [(4, 512, 64), (6, 1024, 64), (130, 512, 64), (3, 192, 64), (5, 256, 128), (4, 512, 128)],
-    ids=["vector", "vector+rest", "vector-many", "rows", "rows-g128", "rows-g128-k512"],
-)
-def test_int4_product(ops, N, K, group):
-    """Groups of 64 with K a multiple of 512 take the vectorized path, everything else the row-by-row one."""
+    "N, K", [(4, 512), (8, 1024), (132, 256), (12, 128), (8, 64), (4, 192), (4, 14336)],
+    ids=["S256", "S256-wide", "S256-many", "S128", "S64", "S64-three", "7b-w2"],
+)  # fmt: skip
+def test_int4_product(ops, N, K):
+    """Superblocks of 256, 128 or 64 columns (the largest that divides K): x is quantized in blocks of that size."""
     codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
-    sl = torch.stack([_rand(N, K // group, seed=2).abs() / 50, _rand(N, K // group, seed=3) / 5], dim=1)
-    sl = sl.to(torch.bfloat16)  # (N, 2, groups): scale and low
+    scales, lows = _rand(N, K // 64, seed=2).abs() / 50, _rand(N, K // 64, seed=3) / 5
+    scales[0, 0] = 0.0  # a constant group
+    scales[1, -1] /= 1000  # a group with a tiny range beside a wide one: its subscale is small
     x = _rand(1, K, seed=K)
-    x[0, 70] = -30.0
-    s, lo = (t.double().repeat_interleave(group, dim=1) for t in sl.unbind(1))
-    w = codes.double() * s + lo
-    packed = kernels.pack_int4(codes)
+    x[0, 70 % K] = -30.0
+    packed, records = kernels.pack_int4(codes), kernels.pack_int4_scales(scales, lows)
     assert torch.equal(kernels.unpack_int4(packed), codes)
-    y = ops.linear_int4(x, packed, sl, group)
-    _check(y, x.double() @ w.T, _act_error(x, codes.double() * s, 64) + _sum_error(x, w))
-    # exactly: the codes times x quantized in blocks of 64, and the lows times the sums of x itself
-    exact = _as_quantized(x, 64) @ (codes.double() * s).T + x.double() @ lo.T
+    s, lo = (t.double().repeat_interleave(64, dim=1) for t in kernels.unpack_int4_scales(records))
+    # the scales as stored: within 1/32766 of their superblock's largest one; lows rounded to bf16
+    S = kernels.int4_superblock(K)
+    largest = scales.reshape(N, K // S, -1).amax(-1).double().repeat_interleave(S, dim=1)
+    assert ((s - scales.double().repeat_interleave(64, dim=1)).abs() <= largest / 32766 * 1.0001).all()
+    assert torch.equal(lo, lows.to(torch.bfloat16).double().repeat_interleave(64, dim=1))
+    w = codes.double() * s + lo
+    y = ops.linear_int4(x, packed, records)
+    _check(y, x.double() @ w.T, _act_error(x, codes.double() * s, S) + _sum_error(x, w))
+    # exactly: the codes times x quantized in blocks of S, and the lows times the sums of x itself
+    exact = _as_quantized(x, S) @ (codes.double() * s).T + x.double() @ lo.T
     _check(y, exact, _sum_error(x, w))
-    rows = slice(1, N)
-    torch.testing.assert_close(ops.dequantize_int4(packed, sl, group, rows).double(), w[rows], rtol=1e-6, atol=1e-6)
+    rows = slice(1, N - 1)  # rows that start and end inside blocks of four
+    torch.testing.assert_close(ops.dequantize_int4(packed, records, rows).double(), w[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_int4_layout_mistakes_are_refused(ops):
+    """The C code trusts its arguments: wrong shapes of codes or scales stop in Python."""
+    codes = torch.randint(0, 16, (8, 256), dtype=torch.uint8)
+    packed, records = kernels.pack_int4(codes), kernels.pack_int4_scales(torch.ones(8, 4), torch.zeros(8, 4))
+    x = _rand(1, 256, seed=0)
+    for bad_packed, bad_records in ((packed[:4], records), (packed, records[:, :, :-16]), (packed, records[:1])):
+        with pytest.raises(ValueError, match="int4"):
+            ops.linear_int4(x, bad_packed, bad_records)
+    with pytest.raises(ValueError, match="rows"):
+        ops.dequantize_int4(packed, records, slice(0, 9))
 
 
 @pytest.mark.parametrize(
@@ -164,7 +181,7 @@ def test_every_thread_count_gives_the_same_bits(ops):
     w = _rand(260, 1024, seed=0).to(torch.bfloat16)
     q = torch.randint(-127, 128, (260, 1024), dtype=torch.int8)
     codes = torch.randint(0, 16, (260, 1024), dtype=torch.uint8)
-    sl = _rand(260, 2, 16, seed=1).to(torch.bfloat16)
+    records = kernels.pack_int4_scales(_rand(260, 16, seed=1).abs(), _rand(260, 16, seed=3))
     x = _rand(1, 1024, seed=2).to(torch.bfloat16)
     before = torch.get_num_threads()
 
@@ -172,7 +189,7 @@ def test_every_thread_count_gives_the_same_bits(ops):
         return [
             ops.linear_bf16(x, w),
             ops.linear_int8(x, q, torch.ones(260)),
-            ops.linear_int4(x, kernels.pack_int4(codes), sl, 64),
+            ops.linear_int4(x, kernels.pack_int4(codes), records),
         ]
 
     try:

@@ -119,8 +119,8 @@ def test_int4_layer_matches_float_within_bound(monkeypatch, kind, rows, k):
     _, sz = int4_weights(w, group)
     step = sz[..., 0].T.repeat_interleave(group, dim=1)  # (N, K): each weight's group scale
     bound = _bound(x, w, step, kind != "fallback")  # ours keeps scales and lows in bf16
-    if kind == "ours" and rows == 1:  # x quantized to int8 in blocks of 64
-        bound += activation_step(x, 64) / 2 @ (w.abs() + step / 2).T
+    if kind == "ours" and rows == 1:  # x quantized to int8 in blocks of a superblock
+        bound += activation_step(x, kernels.int4_superblock(k)) / 2 @ (w.abs() + step / 2).T
     assert ((y - x @ w.T).abs() <= bound).all()
 
 
@@ -329,13 +329,16 @@ def test_tiny_spec_is_what_these_bounds_were_set_on(tiny_spec):
 
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
-def test_info_memory_estimate_is_the_loaded_size(tmp_path, mode):
-    """`mistral info` estimates the weights without torch; it must equal what a load really holds."""
+@pytest.mark.parametrize("ours", [False, True], ids=["torch-layouts", "our-layouts"])
+def test_info_memory_estimate_is_the_loaded_size(monkeypatch, tmp_path, mode, ours):
+    """`mistral info` estimates the weights without torch; it must equal what a load really holds. hidden 320:
+    int4 superblocks of 256 (dim) and 64 columns (hidden) in our layout."""
     from mistral_cli.config import ModelConfig
     from mistral_cli.info import memory_needed
 
-    spec = TinySpec(dim=128, hidden_dim=256, head_dim=32, n_heads=4, n_kv_heads=2)
+    ops = _kind(monkeypatch, "ours" if ours else "torch")
+    spec = TinySpec(dim=256, hidden_dim=320, head_dim=32, n_heads=4, n_kv_heads=2)
     folder = write_hf(tmp_path, spec, random_state_dict(spec), dtype=torch.bfloat16)
-    model = load_model(folder, Placement(torch.device("cpu"), torch.bfloat16), quantize=mode)
+    model = load_model(folder, Placement(torch.device("cpu"), torch.bfloat16), quantize=mode, kernels=ops)
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    assert memory_needed(ModelConfig.from_folder(folder), "bf16", mode, 0)["weights_bytes"] == held
+    assert memory_needed(ModelConfig.from_folder(folder), "bf16", mode, 0, ours=ours)["weights_bytes"] == held

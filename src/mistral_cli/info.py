@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from mistral_cli.settings import Settings
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-INT4_GROUP = 64  # quant.INT4_GROUP (not imported: quant imports torch)
+INT4_GROUP = 64  # kernels.INT4_GROUP (not imported: kernels imports torch)
 SAFETENSORS_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
@@ -79,6 +79,7 @@ def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_con
     dev_name, dev_reason = detect_device(device)
     compute = pick_dtype(dtype, dev_name, config.n_params)
     context = max_context or config.max_context
+    kernels = _kernels(dev_name)
     data: dict[str, Any] = {
         "name": paths.name,
         "repo_id": paths.repo_id,
@@ -106,8 +107,8 @@ def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_con
             ],
         },
         "tokenizer": _tokenizer(paths.tokenizer),
-        "memory": memory_needed(config, compute, quantize, context),
-        "device": {"name": dev_name, "reason": dev_reason, "dtype": compute, "kernels": _kernels(dev_name)},
+        "memory": memory_needed(config, compute, quantize, context, ours=bool(kernels and kernels["ours"])),
+        "device": {"name": dev_name, "reason": dev_reason, "dtype": compute, "kernels": kernels},
     }
     record = paths.folder / SOURCE_FILE
     if record.is_file():
@@ -116,24 +117,29 @@ def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_con
     return data
 
 
-def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int) -> dict[str, Any]:
-    """Weights at the compute dtype (linear layers at the quantized width) plus the KV cache for the context."""
+def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int, ours: bool = False) -> dict[str, Any]:
+    """Weights at the compute dtype (linear layers at the quantized width) plus the KV cache for the context.
+    `ours`: quantized layers in our CPU kernels' layouts."""
     size = DTYPE_BYTES[dtype]
     embed = config.vocab_size * config.dim
     norms = (2 * config.n_layers + 1) * config.dim
     linear = config.n_params - embed - norms
-    # the layouts of quant.py: int8 is a byte a weight and a scale per output row; int4 is half a byte a weight
-    # and a scale and a zero per group of INT4_GROUP inputs in the blocks, with the output head in int8
+    # the layouts of quant.py: int8 is a byte a weight and a scale per output row (float32 in ours); int4 is half a
+    # byte a weight and a scale and a zero per group of INT4_GROUP inputs in the blocks, plus in ours a float32 per
+    # superblock (kernels.int4_superblock), with the output head in int8
+    scale = 4 if ours else size
     head = config.vocab_size * config.dim
-    head_int8 = head + config.vocab_size * size
+    head_int8 = head + config.vocab_size * scale
+    qkv = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+    # the linear layers of a block as (output rows, input columns)
+    shapes = [(qkv, config.dim), (config.dim, config.n_heads * config.head_dim)]
+    shapes += [(2 * config.hidden_dim, config.dim), (config.dim, config.hidden_dim)]
     if quantize == "int8":
-        rows = config.n_layers * (
-            (config.n_heads + 2 * config.n_kv_heads) * config.head_dim + config.dim * 2 + config.hidden_dim * 2
-        )
-        linear_bytes = (linear - head) + rows * size + head_int8
+        linear_bytes = (linear - head) + config.n_layers * sum(N for N, _ in shapes) * scale + head_int8
     elif quantize == "int4":
-        blocks = linear - head
-        linear_bytes = blocks // 2 + blocks // INT4_GROUP * 2 * size + head_int8
+        superblocks = sum(N * K // _int4_superblock(K) for N, K in shapes) if ours else 0
+        per_block = sum(N * K // 2 + N * K // INT4_GROUP * 2 * size for N, K in shapes) + superblocks * 4
+        linear_bytes = config.n_layers * per_block + head_int8
     else:
         linear_bytes = linear * size
     weights = linear_bytes + (embed + norms) * size
@@ -146,6 +152,11 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int) 
         "kv_cache_bytes": kv,
         "total_bytes": weights + kv,
     }
+
+
+def _int4_superblock(K: int) -> int:
+    """kernels.int4_superblock (not imported: kernels imports torch)."""
+    return next((S for S in (256, 128, 64) if K % S == 0), INT4_GROUP)
 
 
 def _kernels(device: str) -> dict[str, Any] | None:

@@ -4,19 +4,18 @@
  *
  * A decode step reads every weight once, so these products are bound by memory bandwidth. torch's bf16 GEMV
  * reaches about 60% of it on AVX2; here each thread streams four rows at once with two accumulators per row, and
- * the quantized products multiply integers (x quantized to int8 in blocks of 32 or 64, as llama.cpp does), so their
+ * the quantized products multiply integers (x quantized to int8 in blocks of 32 to 256, as llama.cpp does), so their
  * arithmetic keeps up with the smaller weights.
  *
  * Threads: OpenMP, from the libgomp that torch has already loaded (the same soname), so torch and these kernels
  * share one thread team instead of two pools competing for the cores.
  *
- * Layouts (row-major, each row contiguous):
+ * Layouts (bf16 and int8 row-major, each row contiguous):
  *   bf16  w[n, k]
  *   int8  q[n, k] in -127..127 and scale[n] (float32): W[n, k] = q[n, k] * scale[n]
- *   int4  K/64 blocks of 32 bytes per row, byte i of block b holding the code of column 64b+i in its low nibble
- *         and of column 64b+32+i in its high nibble; codes 0..15; per group g of G columns (G a multiple of 64)
- *         a bf16 scale sl[n, 0, g] and low sl[n, 1, g]: W[n, k] = code * scale + low.
- * x and y are float32 (dtype 0) or bf16 (dtype 1). K is a multiple of 32 (bf16, int8) or 64 (int4).
+ *   int4  rows in blocks of four, codes 0..15 in groups of 64 columns with a scale and a low each, the scales as
+ *         integer multiples of one float per superblock of S columns (the int4 section below)
+ * x and y are float32 (dtype 0) or bf16 (dtype 1). K is a multiple of 32 (bf16, int8) or S (int4).
  */
 #include <math.h>
 #include <stdint.h>
@@ -222,118 +221,137 @@ int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
 
 /* ------------------------------------------------------------------------------------------------------- int4 */
 
-/* sum of code * xq over the 64 columns of one 32-byte block, in eight int32 lanes as floats. maddubs takes the
-   codes (0..15) as its unsigned operand; the two halves' int16 pair sums (each at most 2 * 15 * 127) are added
-   before widening. */
-static inline __m256 dot_u4x64(const uint8_t *p, __m256i x0, __m256i x1) {
-    const __m256i m = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+/* Our int4 layout (the header's): rows in blocks of four, groups of 64 columns, superblocks of S = 64 J columns
+   (J = 4, 2 or 1 groups). Per block of four rows:
+     codes    K/64 records of 128 bytes: for group g, the four rows' 32 bytes in turn; a row's byte i holds the code of
+              column 64g+i in its low nibble and of column 64g+32+i in its high nibble;
+     scales   K/S records of 16 + 16 J bytes: the four rows' float32 multipliers f[r], then for each group j of the
+              superblock the four rows' int16 subscales q[j][r] (0..16383), then for each group the four rows' bf16
+              lows l[j][r].
+   W[4b+r, k] = code * f[r] * q[j][r] + l[j][r].
+   The decode product multiplies integers for a whole superblock before it touches a float: x is quantized in blocks
+   of S, so sum(code * xq) over a group times q[j][r] adds up, exactly, in int32, and each superblock costs one
+   conversion and one multiply-add per row. A sum is at most 2 * 2 * 15 * 127 (two code pairs per int16 lane) times
+   16383 per int32 lane and group: J = 4 groups stay below 2^31. Each thread streams the codes of its blocks of rows
+   in one sequence. */
+
+#define INT4_SUB_MAX 16383
+#ifndef INT4_AHEAD
+#define INT4_AHEAD 16384 /* bytes of codes prefetched ahead of the read: the hardware prefetchers alone trail */
+#endif
+
+static inline int16_t load_i16(const uint8_t *p) {
+    int16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* sum over one 64-column group of code * xq, times the subscale q, in eight int32 lanes: maddubs takes the codes
+   (0..15) as its unsigned operand, and the two halves' int16 pair sums are added before madd widens them */
+static inline __m256i dot_u4x64(const uint8_t *p, __m256i x0, __m256i x1, int16_t q) {
+    const __m256i m = _mm256_set1_epi8(15);
     __m256i v = _mm256_loadu_si256((const __m256i *)p);
     __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
     __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(q));
 }
 
-/* one row, any group size that is a multiple of 64 */
-static float dot_int4_row(const uint8_t *w, const uint16_t *sc, const uint16_t *lw, const int8_t *xq, const float *d,
-                          const float *gsum, int64_t K, int64_t G) {
-    __m256 acc = _mm256_setzero_ps();
-    float lows = 0.0f;
-    for (int64_t g = 0; g < K / G; g++) {
-        float s = bf16_to_f32(sc[g]);
-        for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+/* one block of four rows: out[r] = row r . x, from xq and its steps d (per superblock) and gsum4 (x's own sums per
+   group, each four times: the lows' term takes two groups of four rows a vector). J is a constant where this is
+   inlined, so the group loop unrolls. */
+static inline __attribute__((always_inline)) void int4_rows4(const uint8_t *w, const uint8_t *sc, const int8_t *xq,
+                                                             const float *d, const float *gsum4, int64_t K, int J,
+                                                             float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, lows = a0;
+    __m128 lows1 = _mm_setzero_ps();
+    for (int64_t b = 0; b < K / (64 * J); b++, sc += 16 + 16 * J) {
+        __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+        for (int j = 0; j < J; j++) {
+            const int64_t g = b * J + j, k = 64 * g;
+            const uint8_t *p = w + 128 * g, *qj = sc + 16 + 8 * j;
+            _mm_prefetch((const char *)(p + INT4_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + INT4_AHEAD + 64), _MM_HINT_T0);
             __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k)), x1 = _mm256_loadu_si256((const __m256i *)(xq + k + 32));
-            acc = _mm256_fmadd_ps(dot_u4x64(w + k / 2, x0, x1), _mm256_set1_ps(s * d[k / 64]), acc);
+            i0 = _mm256_add_epi32(i0, dot_u4x64(p, x0, x1, load_i16(qj)));
+            i1 = _mm256_add_epi32(i1, dot_u4x64(p + 32, x0, x1, load_i16(qj + 2)));
+            i2 = _mm256_add_epi32(i2, dot_u4x64(p + 64, x0, x1, load_i16(qj + 4)));
+            i3 = _mm256_add_epi32(i3, dot_u4x64(p + 96, x0, x1, load_i16(qj + 6)));
         }
-        lows += bf16_to_f32(lw[g]) * gsum[g];
+        const uint8_t *l = sc + 16 + 8 * J; /* lows: lanes (group, row) */
+        const float *gs = gsum4 + 4 * J * b;
+        if (J == 1)
+            lows1 = _mm_fmadd_ps(_mm256_castps256_ps128(load_bf16x8((const uint16_t *)l)), _mm_loadu_ps(gs), lows1);
+        for (int j = 0; j + 1 < J; j += 2)
+            lows = _mm256_fmadd_ps(load_bf16x8((const uint16_t *)(l + 8 * j)), _mm256_loadu_ps(gs + 4 * j), lows);
+        const __m128 f = _mm_mul_ps(_mm_loadu_ps((const float *)sc), _mm_set1_ps(d[b]));
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_broadcastss_ps(f), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_broadcastss_ps(_mm_shuffle_ps(f, f, 0x55)), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), _mm256_broadcastss_ps(_mm_shuffle_ps(f, f, 0xaa)), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i3), _mm256_broadcastss_ps(_mm_shuffle_ps(f, f, 0xff)), a3);
     }
-    return hsum(acc) + lows;
+    float l[4];
+    _mm_storeu_ps(l, _mm_add_ps(lows1, _mm_add_ps(_mm256_castps256_ps128(lows), _mm256_extractf128_ps(lows, 1))));
+    out[0] = hsum(a0) + l[0], out[1] = hsum(a1) + l[1], out[2] = hsum(a2) + l[2], out[3] = hsum(a3) + l[3];
 }
 
-/* four rows at once, G == 64 and K a multiple of 512: the multipliers (scale * d) and the low terms of eight
-   groups are computed as vectors, and each group's multiplier is broadcast from its lane */
-static void dot_int4_rows4_g64(const uint8_t *w, const uint16_t *sl, const int8_t *xq, const float *d,
-                               const float *gsum, int64_t K, float *out) {
-    const int64_t ng = K / 64;
-    const uint8_t *r0 = w, *r1 = w + K / 2, *r2 = r1 + K / 2, *r3 = r2 + K / 2;
-    const uint16_t *s0 = sl, *s1 = s0 + 2 * ng, *s2 = s1 + 2 * ng, *s3 = s2 + 2 * ng;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t g0 = 0; g0 < ng; g0 += 8) {
-        __m256 D = _mm256_loadu_ps(d + g0), S = _mm256_loadu_ps(gsum + g0);
-        __m256 m0 = _mm256_mul_ps(load_bf16x8(s0 + g0), D), m1 = _mm256_mul_ps(load_bf16x8(s1 + g0), D);
-        __m256 m2 = _mm256_mul_ps(load_bf16x8(s2 + g0), D), m3 = _mm256_mul_ps(load_bf16x8(s3 + g0), D);
-        a0 = _mm256_fmadd_ps(load_bf16x8(s0 + ng + g0), S, a0);
-        a1 = _mm256_fmadd_ps(load_bf16x8(s1 + ng + g0), S, a1);
-        a2 = _mm256_fmadd_ps(load_bf16x8(s2 + ng + g0), S, a2);
-        a3 = _mm256_fmadd_ps(load_bf16x8(s3 + ng + g0), S, a3);
-#define GROUP(j)                                                                                                     \
-    do {                                                                                                             \
-        const int64_t k = (g0 + j) * 64;                                                                             \
-        const __m256i idx = _mm256_set1_epi32(j);                                                                    \
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k)), x1 = _mm256_loadu_si256((const __m256i *)(xq + k + 32)); \
-        PREFETCH4(k / 2 + 2 * K);                                                                                           \
-        a0 = _mm256_fmadd_ps(dot_u4x64(r0 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m0, idx), a0);               \
-        a1 = _mm256_fmadd_ps(dot_u4x64(r1 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m1, idx), a1);               \
-        a2 = _mm256_fmadd_ps(dot_u4x64(r2 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m2, idx), a2);               \
-        a3 = _mm256_fmadd_ps(dot_u4x64(r3 + k / 2, x0, x1), _mm256_permutevar8x32_ps(m3, idx), a3);               \
-    } while (0)
-        GROUP(0); GROUP(1); GROUP(2); GROUP(3); GROUP(4); GROUP(5); GROUP(6); GROUP(7);
-#undef GROUP
-    }
-    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
-}
-
-int mc_gemv_int4(const uint8_t *w, const uint16_t *sl, const void *x, int xtype, void *y, int ytype, int64_t N,
-                 int64_t K, int64_t G, int threads) {
+/* y = W x for W in our int4 layout with superblocks of S columns (N a multiple of 4, K of S, S 64, 128 or 256) */
+int mc_gemv_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xtype, void *y, int ytype, int64_t N,
+                 int64_t K, int64_t S, int threads) {
+    const int J = (int)(S / 64);
+    if (N % 4 || S % 64 || J < 1 || J > 4 || J == 3 || K % S) return -2;
     float *xf = x_as_f32(x, xtype, K);
     int8_t *xq = (int8_t *)malloc((size_t)K);
-    float *d = (float *)malloc((size_t)(K / 64) * 2 * sizeof(float));
-    float *gsum = (float *)malloc((size_t)(K / G) * sizeof(float));
-    if (!xf || !xq || !d || !gsum) {
-        free(xf), free(xq), free(d), free(gsum);
+    float *d = (float *)malloc((size_t)(2 * (K / S) + K / 16) * sizeof(float));
+    if (!xf || !xq || !d) {
+        free(xf), free(xq), free(d);
         return -1;
     }
-    float *bsum = d + K / 64;
-    quantize_x(xf, K, 64, xq, d, bsum);
-    for (int64_t g = 0; g < K / G; g++) { /* sums of x itself (not of xq): the low term stays exact */
-        float s = 0.0f;
-        for (int64_t b = g * G / 64; b < (g + 1) * G / 64; b++) s += bsum[b];
-        gsum[g] = s;
+    float *gsum4 = d + 2 * (K / S);
+    quantize_x(xf, K, S, xq, d, d + K / S);
+    for (int64_t g = 0; g < K / 64; g++) { /* sums of x itself (not of xq): the low term stays exact */
+        __m256 s = _mm256_setzero_ps();
+        for (int64_t i = 0; i < 64; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xf + 64 * g + i));
+        _mm_storeu_ps(gsum4 + 4 * g, _mm_set1_ps(hsum(s)));
     }
-    const int64_t ng = K / G, blocks = (G == 64 && K % 512 == 0) ? N / 4 : 0;
+    const int64_t rec = 16 + 16 * J; /* bytes of scales per block of rows and superblock */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t n = 4 * blk;
+    for (int64_t blk = 0; blk < N / 4; blk++) {
+        const uint8_t *wb = w + blk * 2 * K, *sb = scales + blk * (K / S) * rec;
         float out[4];
-        dot_int4_rows4_g64(w + n * (K / 2), sl + n * 2 * ng, xq, d, gsum, K, out);
-        for (int r = 0; r < 4; r++) store(y, ytype, n + r, out[r]);
+        if (J == 4)
+            int4_rows4(wb, sb, xq, d, gsum4, K, 4, out);
+        else if (J == 2)
+            int4_rows4(wb, sb, xq, d, gsum4, K, 2, out);
+        else
+            int4_rows4(wb, sb, xq, d, gsum4, K, 1, out);
+        for (int r = 0; r < 4; r++) store(y, ytype, 4 * blk + r, out[r]);
     }
-    const int64_t rest = 4 * blocks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (N - rest > 64)
-    for (int64_t n = rest; n < N; n++) {
-        const uint16_t *s = sl + n * 2 * ng;
-        store(y, ytype, n, dot_int4_row(w + n * (K / 2), s, s + ng, xq, d, gsum, K, G));
-    }
-    free(xf), free(xq), free(d), free(gsum);
+    free(xf), free(xq), free(d);
     return 0;
 }
 
 /* rows [n0, n1) of an int4 weight as float32 (out holds (n1 - n0) * K): a prompt's product dequantizes a block of
    rows at a time and multiplies it with one float GEMM */
-int mc_dequant_int4(const uint8_t *w, const uint16_t *sl, float *out, int64_t n0, int64_t n1, int64_t K, int64_t G,
+int mc_dequant_int4(const uint8_t *w, const uint8_t *scales, float *out, int64_t n0, int64_t n1, int64_t K, int64_t S,
                     int threads) {
-    const int64_t ng = K / G;
+    const int64_t J = S / 64, rec = 16 + 16 * J;
+    if (S % 64 || J < 1 || K % S) return -2;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = w + n * (K / 2);
-        const uint16_t *sc = sl + n * 2 * ng, *lw = sc + ng;
+        const int64_t blk = n / 4, r = n % 4;
         float *o = out + (n - n0) * K;
         const __m128i m = _mm_set1_epi8(15);
-        for (int64_t k = 0; k < K; k += 64) {
-            const __m256 s = _mm256_set1_ps(bf16_to_f32(sc[k / G])), l = _mm256_set1_ps(bf16_to_f32(lw[k / G]));
+        for (int64_t g = 0; g < K / 64; g++) {
+            const uint8_t *sc = scales + (blk * (K / S) + g / J) * rec;
+            float f;
+            memcpy(&f, sc + 4 * r, 4);
+            const __m256 s = _mm256_set1_ps(f * (float)load_i16(sc + 16 + 8 * (g % J) + 2 * r));
+            const __m256 l = _mm256_set1_ps(bf16_to_f32((uint16_t)load_i16(sc + 16 + 8 * J + 8 * (g % J) + 2 * r)));
+            const uint8_t *row = w + blk * 2 * K + 128 * g + 32 * r;
             for (int half = 0; half < 2; half++) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(row + k / 2 + 16 * half));
+                __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * half));
                 __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-                float *o_lo = o + k + 16 * half, *o_hi = o_lo + 32;
+                float *o_lo = o + 64 * g + 16 * half, *o_hi = o_lo + 32;
                 _mm256_storeu_ps(o_lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, l));
                 _mm256_storeu_ps(o_lo + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, l));
                 _mm256_storeu_ps(o_hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, l));
@@ -577,10 +595,10 @@ static void silu_mul_bf16(const uint16_t *gu, int64_t n, uint16_t *out) {
     }
 }
 
-/* a linear layer as kernels.py describes it: kind 0 bf16 w, 1 int8 w with float32 scales s, 2 int4 w with bf16
-   scales and lows s in groups of G */
+/* a linear layer as kernels.py describes it: kind 0 bf16 w, 1 int8 w with float32 scales s, 2 int4 w with its
+   scales s in superblocks of S columns */
 typedef struct {
-    int64_t kind, N, K, G;
+    int64_t kind, N, K, S;
     const void *w, *s;
 } mc_linear;
 
@@ -593,7 +611,7 @@ static int linear(const mc_linear *l, const uint16_t *x, uint16_t *y, int thread
     switch (l->kind) {
     case 0: return mc_gemv_bf16((const uint16_t *)l->w, x, 1, y, 1, l->N, l->K, threads);
     case 1: return mc_gemv_int8((const int8_t *)l->w, (const float *)l->s, x, 1, y, 1, l->N, l->K, threads);
-    case 2: return mc_gemv_int4((const uint8_t *)l->w, (const uint16_t *)l->s, x, 1, y, 1, l->N, l->K, l->G, threads);
+    case 2: return mc_gemv_int4((const uint8_t *)l->w, (const uint8_t *)l->s, x, 1, y, 1, l->N, l->K, l->S, threads);
     default: return -2;
     }
 }

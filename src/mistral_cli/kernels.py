@@ -31,12 +31,22 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def supports(K: int, group: int | None = None) -> bool:
-    """Whether a layer with K input columns (and int4 groups of `group`) can use these kernels: they work on blocks
-    of 32 columns, 64 for int4."""
+INT4_GROUP = 64  # columns per scale and low in our int4 layout
+INT4_SUB_MAX = 16383  # the largest int16 subscale (kernels.c: INT4_SUB_MAX)
+
+
+def supports(K: int, group: int | None = None, N: int = 4) -> bool:
+    """Whether a layer of N output rows and K input columns (int4: in groups of `group`) can use these kernels: they
+    work on blocks of 32 columns, and int4 on groups of 64 columns in blocks of four rows."""
     if group is not None:
-        return K % 64 == 0 and group % 64 == 0
+        return K % INT4_GROUP == 0 and group == INT4_GROUP and N % 4 == 0
     return K % 32 == 0
+
+
+def int4_superblock(K: int) -> int:
+    """Columns per superblock of our int4 layout for K input columns (a multiple of 64): 256 where they divide K,
+    else 128 or 64. x is quantized in blocks of this size for the decode product."""
+    return next(S for S in (256, 128, 64) if K % S == 0)
 
 
 def attention_heads_fit(H: int, KV: int, D: int) -> bool:
@@ -48,12 +58,12 @@ def attention_heads_fit(H: int, KV: int, D: int) -> bool:
 @dataclass(frozen=True)
 class Operands:
     """A linear layer as the C code reads it: kind 'bf16' (weight), 'int8' (weight, float32 scales) or 'int4'
-    (packed weight, bf16 scales and lows in groups of `group`)."""
+    (pack_int4's codes, and pack_int4_scales' records over superblocks of `superblock` columns)."""
 
     kind: str
     weight: torch.Tensor
     scales: torch.Tensor | None = None
-    group: int = 0
+    superblock: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,7 +85,7 @@ class LayerOperands:
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("G", _I64), ("w", _P), ("s", _P)]
+    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("S", _I64), ("w", _P), ("s", _P)]
 
 
 class _Layer(ctypes.Structure):
@@ -97,7 +107,7 @@ class DecodeStep:
             for name in ("wqkv", "wo", "w13", "w2"):
                 op: Operands = getattr(layer, name)
                 scales = None if op.scales is None else op.scales.data_ptr()
-                setattr(row, name, _Linear(_KINDS[op.kind], *op.shape, op.group, op.weight.data_ptr(), scales))
+                setattr(row, name, _Linear(_KINDS[op.kind], *op.shape, op.superblock, op.weight.data_ptr(), scales))
 
     @classmethod
     def of(
@@ -188,21 +198,15 @@ class Kernels:
         self._check(rc)
         return y
 
-    def linear_int4(self, x: torch.Tensor, packed: torch.Tensor, sl: torch.Tensor, group: int) -> torch.Tensor:
+    def linear_int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """`packed` from pack_int4, `scales` from pack_int4_scales."""
         N, K = packed.shape[0], packed.shape[1] * 2
-        x, code, y = self._io(x, N, K, packed, sl)
+        S = _check_int4(packed, scales)
+        x, code, y = self._io(x, N, K, packed, scales)
         rc = self._int4(
-            packed.data_ptr(),
-            sl.data_ptr(),
-            x.data_ptr(),
-            code,
-            y.data_ptr(),
-            code,
-            N,
-            K,
-            group,
+            packed.data_ptr(), scales.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, S,
             torch.get_num_threads(),
-        )
+        )  # fmt: skip
         self._check(rc)
         return y
 
@@ -272,29 +276,82 @@ class Kernels:
         self._check(rc)
         return x
 
-    def dequantize_int4(self, packed: torch.Tensor, sl: torch.Tensor, group: int, rows: slice) -> torch.Tensor:
-        """Rows `rows` of an int4 weight in kernels.c's layout, as float32."""
-        K = packed.shape[1] * 2
+    def dequantize_int4(self, packed: torch.Tensor, scales: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Rows `rows` of an int4 weight in our layout (pack_int4, pack_int4_scales), as float32."""
+        N, K = packed.shape[0], packed.shape[1] * 2
+        S = _check_int4(packed, scales)
+        if not 0 <= rows.start <= rows.stop <= N:
+            raise ValueError(f"rows {rows.start}..{rows.stop} of a weight of {N}")
         out = torch.empty(rows.stop - rows.start, K)
-        self._dequant4(
-            packed.data_ptr(), sl.data_ptr(), out.data_ptr(), rows.start, rows.stop, K, group, torch.get_num_threads()
+        rc = self._dequant4(
+            packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.start, rows.stop, K, S, torch.get_num_threads()
         )
+        self._check(rc)
         return out
 
 
+def _check_int4(packed: torch.Tensor, scales: torch.Tensor) -> int:
+    """The superblock of an int4 weight in our layout, after checking that its codes and scales fit together (the C
+    code trusts them)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    S = int4_superblock(K) if supports(K, INT4_GROUP, N) else 0
+    record = 16 + 16 * S // INT4_GROUP
+    expected = (N // 4, K // S, record) if S else None
+    if packed.dtype != torch.uint8 or scales.dtype != torch.uint8 or tuple(scales.shape) != expected:
+        raise ValueError(f"not an int4 weight in our layout: codes {tuple(packed.shape)}, scales {tuple(scales.shape)}")
+    if not (packed.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("an int4 weight's codes and scales must be contiguous")
+    return S
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 (N, K) as uint8 -> (N, K/2) bytes in kernels.c's layout: per block of 64 columns, byte i holds
-    column i in its low nibble and column 32+i in its high nibble."""
+    """Codes 0..15 (N, K) as uint8 -> (N, K/2) bytes in kernels.c's layout: for each block of four rows and group of
+    64 columns, the four rows' 32 bytes in turn, byte i holding column i in its low nibble and 32+i in its high
+    one. Rows 4b..4b+3 of the result hold rows 4b..4b+3 of the codes, so blocks of rows can be packed apart."""
     N, K = codes.shape
-    blocks = codes.reshape(N, K // 64, 2, 32)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+    halves = codes.reshape(N // 4, 4, K // 64, 2, 32)
+    return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).transpose(1, 2).reshape(N, K // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_int4."""
     N, half = packed.shape
-    blocks = packed.reshape(N, half // 32, 1, 32)
-    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(N, half * 2)
+    blocks = packed.reshape(N // 4, half // 32, 4, 1, 32).transpose(1, 2)
+    return torch.cat([blocks & 15, blocks >> 4], dim=3).reshape(N, half * 2)
+
+
+def pack_int4_scales(scales: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
+    """Per-group scales (positive) and lows (N, K/64) -> kernels.c's records (N/4, K/S, 16 + 16 J) of S = 64 J
+    columns (`int4_superblock`): per block of four rows and superblock, the four rows' float32 multipliers f (the
+    superblock's largest scale / 16383), then per group the four rows' int16 subscales round(scale / f), then per
+    group their bf16 lows. The scale a weight gets is f * subscale: within 1/32766 of the superblock's largest."""
+    N, groups = scales.shape
+    J = int4_superblock(groups * INT4_GROUP) // INT4_GROUP
+    by_block = scales.double().reshape(N, groups // J, J)  # float64: a float32 quotient near 16383 is off by 1e-3
+    f = (by_block.amax(dim=-1) / INT4_SUB_MAX).clamp(min=torch.finfo(torch.float32).tiny).float()
+    sub = torch.round(by_block / f.double()[..., None]).clamp(0, INT4_SUB_MAX).to(torch.int16)
+
+    def four_rows(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N/4, ..., 4): the rows of a block last
+        return t.reshape(N // 4, 4, *t.shape[1:]).movedim(1, -1).contiguous()
+
+    per_group = [four_rows(sub), four_rows(lows.reshape(N, -1, J).to(torch.bfloat16))]  # (N/4, K/S, J, 4) each
+    return torch.cat([four_rows(f).view(torch.uint8), *(t.view(torch.uint8).flatten(2) for t in per_group)], dim=-1)
+
+
+def unpack_int4_scales(records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_int4_scales' records -> the scales f * subscale and the lows, float32 (N, K/64) each."""
+    blocks, superblocks, size = records.shape
+    J = (size - 16) // 16
+    N = 4 * blocks
+
+    def by_row(t: torch.Tensor) -> torch.Tensor:  # (N/4, K/S, [J,] 4) -> (N, K/S [* J])
+        return t.movedim(-1, 1).reshape(N, -1)
+
+    f = by_row(records[..., :16].contiguous().view(torch.float32))
+    sub, lows = (records[..., 16 + 8 * J * i : 16 + 8 * J * (i + 1)].reshape(blocks, superblocks, J, 8) for i in (0, 1))
+    sub = by_row(sub.contiguous().view(torch.int16)).float()
+    lows = by_row(lows.contiguous().view(torch.bfloat16)).float()
+    return sub * f.repeat_interleave(J, dim=1), lows
 
 
 def _cache_folders() -> list[Path]:

@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_cli.kernels import Kernels, Operands, pack_int4, supports, unpack_int4
+from mistral_cli.kernels import INT4_GROUP, Kernels, Operands, int4_superblock, pack_int4, pack_int4_scales, supports
 from mistral_cli.model import blocked_linear
 
 MODES = ("int8", "int4")
-INT4_GROUP = 64  # weights per int4 scale/zero pair; 32, 64, 128 or 256
 KERNEL_MAX_ROWS = 16  # int8: above this many rows, dequantizing and one float GEMM is faster than the kernel
 QUANT_BLOCK = 1 << 20  # weights quantized at a time: small float32 temporaries, reused with no page faults
 _INT8_OP = "_weight_int8pack_mm"
@@ -179,9 +178,10 @@ class WeightOnlyInt8Linear(nn.Module):
 class WeightOnlyInt4Linear(nn.Module):
     """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15.
 
-    Three layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4, and (N, 2, K/group)
-    bf16 scales and lows, low = zero - 8 * scale), torch's CPU kernel's private packing with (K/group, N, 2)
-    scales_and_zeros, or a plain one (two codes per byte, even column in the low nibble) for other devices.
+    Three layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4's codes, and
+    kernels.pack_int4_scales' records of the scales and lows, low = zero - 8 * scale), torch's CPU kernel's private
+    packing with (K/group, N, 2) scales_and_zeros, or a plain one (two codes per byte, even column in the low
+    nibble) for other devices.
     """
 
     def __init__(
@@ -200,7 +200,7 @@ class WeightOnlyInt4Linear(nn.Module):
         self.group = int4_group(K, group)
         self.upcast = upcast
         cpu = ref.device.type == "cpu"
-        self.ops = kernels if cpu and supports(K, self.group) else None
+        self.ops = kernels if cpu and supports(K, self.group, N) else None
         # torch's CPU kernel: groups of 32..256, N a multiple of 16 (its packing works on blocks of rows)
         torch_kernel = _HAS_INT4_KERNEL and cpu and self.group in (32, 64, 128, 256) and N % 16 == 0
         self.kernel = "ours" if self.ops else "torch" if torch_kernel else None
@@ -217,8 +217,7 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("weight", packed)
         if self.kernel == "ours":
             scales, zeros = scales_and_zeros.unbind(-1)  # (K/group, N) each
-            lows = zeros - 8 * scales
-            self.register_buffer("scales_and_lows", torch.stack([scales.T, lows.T], dim=1).to(torch.bfloat16))
+            self.register_buffer("scales_and_lows", pack_int4_scales(scales.T, (zeros - 8 * scales).T))
         else:  # torch's kernel reads scales in its activation dtype, bf16
             self.register_buffer(
                 "scales_and_zeros", scales_and_zeros.to(torch.bfloat16 if self.kernel == "torch" else ref.dtype)
@@ -228,7 +227,7 @@ class WeightOnlyInt4Linear(nn.Module):
         rows = x.numel() // self.in_features
         if self.ops is not None:
             if rows == 1:
-                return self.ops.linear_int4(x, self.weight, self.scales_and_lows, self.group).to(x.dtype)
+                return self.ops.linear_int4(x, self.weight, self.scales_and_lows).to(x.dtype)
             dtype = torch.float32 if self.upcast else x.dtype
             return blocked_linear(x, self.weight, dtype, self.dequantize_rows).to(x.dtype)
         if self.kernel == "torch":
@@ -241,12 +240,14 @@ class WeightOnlyInt4Linear(nn.Module):
 
     def operands(self) -> Operands | None:
         """This layer for a whole-step kernel (kernels.DecodeStep), when it runs on our kernels."""
-        return None if self.ops is None else Operands("int4", self.weight, self.scales_and_lows, self.group)
+        if self.ops is None:
+            return None
+        return Operands("int4", self.weight, self.scales_and_lows, int4_superblock(self.in_features))
 
     def dequantize_rows(self, rows: slice) -> torch.Tensor:
         """Rows `rows` of the float weight, in float32 (our layout)."""
         assert self.ops is not None
-        return self.ops.dequantize_int4(self.weight, self.scales_and_lows, self.group, rows)
+        return self.ops.dequantize_int4(self.weight, self.scales_and_lows, rows)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight (N, K) this layer stands for (not for torch's kernel: its packed layout is private)."""
@@ -254,9 +255,7 @@ class WeightOnlyInt4Linear(nn.Module):
             raise RuntimeError("the CPU kernel's packed layout cannot be dequantized")
         N, K = self.out_features, self.in_features
         if self.kernel == "ours":
-            q = unpack_int4(self.weight).reshape(N, K // self.group, self.group).to(dtype)
-            scales, lows = self.scales_and_lows.to(dtype).unbind(1)  # (N, K/group) each
-            return (q * scales[..., None] + lows[..., None]).reshape(N, K)
+            return self.dequantize_rows(slice(0, N)).to(dtype)
         q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(N, K // self.group, self.group)
         scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, K/group) each
         return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
