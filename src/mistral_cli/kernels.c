@@ -122,10 +122,14 @@ static void quantize_x(const float *x, int64_t K, int64_t B, int8_t *xq, float *
    1-2 KB each are too short for the hardware prefetchers (measured: about 1.2x on 1024-column matrices, and worse
    on 3584-4096-column ones, where four rows at a time share the loads of x) */
 #define ROWS4_MIN_K 2048
+/* bytes a row-at-a-time product prefetches ahead in its stream (the rows after this one): the hardware prefetchers
+   alone leave a 32000 x 1024 bf16 output head at about 23 GB/s, this at 28-29 */
+#define ROW_AHEAD 8192
 
 static inline float dot_bf16_1(const uint16_t *w, const float *x, int64_t K) {
     __m256 a = _mm256_setzero_ps(), b = a;
     for (int64_t k = 0; k < K; k += 16) {
+        if (k % 32 == 0) _mm_prefetch((const char *)(w + k) + ROW_AHEAD, _MM_HINT_T0);
         a = _mm256_fmadd_ps(load_bf16x8(w + k), _mm256_loadu_ps(x + k), a);
         b = _mm256_fmadd_ps(load_bf16x8(w + k + 8), _mm256_loadu_ps(x + k + 8), b);
     }
@@ -176,6 +180,7 @@ static inline float dot_int8_1(const int8_t *w, const int8_t *xq, const float *d
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 a = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
+        _mm_prefetch((const char *)(w + k) + ROW_AHEAD, _MM_HINT_T0);
         __m256 s = dot_i8x32(_mm256_loadu_si256((const __m256i *)(w + k)), _mm256_loadu_si256((const __m256i *)(xq + k)), ones);
         a = _mm256_fmadd_ps(s, _mm256_set1_ps(d[k / 32]), a);
     }
