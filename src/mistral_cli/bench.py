@@ -348,11 +348,7 @@ def run_ours(spec: RunSpec) -> RunResult:
     load_s = time.perf_counter() - t
     load_peak = peak_memory_gb(spec.device)
     model = engine.model
-    weight_bytes = sum(
-        t.numel() * t.element_size()
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-        if not name.startswith("tok_embeddings")
-    )
+    weight_bytes = model.decode_bytes()
     prompt = prompt_ids(spec.prompt)
     greedy = GenerationOptions(temperature=0, max_tokens=spec.decode)
     t = time.perf_counter()

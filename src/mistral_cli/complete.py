@@ -179,7 +179,7 @@ def _json_result(done: Any, engine: Any, model: str, opts: GenerationOptions) ->
 
 
 def _report(done: Any, engine: Any) -> None:
-    weight_gb = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9
+    weight_gb = engine.model.decode_bytes() / 1e9
     sys.stderr.write(
         f"mistral: prompt {done.prefilled_tokens} tokens in {done.prefill_s:.2f} s "
         f"({done.prefill_tokens_per_s:.1f} tokens/s); "

@@ -219,6 +219,12 @@ class Transformer(nn.Module):
             static=static,
         )
 
+    def decode_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every parameter and buffer (quantized layers keep theirs as
+        buffers) but the embedding table, of which a token reads one row."""
+        tensors = [*self.named_parameters(), *self.named_buffers()]
+        return sum(t.numel() * t.element_size() for name, t in tensors if not name.startswith("tok_embeddings."))
+
     def use_kernels(self, kernels: Any) -> None:
         """Decode the bf16 linear layers and attention with our CPU kernels (kernels.Kernels; None for torch's).
 
