@@ -202,6 +202,61 @@ def test_every_thread_count_gives_the_same_bits(ops):
     assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
 
 
+# The C code trusts the shapes it is given. Built with AddressSanitizer, every product, dequantization, attention and
+# a whole decode step of each kind run on shapes with remainders; a read or write outside a buffer aborts the run.
+ASAN_SCRIPT = """
+import torch
+from mistral_cli import kernels
+from mistral_cli.checkpoint import load_model
+from mistral_cli.devices import Placement
+from tiny import TinySpec, random_state_dict, write_hf
+ops = kernels.native()
+assert ops is not None, kernels.status()
+g = torch.Generator().manual_seed(0)
+for N, K in [(5, 32), (7, 1024), (6, 2048), (130, 4096)]:
+    x = torch.randn(1, K, generator=g)
+    ops.linear_bf16(x, torch.randn(N, K, generator=g).to(torch.bfloat16))
+    ops.linear_int8(x.to(torch.bfloat16), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.ones(N))
+for N, K in [(4, 64), (8, 128), (4, 192), (12, 256), (8, 1024)]:  # superblocks of 64, 128, 64, 256, 256
+    packed = kernels.pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8))
+    records = kernels.pack_int4_scales(torch.rand(N, K // 64), torch.randn(N, K // 64))
+    ops.linear_int4(torch.randn(1, K), packed, records)
+    ops.dequantize_int4(packed, records, slice(0, N))
+    ops.dequantize_int4(packed, records, slice(N - 1, N))
+for L in (1, 37):
+    q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    kv = torch.randn(1, 2, L, 64).to(torch.bfloat16)
+    ops.attention(q, kv, kv.clone())
+spec = TinySpec()
+folder = write_hf(__import__("pathlib").Path(%r), spec, random_state_dict(spec), dtype=torch.bfloat16)
+for mode in ("none", "int8", "int4"):
+    model = load_model(folder, Placement(torch.device("cpu"), torch.bfloat16), quantize=mode, kernels=ops)
+    cache = model.new_cache(8)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache)
+        for i in range(3):
+            model(torch.tensor([[4 + i]]), cache)
+print("clean")
+"""
+
+
+def test_no_kernel_reads_or_writes_outside_its_buffers(ops, tmp_path):
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan) or not os.path.exists(libasan):
+        pytest.skip("gcc has no AddressSanitizer runtime here")
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "MISTRAL_KERNELS"},
+        "CC": "gcc -fsanitize=address -fno-omit-frame-pointer",
+        "LD_PRELOAD": libasan,
+        "ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    }
+    script = ASAN_SCRIPT % str(tmp_path / "model")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------- build and fallback
 
 

@@ -284,8 +284,10 @@ static inline __attribute__((always_inline)) void int4_rows4(const uint8_t *w, c
         }
         const uint8_t *l = sc + 16 + 8 * J; /* lows: lanes (group, row) */
         const float *gs = gsum4 + 4 * J * b;
-        if (J == 1)
-            lows1 = _mm_fmadd_ps(_mm256_castps256_ps128(load_bf16x8((const uint16_t *)l)), _mm_loadu_ps(gs), lows1);
+        if (J == 1) { /* four lows: a 64-bit load, which stays inside the record */
+            __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)l));
+            lows1 = _mm_fmadd_ps(_mm_castsi128_ps(_mm_slli_epi32(h, 16)), _mm_loadu_ps(gs), lows1);
+        }
         for (int j = 0; j + 1 < J; j += 2)
             lows = _mm256_fmadd_ps(load_bf16x8((const uint16_t *)(l + 8 * j)), _mm256_loadu_ps(gs + 4 * j), lows);
         const __m128 f = _mm_mul_ps(_mm_loadu_ps((const float *)sc), _mm_set1_ps(d[b]));
