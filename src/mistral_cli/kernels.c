@@ -236,9 +236,9 @@ int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
    W[4b+r, k] = code * f[r] * q[j][r] + l[j][r].
    The decode product multiplies integers for a whole superblock before it touches a float: x is quantized in blocks
    of S, so sum(code * xq) over a group times q[j][r] adds up, exactly, in int32, and each superblock costs one
-   conversion and one multiply-add per row. A sum is at most 2 * 2 * 15 * 127 (two code pairs per int16 lane) times
-   16383 per int32 lane and group: J = 4 groups stay below 2^31. Each thread streams the codes of its blocks of rows
-   in one sequence. */
+   conversion and one multiply-add per row. An int16 lane holds at most 2 * 2 * 15 * 127 = 7620 (two code pairs),
+   an int32 lane of one group 2 * 7620 * INT4_SUB_MAX < 2^28, so J = 4 groups stay below 2^31. Each thread
+   streams the codes of its blocks of rows in one sequence. */
 
 #define INT4_SUB_MAX 16383
 #ifndef INT4_AHEAD
