@@ -10,7 +10,14 @@ import shutil
 from functools import cache
 
 KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours
+INT4_GROUP = 64  # columns per scale and low in our kernels' int4 layout (kernels.py), here for info's estimate
 GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
+
+
+def int4_superblock(K: int) -> int:
+    """Columns per superblock of our kernels' int4 layout for K input columns (a multiple of 64): 256 where they
+    divide K, else 128 or 64. x is quantized in blocks of this size for the decode product."""
+    return next((S for S in (256, 128) if K % S == 0), INT4_GROUP)
 
 
 def switched_off(env: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_cli.config import ModelConfig
-from mistral_cli.hardware import auto_dtype, c_compiler, kernels_blocker
+from mistral_cli.hardware import INT4_GROUP, auto_dtype, c_compiler, int4_superblock, kernels_blocker
 from mistral_cli.models import (
     SOURCE_FILE,
     V1_TOKENIZER_SHA256,
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from mistral_cli.settings import Settings
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-INT4_GROUP = 64  # kernels.INT4_GROUP (not imported: kernels imports torch)
 SAFETENSORS_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
@@ -126,7 +125,7 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int, 
     linear = config.n_params - embed - norms
     # the layouts of quant.py: int8 is a byte a weight and a scale per output row (float32 in ours); int4 is half a
     # byte a weight and a scale and a zero per group of INT4_GROUP inputs in the blocks, plus in ours a float32 per
-    # superblock (kernels.int4_superblock), with the output head in int8
+    # superblock (hardware.int4_superblock), with the output head in int8
     scale = 4 if ours else size
     head = config.vocab_size * config.dim
     head_int8 = head + config.vocab_size * scale
@@ -137,7 +136,7 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int, 
     if quantize == "int8":
         linear_bytes = (linear - head) + config.n_layers * sum(N for N, _ in shapes) * scale + head_int8
     elif quantize == "int4":
-        superblocks = sum(N * K // _int4_superblock(K) for N, K in shapes) if ours else 0
+        superblocks = sum(N * K // int4_superblock(K) for N, K in shapes) if ours else 0
         per_block = sum(N * K // 2 + N * K // INT4_GROUP * 2 * size for N, K in shapes) + superblocks * 4
         linear_bytes = config.n_layers * per_block + head_int8
     else:
@@ -152,11 +151,6 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int, 
         "kv_cache_bytes": kv,
         "total_bytes": weights + kv,
     }
-
-
-def _int4_superblock(K: int) -> int:
-    """kernels.int4_superblock (not imported: kernels imports torch)."""
-    return next((S for S in (256, 128, 64) if K % S == 0), INT4_GROUP)
 
 
 def _kernels(device: str) -> dict[str, Any] | None:

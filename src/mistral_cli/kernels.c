@@ -241,9 +241,7 @@ int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
    streams the codes of its blocks of rows in one sequence. */
 
 #define INT4_SUB_MAX 16383
-#ifndef INT4_AHEAD
 #define INT4_AHEAD 16384 /* bytes of codes prefetched ahead of the read: the hardware prefetchers alone trail */
-#endif
 
 static inline int16_t load_i16(const uint8_t *p) {
     int16_t v;

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from mistral_cli.hardware import c_compiler, cpu_flags, kernels_blocker, kernels_not_wanted
+from mistral_cli.hardware import INT4_GROUP, c_compiler, cpu_flags, int4_superblock, kernels_blocker, kernels_not_wanted
 
 SOURCE = Path(__file__).with_name("kernels.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-INT4_GROUP = 64  # columns per scale and low in our int4 layout
 INT4_SUB_MAX = 16383  # the largest int16 subscale (kernels.c: INT4_SUB_MAX)
 
 
@@ -41,12 +40,6 @@ def supports(K: int, group: int | None = None, N: int = 4) -> bool:
     if group is not None:
         return K % INT4_GROUP == 0 and group == INT4_GROUP and N % 4 == 0
     return K % 32 == 0
-
-
-def int4_superblock(K: int) -> int:
-    """Columns per superblock of our int4 layout for K input columns (a multiple of 64): 256 where they divide K,
-    else 128 or 64. x is quantized in blocks of this size for the decode product."""
-    return next(S for S in (256, 128, 64) if K % S == 0)
 
 
 def attention_heads_fit(H: int, KV: int, D: int) -> bool:
