@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -453,9 +454,17 @@ def test_the_step_checks_what_the_c_code_trusts(ops, wide_model):
     model = load_model(wide_model, BF16, kernels=ops)
     cache = model.new_cache(64)
     cache.reserve(1)
-    D = model.cfg.head_dim
-    x, cos = torch.zeros(1, 1, model.cfg.dim, dtype=torch.bfloat16), torch.ones(D, dtype=torch.bfloat16)
+    cos, sin = model.rope_rows(64, torch.device("cpu"))
+    step = partial(ops.decode_token, model.step)
     with pytest.raises(ValueError, match="layout the kernels read"):
-        ops.decode_step(model.step, x[..., :-16], cos, cos, cache.k, cache.v, 0, 0)
+        step(5, cos, sin, cache.k, cache.v, cache.capacity, 0)  # past the cache
     with pytest.raises(ValueError, match="layout the kernels read"):
-        ops.decode_step(model.step, x, cos, cos, cache.k, cache.v, cache.capacity, 0)
+        step(5, cos[:10], sin, cache.k, cache.v, 10, 0)  # past the RoPE table
+    with pytest.raises(ValueError, match="layout the kernels read"):
+        step(5, cos.float(), sin, cache.k, cache.v, 0, 0)
+    with pytest.raises(ValueError, match="layout the kernels read"):
+        step(5, cos, sin, cache.k[:-1], cache.v, 0, 0)
+    with pytest.raises(ValueError, match="layout the kernels read"):
+        step(5, cos, sin, [k.float() for k in cache.k], cache.v, 0, 0)
+    with pytest.raises(IndexError, match="not in the vocabulary"):
+        step(model.cfg.vocab_size, cos, sin, cache.k, cache.v, 0, 0)

@@ -612,6 +612,17 @@ typedef struct {
     mc_linear wqkv, wo, w13, w2;
 } mc_layer;
 
+/* a model as mc_decode_token reads it: its embedding table (rows of dim), its blocks, the final norm and the
+   output head */
+typedef struct {
+    const uint16_t *embedding;
+    const mc_layer *layers;
+    int64_t n_layers, dim, H, KV, D, hidden;
+    float eps, scale;
+    const uint16_t *norm;
+    mc_linear head;
+} mc_model;
+
 static int linear(const mc_linear *l, const uint16_t *x, uint16_t *y, int threads) {
     switch (l->kind) {
     case 0: return mc_gemv_bf16((const uint16_t *)l->w, x, 1, y, 1, l->N, l->K, threads);
@@ -621,39 +632,47 @@ static int linear(const mc_linear *l, const uint16_t *x, uint16_t *y, int thread
     }
 }
 
-/* One decode step through every layer, all bf16, the math of model.py's Block for one token at position `pos`:
-   x (dim) is updated in place; layer l's keys/values go to kc[l]/vc[l] (KV heads of head_stride, the cache's
-   layout) at `pos`, and attention reads positions [start, pos]. cos/sin: the position's RoPE tables (D). dim, D and
-   hidden are multiples of 16; sum_halves: torch's float vectors, 1 for 8 lanes, 2 for 16 (AVX-512). Returns 0, -1
-   when out of memory. */
-int mc_decode_layers(const mc_layer *layers, int64_t n_layers, uint16_t *const *kc, uint16_t *const *vc,
-                     int64_t head_stride, uint16_t *x, int64_t dim, const uint16_t *cos, const uint16_t *sin,
-                     int64_t pos, int64_t start, int64_t H, int64_t KV, int64_t D, int64_t hidden, float eps,
-                     float scale, int sum_halves, int threads) {
-    const int64_t nqkv = (H + 2 * KV) * D;
-    uint16_t *h = (uint16_t *)malloc((size_t)(dim + nqkv + H * D + dim + 3 * hidden) * sizeof(uint16_t));
-    if (!h) return -1;
-    uint16_t *qkv = h + dim, *att = qkv + nqkv, *y = att + H * D, *gu = y + dim, *m = gu + 2 * hidden;
+/* One decode step of token `token` at position `pos`, all bf16, the math of model.py's Transformer for one token:
+   its embedding row, every block (layer l's keys/values go to kc[l]/vc[l], KV heads of head_stride, the cache's
+   layout, at `pos`; attention reads positions [start, pos]), then the final norm and the head into logits (head.N
+   floats, each rounded to bf16 first, as torch's bf16 product and .float() give). cos/sin: the position's RoPE
+   tables (D). dim, D and hidden are multiples of 16; sum_halves: torch's float vectors, 1 for 8 lanes, 2 for 16
+   (AVX-512). Returns 0, -1 when out of memory. */
+int mc_decode_token(const mc_model *m, int64_t token, uint16_t *const *kc, uint16_t *const *vc, int64_t head_stride,
+                    const uint16_t *cos, const uint16_t *sin, int64_t pos, int64_t start, int sum_halves,
+                    float *logits, int threads) {
+    const int64_t dim = m->dim, H = m->H, KV = m->KV, D = m->D, hidden = m->hidden;
+    const int64_t nqkv = (H + 2 * KV) * D, vocab = m->head.N;
+    uint16_t *x = (uint16_t *)malloc((size_t)(3 * dim + nqkv + H * D + 3 * hidden + vocab) * sizeof(uint16_t));
+    if (!x) return -1;
+    uint16_t *h = x + dim, *qkv = h + dim, *att = qkv + nqkv, *y = att + H * D, *gu = y + dim, *mid = gu + 2 * hidden;
+    uint16_t *out = mid + hidden;
+    memcpy(x, m->embedding + token * dim, (size_t)dim * sizeof(uint16_t));
     int rc = 0;
-    for (int64_t l = 0; l < n_layers && rc == 0; l++) {
-        const mc_layer *L = layers + l;
-        rms_norm(x, L->attention_norm, dim, eps, sum_halves, h);
+    for (int64_t l = 0; l < m->n_layers && rc == 0; l++) {
+        const mc_layer *L = m->layers + l;
+        rms_norm(x, L->attention_norm, dim, m->eps, sum_halves, h);
         rc |= linear(&L->wqkv, h, qkv, threads);
         rope_bf16(qkv, H + KV, D, cos, sin); /* queries and keys */
         for (int64_t c = 0; c < KV; c++) {
             memcpy(kc[l] + c * head_stride + pos * D, qkv + (H + c) * D, (size_t)D * sizeof(uint16_t));
             memcpy(vc[l] + c * head_stride + pos * D, qkv + (H + KV + c) * D, (size_t)D * sizeof(uint16_t));
         }
-        rc |= mc_attention_bf16(qkv, kc[l], vc[l], head_stride, start, pos + 1, H, KV, D, scale, att, threads);
+        rc |= mc_attention_bf16(qkv, kc[l], vc[l], head_stride, start, pos + 1, H, KV, D, m->scale, att, threads);
         rc |= linear(&L->wo, att, y, threads);
         add_bf16(x, y, dim);
-        rms_norm(x, L->ffn_norm, dim, eps, sum_halves, h);
+        rms_norm(x, L->ffn_norm, dim, m->eps, sum_halves, h);
         rc |= linear(&L->w13, h, gu, threads);
-        silu_mul_bf16(gu, hidden, m);
-        rc |= linear(&L->w2, m, y, threads);
+        silu_mul_bf16(gu, hidden, mid);
+        rc |= linear(&L->w2, mid, y, threads);
         add_bf16(x, y, dim);
     }
-    free(h);
+    if (rc == 0) {
+        rms_norm(x, m->norm, dim, m->eps, sum_halves, h);
+        rc |= linear(&m->head, h, out, threads);
+        for (int64_t n = 0; n < vocab; n++) logits[n] = bf16_to_f32(out[n]);
+    }
+    free(x);
     return rc;
 }
 

@@ -67,7 +67,7 @@ class Operands:
 
 @dataclass(frozen=True)
 class LayerOperands:
-    """One transformer block for `Kernels.decode_step`: its two norm weights and four linear layers."""
+    """One transformer block for `Kernels.decode_token`: its two norm weights and four linear layers."""
 
     attention_norm: torch.Tensor
     ffn_norm: torch.Tensor
@@ -85,29 +85,68 @@ class _Layer(ctypes.Structure):
     _fields_ = [("attention_norm", _P), ("ffn_norm", _P)] + [(n, _Linear) for n in ("wqkv", "wo", "w13", "w2")]
 
 
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("embedding", _P), ("layers", ctypes.POINTER(_Layer)), ("n_layers", _I64), ("dim", _I64),
+        ("H", _I64), ("KV", _I64), ("D", _I64), ("hidden", _I64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        ("norm", _P), ("head", _Linear),
+    ]  # fmt: skip
+
+
 _KINDS = {"bf16": 0, "int8": 1, "int4": 2}
 
 
-class DecodeStep:
-    """A model's blocks laid out once for kernels.c's `mc_decode_layers`, which runs them all for one token in one
-    call; it keeps the tensors it points to alive. Build it with `DecodeStep.of`."""
+def _linear(op: Operands) -> _Linear:
+    scales = None if op.scales is None else op.scales.data_ptr()
+    return _Linear(_KINDS[op.kind], *op.shape, op.superblock, op.weight.data_ptr(), scales)
 
-    def __init__(self, layers: list[LayerOperands], H: int, KV: int, D: int, dim: int, hidden: int, eps: float):
-        self.layers, self.H, self.KV, self.D, self.dim, self.hidden, self.eps = layers, H, KV, D, dim, hidden, eps
+
+class DecodeStep:
+    """A model laid out once for kernels.c's `mc_decode_token`, which runs a whole decode step (embedding, every
+    block, the final norm and the output head) in one call; it keeps the tensors it points to alive. Build it with
+    `DecodeStep.of`."""
+
+    def __init__(
+        self,
+        layers: list[LayerOperands],
+        H: int,
+        KV: int,
+        D: int,
+        eps: float,
+        embedding: torch.Tensor,
+        norm: torch.Tensor,
+        head: Operands,
+    ) -> None:
+        self.layers, self.H, self.KV, self.D, self.eps = layers, H, KV, D, eps
+        self.embedding, self.norm, self.head = embedding, norm, head
+        self.vocab, self.dim = embedding.shape
+        self.hidden = layers[0].w2.shape[1]
         self.table = (_Layer * len(layers))()
         for row, layer in zip(self.table, layers, strict=True):
             row.attention_norm, row.ffn_norm = layer.attention_norm.data_ptr(), layer.ffn_norm.data_ptr()
             for name in ("wqkv", "wo", "w13", "w2"):
-                op: Operands = getattr(layer, name)
-                scales = None if op.scales is None else op.scales.data_ptr()
-                setattr(row, name, _Linear(_KINDS[op.kind], *op.shape, op.superblock, op.weight.data_ptr(), scales))
+                setattr(row, name, _linear(getattr(layer, name)))
+        self.model = _Model(
+            embedding.data_ptr(), self.table, len(layers), self.dim, H, KV, D, self.hidden, eps,
+            D**-0.5, norm.data_ptr(), _linear(head),
+        )  # fmt: skip
+        self.cache: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None  # checked cache buffers
 
     @classmethod
     def of(
-        cls, layers: Sequence[LayerOperands], n_heads: int, n_kv_heads: int, head_dim: int, eps: float
+        cls,
+        layers: Sequence[LayerOperands],
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        eps: float,
+        embedding: torch.Tensor,
+        norm: torch.Tensor,
+        head: Operands | None,
     ) -> DecodeStep | None:
-        """The step for these blocks, or None where mc_decode_layers cannot take them (shapes it does not handle)."""
-        if not layers:
+        """The step for these blocks, embedding table (vocab, dim), final norm weight and output head, or None where
+        mc_decode_token cannot take them: shapes it does not handle, or a head not on our kernels (None)."""
+        if not layers or head is None:
             return None
         H, KV, D = n_heads, n_kv_heads, head_dim
         dim, hidden = layers[0].attention_norm.numel(), layers[0].w2.shape[1]
@@ -116,15 +155,40 @@ class DecodeStep:
             dim % 16 == 0
             and hidden % 16 == 0
             and attention_heads_fit(H, KV, D)
+            and all(_bf16_row(t, dim) for t in (embedding, norm))
+            and norm.numel() == dim
+            and head.shape[1] == dim
             and all(
-                la.attention_norm.dtype == la.ffn_norm.dtype == torch.bfloat16
-                and la.attention_norm.is_contiguous()
-                and la.ffn_norm.is_contiguous()
+                _bf16_row(la.attention_norm, dim)
+                and _bf16_row(la.ffn_norm, dim)
                 and all(getattr(la, name).shape == shape for name, shape in shapes.items())
                 for la in layers
             )
         )
-        return cls(list(layers), H, KV, D, dim, hidden, eps) if fits else None
+        return cls(list(layers), H, KV, D, eps, embedding, norm, head) if fits else None
+
+    def buffers(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> tuple[ctypes.Array, ...]:
+        """The cache's key and value buffers as pointer arrays, after checking their layout (1, KV, capacity, D)
+        bf16, once for each set of buffers (a cache reallocates all of them when it grows)."""
+        key = tuple(t.data_ptr() for t in (*keys, *values)) + tuple(keys[0].shape)
+        if self.cache is None or self.cache[0] != key:
+            cap = keys[0].shape[2]
+            if not (
+                len(keys) == len(values) == len(self.layers)
+                and all(
+                    t.shape == (1, self.KV, cap, self.D) and t.dtype == torch.bfloat16 and t.is_contiguous()
+                    for t in (*keys, *values)
+                )
+            ):
+                raise ValueError("the decode step's cache does not have the layout the kernels read")
+            pointers = ctypes.c_void_p * len(keys)
+            self.cache = (key, pointers(*key[: len(keys)]), pointers(*key[len(keys) : 2 * len(keys)]))
+        return self.cache[1], self.cache[2]
+
+
+def _bf16_row(t: torch.Tensor, n: int) -> bool:
+    """Whether t is a contiguous bf16 tensor of rows of n (a norm weight, an embedding table)."""
+    return t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape[-1] == n
 
 
 @cache
@@ -149,11 +213,8 @@ class Kernels:
         self._dequant4.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
         self._attention = lib.mc_attention_bf16
         self._attention.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT]
-        self._decode = lib.mc_decode_layers
-        self._decode.argtypes = [
-            ctypes.POINTER(_Layer), _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
-            ctypes.c_float, ctypes.c_float, _INT, _INT,
-        ]  # fmt: skip
+        self._decode = lib.mc_decode_token
+        self._decode.argtypes = [ctypes.POINTER(_Model), _I64, _P, _P, _I64, _P, _P, _I64, _I64, _INT, _P, _INT]
         for f in (self._bf16, self._int8, self._int4, self._dequant4, self._attention, self._decode):
             f.restype = _INT
 
@@ -230,10 +291,10 @@ class Kernels:
         self._check(rc)
         return out
 
-    def decode_step(
+    def decode_token(
         self,
         step: DecodeStep,
-        x: torch.Tensor,
+        token: int,
         cos: torch.Tensor,
         sin: torch.Tensor,
         keys: Sequence[torch.Tensor],
@@ -241,33 +302,29 @@ class Kernels:
         pos: int,
         start: int,
     ) -> torch.Tensor:
-        """Every block of `step` for one token: x (one bf16 row of dim) through all of them, in place. Each block
-        writes its key/value at `pos` of keys[l]/values[l] (1, KV, capacity, D) and attends to [start, pos]."""
+        """One decode step of `token` at position `pos`: its float32 logits. Each block writes its key/value at `pos`
+        of keys[l]/values[l] (1, KV, capacity, D) and attends to positions [start, pos]; cos/sin are RoPE tables
+        (rows, 1, D) or (rows, D) whose row `pos` is this position's."""
+        D, (kc, vc) = step.D, step.buffers(keys, values)
         cap = keys[0].shape[2]
+        if not 0 <= token < step.vocab:
+            raise IndexError(f"token id {token} is not in the vocabulary of {step.vocab}")
         if not (
-            x.dtype == cos.dtype == sin.dtype == torch.bfloat16
-            and x.is_contiguous()
-            and x.numel() == step.dim
-            and cos.numel() == sin.numel() == step.D
+            cos.dtype == sin.dtype == torch.bfloat16
+            and cos.shape[-1] == sin.shape[-1] == D
             and cos.is_contiguous()
             and sin.is_contiguous()
-            and len(keys) == len(values) == len(step.layers)
-            and all(
-                t.shape == (1, step.KV, cap, step.D) and t.dtype == torch.bfloat16 and t.is_contiguous()
-                for t in (*keys, *values)
-            )
-            and 0 <= start <= pos < cap
+            and 0 <= start <= pos < min(cap, cos.numel() // D, sin.numel() // D)
         ):
-            raise ValueError("the decode step's activations or cache do not have the layout the kernels read")
-        pointers = ctypes.c_void_p * len(keys)
+            raise ValueError("the decode step's position or RoPE tables do not have the layout the kernels read")
+        logits = torch.empty(step.head.shape[0])
         rc = self._decode(
-            step.table, len(step.layers), pointers(*(k.data_ptr() for k in keys)),
-            pointers(*(v.data_ptr() for v in values)), cap * step.D, x.data_ptr(), step.dim,
-            cos.data_ptr(), sin.data_ptr(), pos, start, step.H, step.KV, step.D,
-            step.hidden, step.eps, step.D**-0.5, _torch_vector_halves(), torch.get_num_threads(),
+            step.model, token, kc, vc, cap * D, cos.data_ptr() + 2 * pos * D,
+            sin.data_ptr() + 2 * pos * D, pos, start, _torch_vector_halves(), logits.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         self._check(rc)
-        return x
+        return logits
 
     def dequantize_int4(self, packed: torch.Tensor, scales: torch.Tensor, rows: slice) -> torch.Tensor:
         """Rows `rows` of an int4 weight in our layout (pack_int4, pack_int4_scales), as float32."""

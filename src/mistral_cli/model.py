@@ -203,8 +203,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._inv_freq_table: torch.Tensor | None = None  # RoPE frequencies, a plain attribute (not in the state)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of positions [0, n), see rope_rows
         self.kernels: Any = None  # our CPU kernels (kernels.Kernels), set by use_kernels
-        self.step: DecodeStep | None = None  # every block of a decode step in one call to them, where they fit
+        self.step: DecodeStep | None = None  # a whole decode step in one call to them, where the blocks fit
 
     def new_cache(self, max_len: int | None = None, *, batch: int = 1, static: bool = False) -> KVCache:
         ref = self.tok_embeddings.weight  # never quantized: its dtype is the activations' dtype
@@ -229,7 +230,8 @@ class Transformer(nn.Module):
         """Decode the bf16 linear layers and attention with our CPU kernels (kernels.Kernels; None for torch's).
 
         Where every block's layers run on them (bf16 activations; quantized layers built with the same kernels), a
-        decode step runs all the blocks in one call to them. Call it again after swapping layers.
+        decode step runs in one call to them: the embedding, all the blocks, the final norm and the output head.
+        Call it again after swapping layers.
         """
         bf16 = self.tok_embeddings.weight.dtype == torch.bfloat16  # the activations' and the cache's dtype
         for module in self.modules():
@@ -242,8 +244,11 @@ class Transformer(nn.Module):
         self.kernels, self.step = (kernels if bf16 else None), None
         blocks = [_block_operands(block) for block in self.layers]
         if self.kernels is not None and None not in blocks:
-            cfg = self.cfg
-            self.step = DecodeStep.of(blocks, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
+            cfg, head = self.cfg, getattr(self.output, "operands", lambda: None)()
+            embedding, norm = self.tok_embeddings.weight, self.norm.weight
+            self.step = DecodeStep.of(
+                blocks, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, embedding, norm, head
+            )
 
     def set_upcast(self, upcast: bool) -> None:
         """Run multi-row products in float32 (see Linear); chosen at load from the device and dtype."""
@@ -264,13 +269,15 @@ class Transformer(nn.Module):
             raise ValueError(f"cannot write at position {start}: the cache holds only {cache.length}")
         end = start + T
         cache.reserve(end)
-        positions = torch.arange(start, end, device=tokens.device)
         if cache.static:
+            positions = torch.arange(start, end, device=tokens.device)
             mask = self.position_mask(positions, cache.capacity)
-            logits = self._run(tokens, cache, positions, positions, mask, last_only)
-        else:  # the one-call step applies the sliding window itself: no mask to build for it
-            mask = None if self._one_call(tokens.shape, start, cache) else self._mask(start, T, end, tokens.device)
-            logits = self._run(tokens, cache, start, positions, mask, last_only)
+            logits = self._run(tokens, cache, positions, *self._rope_at(positions), mask, last_only)
+        elif self.step is not None and (B, T) == (1, 1):
+            logits = self._one_call(int(tokens), cache, start).view(1, 1, -1)
+        else:
+            cos, sin = (table[start:end] for table in self.rope_rows(end, tokens.device))
+            logits = self._run(tokens, cache, start, cos, sin, self._mask(start, T, end, tokens.device), last_only)
         cache.length = end
         return logits
 
@@ -279,35 +286,59 @@ class Transformer(nn.Module):
 
         Positions are a tensor and every shape is fixed, so `torch.compile` makes one graph for all steps.
         """
-        return self._run(tokens, cache, positions, positions, self.position_mask(positions, cache.capacity), False)
+        mask = self.position_mask(positions, cache.capacity)
+        return self._run(tokens, cache, positions, *self._rope_at(positions), mask, False)
 
     def _run(
         self,
         tokens: torch.Tensor,
         cache: KVCache,
         write_at: int | torch.Tensor,
-        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         mask: torch.Tensor | None,
         last_only: bool,
     ) -> torch.Tensor:
         """write_at: where the cache takes the new keys/values, the start as an int (growing cache, written by
-        slicing) or the positions tensor itself (static cache, written by index)."""
+        slicing) or the positions tensor itself (static cache, written by index); cos/sin: the positions' RoPE."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self._inv_freq(x.device))
-        if self._one_call(tokens.shape, write_at, cache):
-            # one token on our kernels: every block in one call, bit for bit what Block computes
-            start = window_start(write_at + 1, self.cfg.sliding_window)
-            self.kernels.decode_step(self.step, x, cos, sin, cache.k, cache.v, write_at, start)
-        else:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, cache, i, write_at, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, write_at, mask)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
-    def _one_call(self, shape: torch.Size, write_at: int | torch.Tensor, cache: KVCache) -> bool:
-        """Whether `_run` takes the whole-step kernel: one token of one sequence written at an int position."""
-        return self.step is not None and tuple(shape) == (1, 1) and isinstance(write_at, int) and not cache.static
+    def _one_call(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """One token at `pos` of a growing cache through our kernels' whole-step call (self.step): its logits (V,),
+        bit for bit what `_run` computes with the same kernels."""
+        assert self.step is not None
+        cos, sin = self.rope_rows(pos + 1, cache.device)
+        start = window_start(pos + 1, self.cfg.sliding_window)  # the call applies the sliding window itself
+        return self.kernels.decode_token(self.step, token, cos, sin, cache.k, cache.v, pos, start)
+
+    def rope_rows(self, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin tables (n, 1, head_dim) in the activations' dtype for positions [0, n), n >= end.
+
+        Made once and grown by doubling, so that a step looks its position up instead of computing it (eight small
+        ops per token); every path over a growing cache reads the same table, prompt and decode steps alike.
+        """
+        dtype, have = self.tok_embeddings.weight.dtype, 0
+        if self._rope is not None and self._rope[0].device == device and self._rope[0].dtype == dtype:
+            have = self._rope[0].shape[0]
+        if end > have:
+            n = max(end, min(2 * have, self.cfg.max_context), 256)
+            cos, sin = self._rope_at(torch.arange(have, n, device=device))
+            if have:
+                assert self._rope is not None
+                cos, sin = torch.cat((self._rope[0], cos)), torch.cat((self._rope[1], sin))
+            self._rope = cos, sin
+        assert self._rope is not None
+        return self._rope
+
+    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (T, 1, head_dim) for a tensor of positions, computed (a compiled step's positions are a tensor)."""
+        dtype, device = self.tok_embeddings.weight.dtype, positions.device
+        return rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype, self._inv_freq(device))
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         # made on first use, not in __init__: the model is built on the meta device and only then filled
