@@ -391,7 +391,7 @@ def test_sliding_window_decodes_the_same_with_our_kernels(ops, tmp_path, tiny_sp
 
 
 def _decode_both(model, tokens, steps):
-    """Logits and cache of `_decode` with every block in one call (model.step), and with one call per layer."""
+    """Logits and cache of `_decode` with the whole step in one call (model.step), and with one call per layer."""
     step, results = model.step, []
     for fused in (True, False):
         model.step = step if fused else None
@@ -407,9 +407,9 @@ def _decode_both(model, tokens, steps):
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_one_call_per_step_is_the_blocks_math(ops, wide_model, mode):
-    """mc_decode_layers (norms, RoPE, cache writes, attention, SiLU, residuals in C) against the model's blocks
-    on the same kernels: every rounding is the same (RMSNorm even adds its squares in torch's order), so the logits
-    and the keys/values in the cache are bit-identical."""
+    """mc_decode_token (embedding, norms, RoPE, cache writes, attention, SiLU, residuals, final norm and head in
+    C) against the model's modules on the same kernels: every rounding is the same (RMSNorm even adds its squares
+    in torch's order), so the logits and the keys/values in the cache are bit-identical."""
     model = load_model(wide_model, BF16, quantize=mode, kernels=ops)
     assert model.step is not None and len(model.step.layers) == len(model.layers)
     tokens = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(11))

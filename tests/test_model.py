@@ -122,6 +122,25 @@ def test_cache_grows_in_chunks_and_static_cache_agrees(tmp_path, tiny_spec, tiny
     torch.testing.assert_close(torch.cat(a2, 1), torch.cat(b2, 1), rtol=1e-5, atol=1e-5)
 
 
+def test_rope_table_grows_and_holds_each_positions_values(tmp_path, tiny_spec, tiny_sd):
+    """Prompts and steps over a growing cache look RoPE up in one table: it must hold what rope_tables computes for
+    each position, keep its rows as it grows, and not grow for positions it already covers."""
+    from mistral_cli.model import rope_tables
+
+    model = _load(tmp_path, tiny_spec, tiny_sd)
+    cpu = torch.device("cpu")
+    cos, sin = model.rope_rows(10, cpu)
+    assert cos.shape[0] >= 10 and model.rope_rows(cos.shape[0], cpu)[0] is cos  # covered: the same table
+    bigger, _ = model.rope_rows(cos.shape[0] + 1, cpu)
+    assert bigger.shape[0] >= 2 * cos.shape[0] and torch.equal(bigger[: cos.shape[0]], cos)
+    cos, sin = model.rope_rows(3000, cpu)
+    D, theta = tiny_spec.head_dim, tiny_spec.rope_theta
+    for pos in (0, 1, 255, 256, 511, 512, 2999):
+        one_cos, one_sin = rope_tables(torch.tensor([pos]), D, theta, cos.dtype)
+        torch.testing.assert_close(cos[pos : pos + 1], one_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin[pos : pos + 1], one_sin, rtol=0, atol=1e-6)
+
+
 def test_greedy_generation_matches_transformers_generate(tmp_path, tiny_spec, tiny_sd):
     model = _load(tmp_path, tiny_spec, tiny_sd)
     ref = hf_reference(tiny_spec, tiny_sd)
