@@ -138,12 +138,12 @@ def test_info_is_instant_and_never_imports_torch(env, tmp_path):
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        main()\n"
         "    best = min(best, time.perf_counter() - t)\n"
-        "print(best, 'torch' in sys.modules, 'huggingface_hub' in sys.modules)\n"
+        "print(best, *(name in sys.modules for name in ('torch', 'huggingface_hub', 'pydantic')))\n"
     )
     r = subprocess.run([sys.executable, "-c", probe, str(folder)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    seconds, torch_loaded, hub_loaded = r.stdout.split()
-    assert torch_loaded == "False" and hub_loaded == "False"
+    seconds, *heavy = r.stdout.split()
+    assert heavy == ["False"] * 3  # torch alone takes 1-2 s to import, pydantic (Typer 0.29's) 0.15 s
     assert float(seconds) < 0.1
 
 
