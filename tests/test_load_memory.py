@@ -137,6 +137,7 @@ def test_unknown_dtype_is_named(small_file):
 MEASURE = r"""
 import json, sys
 from pathlib import Path
+import mistral_cli  # first, as the command does: it turns on torch's huge pages for large tensors
 import torch
 from mistral_cli.checkpoint import load_model
 from mistral_cli.devices import Placement
@@ -189,3 +190,38 @@ def test_int8_load_holds_one_float_tensor_at_a_time(small_checkpoint):
     # of the bf16 weights for this shape, whose vocabulary is a large part of it (0.53x for 7B)
     assert peak["increase"] <= peak["model_bytes"] + head_bytes + 32 * MIB, (peak, head_bytes)
     assert peak["increase"] < weight_bytes, (peak, weight_bytes)
+
+
+HUGE_PAGES = r"""
+import mistral_cli, torch
+t = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+start, huge, inside = t.data_ptr(), 0, False
+for line in open("/proc/self/smaps"):
+    field = line.split()
+    if "-" in field[0] and not field[0].endswith(":"):
+        lo, hi = (int(a, 16) for a in field[0].split("-"))
+        inside = lo <= start < hi
+    elif inside and field[0] == "AnonHugePages:":
+        huge = int(field[1])
+print(huge)
+"""
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not THP_MODE.exists() or "[never]" in THP_MODE.read_text(), reason="no transparent huge pages on this system"
+)
+def test_large_tensors_sit_on_huge_pages():
+    """Importing mistral_cli before torch turns on torch's huge pages for tensors of 2 MiB and more (a page fault per
+    2 MiB, not per 4 KiB, when the weights are loaded); THP_MEM_ALLOC_ENABLE=0 turns that off."""
+
+    def huge_kib(**env: str) -> int:
+        environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+        proc = subprocess.run([sys.executable, "-c", HUGE_PAGES], capture_output=True, text=True, env=environ)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+
+    assert huge_kib() >= 2048  # at least one huge page of the 64 MiB tensor
+    if "[madvise]" in THP_MODE.read_text():  # with "always", the kernel uses them whatever torch asks
+        assert huge_kib(THP_MEM_ALLOC_ENABLE="0") == 0
