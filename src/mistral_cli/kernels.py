@@ -117,18 +117,18 @@ class DecodeStep:
         norm: torch.Tensor,
         head: Operands,
     ) -> None:
-        self.layers, self.H, self.KV, self.D, self.eps = layers, H, KV, D, eps
-        self.embedding, self.norm, self.head = embedding, norm, head
-        self.vocab, self.dim = embedding.shape
-        self.hidden = layers[0].w2.shape[1]
+        # the tensors the C code points to, kept alive; KV, D and vocab for the checks of each call
+        self.layers, self.embedding, self.norm, self.head = layers, embedding, norm, head
+        self.KV, self.D, (self.vocab, dim) = KV, D, embedding.shape
         self.table = (_Layer * len(layers))()
         for row, layer in zip(self.table, layers, strict=True):
             row.attention_norm, row.ffn_norm = layer.attention_norm.data_ptr(), layer.ffn_norm.data_ptr()
             for name in ("wqkv", "wo", "w13", "w2"):
                 setattr(row, name, _linear(getattr(layer, name)))
+        hidden = layers[0].w2.shape[1]
         self.model = _Model(
-            embedding.data_ptr(), self.table, len(layers), self.dim, H, KV, D, self.hidden, eps,
-            D**-0.5, norm.data_ptr(), _linear(head),
+            embedding.data_ptr(), self.table, len(layers), dim, H, KV, D, hidden, eps, D**-0.5, norm.data_ptr(),
+            _linear(head),
         )  # fmt: skip
         self.cache: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None  # checked cache buffers
 
