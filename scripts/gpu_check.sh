@@ -36,7 +36,7 @@ bench() { # name, seconds to leave for what follows, then the benchmark's own ar
     local name=$1 after=$2
     shift 2
     echo "== 7B benchmark: $name ($(left) s left)"
-    timeout "$(until_end "$after")" python3 -m mistral_cli.bench --device cuda --shape 7b --model-dir /tmp/gpu-check-7b \
+    timeout "$(until_end "$after")" python3 benchmarks/bench.py --device cuda --shape 7b --model-dir /tmp/gpu-check-7b \
         --dtype bf16 --prompt 512 --decode 256 --repeats 2 --accuracy-tokens 64 --timeout 150 "$@" 2>&1 |
         tee "$OUT/bench-$name.md"
 }

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+import bench
 import torch
 
-from mistral_cli import bench
-from mistral_cli.checkpoint import load_model
-from mistral_cli.devices import Placement
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.placement import Placement
 
 
 def test_random_checkpoint_is_sharded_and_loads(tmp_path, monkeypatch):

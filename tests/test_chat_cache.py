@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistral_cli.conversation import Conversation
-from mistral_cli.engine import Done, Engine
-from mistral_cli.sampling import GenerationOptions
+from mistral_cli.engine.engine import Done, Engine
+from mistral_cli.engine.load import load_engine
+from mistral_cli.options import GenerationOptions, LoadOptions
+from mistral_cli.text.conversation import Conversation
 
 BIG = 1024
 GREEDY = GenerationOptions(max_tokens=6, temperature=0)
@@ -15,7 +16,7 @@ GREEDY = GenerationOptions(max_tokens=6, temperature=0)
 
 @pytest.fixture(scope="module")
 def engine(hf_model_dir) -> Engine:
-    return Engine.load(hf_model_dir, device="cpu", dtype="fp32", max_context=1024)
+    return load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="fp32", max_context=1024))
 
 
 def fresh(engine: Engine) -> Engine:

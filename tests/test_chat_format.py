@@ -9,7 +9,8 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_cli.chat_format import (
+from mistral_cli.errors import MistralError
+from mistral_cli.text.chat_format import (
     Message,
     encode_chat,
     load_conversation,
@@ -18,8 +19,7 @@ from mistral_cli.chat_format import (
     validate_for_generation,
     validate_messages,
 )
-from mistral_cli.errors import MistralError
-from mistral_cli.tokenizer import Tokenizer
+from mistral_cli.text.tokenizer import Tokenizer
 from tiny import tokenizer_path
 
 S, U, A = "system", "user", "assistant"

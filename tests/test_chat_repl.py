@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from mistral_cli.chat_format import Message, encode_chat
-from mistral_cli.engine import Done, Engine
+from mistral_cli.cli.chat import kilo, parse_option, split_markdown
+from mistral_cli.engine.engine import Done
+from mistral_cli.engine.load import load_engine
 from mistral_cli.errors import UsageError
-from mistral_cli.repl import kilo, parse_option, split_markdown
-from mistral_cli.sampling import GenerationOptions
+from mistral_cli.options import GenerationOptions, LoadOptions
+from mistral_cli.text.chat_format import Message, encode_chat
 from terminal import Tmux
 
 CONTEXT = "2048"  # small: the tiny model's attention then costs little
@@ -37,7 +38,7 @@ def chat_env(tmp_path: Path) -> dict[str, str]:
 
 
 def greedy_reply(folder: Path, text: str, n: int) -> str:
-    engine = Engine.load(folder, device="cpu", dtype="fp32", max_context=int(CONTEXT))
+    engine = load_engine(folder, LoadOptions(device="cpu", dtype="fp32", max_context=int(CONTEXT)))
     ids = encode_chat(engine.tokenizer, [Message("user", text)])
     return [e for e in engine.generate(ids, GenerationOptions(max_tokens=n, temperature=0)) if isinstance(e, Done)][
         0
@@ -206,7 +207,7 @@ def test_piped_load_system_and_context_management(hf_model_dir, tmp_path):
 STREAM_SCRIPT = """
 import sys, time
 from rich.console import Console
-from mistral_cli.repl import MarkdownView
+from mistral_cli.cli.chat import MarkdownView
 text = sys.argv[1]
 view = MarkdownView(Console(), "thinking")
 for i in range(0, len(text), 4):

@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
-from mistral_cli.chat_format import Message, encode_chat
-from mistral_cli.engine import Done, Engine, StopMatcher
-from mistral_cli.sampling import GenerationOptions
-from mistral_cli.tokenizer import Tokenizer
+from mistral_cli.engine.engine import Done, StopMatcher
+from mistral_cli.engine.load import load_engine
+from mistral_cli.options import GenerationOptions, LoadOptions
+from mistral_cli.text.chat_format import Message, encode_chat
+from mistral_cli.text.tokenizer import Tokenizer
 from tiny import hf_reference
 
 
@@ -184,7 +185,7 @@ def test_echo_and_verbose(hf_model_dir):
 
 
 def kernels_here():
-    from mistral_cli import kernels
+    from mistral_cli.native import kernels
 
     return kernels.native()
 
@@ -193,7 +194,7 @@ def test_threads_and_default_dtype(hf_model_dir):
     base = run("complete", "-m", str(hf_model_dir), "-n", "6", "-t", "0", "--verbose", "Roses are")
     assert base.returncode == 0, base.err
     assert re.search(r"on cpu (bf16|fp32)(, AVX2 kernels)?, \d+ threads? in", base.err), base.err
-    # our kernels are used wherever they can be built (python -m mistral_cli.kernels says whether)
+    # our kernels are used wherever they can be built (python -m mistral_cli.native.kernels says whether)
     assert ("AVX2 kernels" in base.err) == (kernels_here() is not None), base.err
     off = run(
         "complete",
@@ -218,11 +219,11 @@ def test_threads_and_default_dtype(hf_model_dir):
         proc = run("complete", "-m", str(hf_model_dir), "-n", "2", *bad, "Roses are")
         assert proc.returncode != 0 and needle in proc.err and "Traceback" not in proc.err, proc.err
     proc = run("complete", "-m", str(hf_model_dir), "-n", "2", "Roses are", env={"MISTRAL_THREADS": "0"})
-    assert proc.returncode != 0 and "MISTRAL_THREADS must be 1 or more" in proc.err, proc.err
+    assert proc.returncode != 0 and "--threads must be 1 or more, not 0 (from env MISTRAL_THREADS)" in proc.err, proc.err
 
 
 def test_engine_reuses_cache_for_extended_prompt(hf_model_dir, tok):
-    engine = Engine.load(hf_model_dir, device="cpu", dtype="fp32")
+    engine = load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="fp32"))
     opts = GenerationOptions(temperature=0, max_tokens=5)
     first = [tok.bos_id, *tok.encode("One two three")]
     done = [e for e in engine.generate(first, opts) if isinstance(e, Done)][0]

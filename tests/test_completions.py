@@ -19,7 +19,7 @@ PROBE = (
     "import atexit, sys\n"
     "atexit.register(lambda: sys.stderr.write('TORCH IMPORTED' if 'torch' in sys.modules else ''))\n"
     "sys.argv[0] = 'mistral'\n"
-    "from mistral_cli.cli import main\n"
+    "from mistral_cli.cli.app import main\n"
     "main()\n"
 )
 

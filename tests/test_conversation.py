@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from mistral_cli.chat_format import Message, encode_chat, load_messages, validate_messages
-from mistral_cli.conversation import DEFAULT_REPLY_ROOM, Conversation, Exchange, reply_room
 from mistral_cli.errors import MistralError
-from mistral_cli.tokenizer import Tokenizer
+from mistral_cli.text.chat_format import Message, encode_chat, load_messages, validate_messages
+from mistral_cli.text.conversation import DEFAULT_REPLY_ROOM, Conversation, Exchange, reply_room
+from mistral_cli.text.tokenizer import Tokenizer
 from tiny import tokenizer_path
 
 BIG = 32768

@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
-from mistral_cli.checkpoint import load_model
-from mistral_cli.devices import Placement
-from mistral_cli.engine import Done, Engine, TokenReader
-from mistral_cli.quant import quantized_linear
-from mistral_cli.sampling import GenerationOptions
+from mistral_cli.engine.engine import Done, Engine, TokenReader
+from mistral_cli.engine.load import load_engine
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.placement import Placement
+from mistral_cli.model.quant import quantized_linear
+from mistral_cli.options import GenerationOptions, LoadOptions
 from tiny import TinySpec, hf_reference, random_state_dict, write_hf
 
 CUDA = torch.cuda.is_available()
@@ -52,7 +53,7 @@ def state(engine: Engine) -> tuple[list[int], int, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def cpu_engine(hf_model_dir) -> Engine:
-    return Engine.load(hf_model_dir, device="cpu", dtype="fp32", max_context=64)
+    return load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="fp32", max_context=64))
 
 
 def test_queued_greedy_steps_give_the_same_text_and_cache(cpu_engine):
@@ -121,7 +122,7 @@ def test_sampling_and_penalties_are_not_queued(cpu_engine):
 
 def test_masked_decode_over_a_growing_cache_equals_plain_decoding(hf_model_dir, tiny_spec):
     """What a graphed step computes: the whole (zeroed) cache buffer, a mask, positions as a tensor."""
-    model = Engine.load(hf_model_dir, device="cpu", dtype="fp32").model
+    model = load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="fp32")).model
     ids = torch.tensor([prompt(300, seed=2)])
     plain, masked = model.new_cache(), model.new_cache()
     with torch.inference_mode():
@@ -173,8 +174,8 @@ def test_cuda_fp32_matches_transformers_on_cuda(tmp_path):
 @needs_cuda
 def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder):
     ids = prompt(64, seed=4)
-    fp32 = Engine.load(gpu_folder, device="cpu", dtype="fp32")
-    bf16 = Engine.load(gpu_folder, device="cuda", dtype="bf16")
+    fp32 = load_engine(gpu_folder, LoadOptions(device="cpu", dtype="fp32"))
+    bf16 = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="bf16"))
     assert bf16.placement.dtype == torch.bfloat16 and "CUDA graphs" in bf16.hardware
     x = torch.tensor([ids])
     with torch.inference_mode():
@@ -190,7 +191,7 @@ def test_graphed_steps_equal_eager_steps(gpu_folder, dtype, quantize):
     """Graph replays are the eager masked step bit for bit, across a recapture when the cache grows (bf16 int8:
     with torch's GPU int8 kernel in the graph)."""
     ids = prompt(250, seed=5)
-    graphed = Engine.load(gpu_folder, device="cuda", dtype=dtype, quantize=quantize, max_context=1024)
+    graphed = load_engine(gpu_folder, LoadOptions(device="cuda", dtype=dtype, quantize=quantize, max_context=1024))
     assert graphed._graph is not None
     eager = same_weights(graphed, graphs=False)
     for engine in (graphed, eager):
@@ -213,7 +214,7 @@ def test_graphed_steps_equal_eager_steps(gpu_folder, dtype, quantize):
 @needs_cuda
 def test_graphs_and_queued_steps_give_the_eager_text(gpu_folder):
     ids = prompt(200, seed=6)
-    fast = Engine.load(gpu_folder, device="cuda", dtype="fp32", max_context=400)
+    fast = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="fp32", max_context=400))
     slow = same_weights(fast, graphs=False, lookahead=False)
     assert fast.lookahead and fast._graph is not None
     a, b = run(fast, ids, greedy(120)), run(slow, ids, greedy(120))  # crosses 256 positions
@@ -226,7 +227,7 @@ def test_graphs_and_queued_steps_give_the_eager_text(gpu_folder):
 
 @needs_cuda
 def test_decode_steps_never_wait_for_the_gpu(gpu_folder):
-    engine = Engine.load(gpu_folder, device="cuda", dtype="bf16", max_context=600)
+    engine = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="bf16", max_context=600))
     for graphs in (True, False):
         e = same_weights(engine, graphs=graphs)
         e.prefill(prompt(300, seed=8))
@@ -273,7 +274,7 @@ def syncs_of(engine: Engine, ids: list[int], n: int) -> int:
 @needs_cuda
 def test_greedy_decoding_never_waits_for_the_gpu_per_token(gpu_folder):
     ids = prompt(100, seed=13)
-    engine = Engine.load(gpu_folder, device="cuda", dtype="bf16", max_context=256)
+    engine = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="bf16", max_context=256))
     run(engine, ids, greedy(4))  # the graph is captured here
     # the prefill and the end of the generation wait; the tokens in between add nothing
     assert syncs_of(engine, ids, 5) == syncs_of(engine, ids, 50)
@@ -284,7 +285,7 @@ def test_greedy_decoding_never_waits_for_the_gpu_per_token(gpu_folder):
 @needs_cuda
 def test_compiled_step_matches_eager_on_cuda(gpu_folder):
     ids = prompt(30, seed=9)
-    compiled = Engine.load(gpu_folder, device="cuda", dtype="fp32", max_context=128, compile=True)
+    compiled = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="fp32", max_context=128, compile=True))
     eager = same_weights(compiled, graphs=False)
     assert run(compiled, ids, greedy(24)).tokens == run(eager, ids, greedy(24)).tokens
 
@@ -308,7 +309,7 @@ def test_quantized_layers_on_cuda(mode):
 
 @needs_cuda
 def test_int8_layers_use_torchs_gpu_kernel_where_it_is_right():
-    from mistral_cli.quant import has_kernel
+    from mistral_cli.model.quant import has_kernel
 
     g = torch.Generator().manual_seed(14)
     w, x = torch.randn(1024, 4096, generator=g) / 64, torch.randn(3, 4096, generator=g)
@@ -325,7 +326,7 @@ def test_int8_layers_use_torchs_gpu_kernel_where_it_is_right():
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_model_decodes_with_graphs(gpu_folder, mode):
     ids = prompt(40, seed=10)
-    fast = Engine.load(gpu_folder, device="cuda", dtype="fp32", quantize=mode, max_context=128)
+    fast = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="fp32", quantize=mode, max_context=128))
     assert "CUDA graphs" in fast.hardware and mode in fast.hardware
     slow = same_weights(fast, graphs=False, lookahead=False)
     assert run(fast, ids, greedy(40)).tokens == run(slow, ids, greedy(40)).tokens

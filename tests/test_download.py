@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 
 from hub_server import GOOD_TOKEN, NOT_ACCEPTED_TOKEN, HubServer, folder_files
-from mistral_cli.download import UnsafeArchive, extract_safely
-from mistral_cli.models import V1_TOKENIZER_SHA256
+from mistral_cli.hub.download import UnsafeArchive, extract_safely
+from mistral_cli.hub.models import V1_TOKENIZER_SHA256
 from tiny import TinySpec, random_state_dict, write_hf, write_native
 
 INSTRUCT = "mistralai/Mistral-7B-Instruct-v0.2"
@@ -481,7 +481,7 @@ def test_info_and_complete_on_the_downloaded_model_offline(hub, env, hf_files, n
         ("mistral-7b-v0.2", str(tar_folder)),
     }
 
-    pytest.importorskip("mistral_cli.complete")
+    pytest.importorskip("mistral_cli.cli.complete")
     for model in ("mistral-7b-instruct-v0.2", "mistral-7b-v0.2"):
         r = mistral(offline, "complete", "Hello", "--model", model, "--max-tokens", "3", "--temperature", "0")
         assert r.returncode == 0, r.stderr

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hub_server import folder_files, put_in_hf_cache
-from mistral_cli.config import ModelConfig
-from mistral_cli.info import memory_needed
+from mistral_cli.cli.info import memory_needed
+from mistral_cli.model.config import ModelConfig
 from tiny import TinySpec, random_state_dict, write_native
 
 INSTRUCT = "mistralai/Mistral-7B-Instruct-v0.2"
@@ -130,7 +130,7 @@ def test_info_is_instant_and_never_imports_torch(env, tmp_path):
     folder = write_native(tmp_path / "m", spec, random_state_dict(spec), dtype=torch.bfloat16)
     probe = (
         "import sys, time, io, contextlib\n"
-        "from mistral_cli.cli import main\n"
+        "from mistral_cli.cli.app import main\n"
         "best = 9.0\n"
         "for _ in range(3):\n"
         "    t = time.perf_counter()\n"

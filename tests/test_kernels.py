@@ -12,9 +12,9 @@ from functools import partial
 import pytest
 import torch
 
-from mistral_cli import kernels
-from mistral_cli.checkpoint import load_model
-from mistral_cli.devices import Placement
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.placement import Placement
+from mistral_cli.native import kernels
 from tiny import write_hf
 
 BF16 = Placement(torch.device("cpu"), torch.bfloat16)
@@ -208,9 +208,9 @@ def test_every_thread_count_gives_the_same_bits(ops):
 # a whole decode step of each kind run on shapes with remainders; a read or write outside a buffer aborts the run.
 ASAN_SCRIPT = """
 import torch
-from mistral_cli import kernels
-from mistral_cli.checkpoint import load_model
-from mistral_cli.devices import Placement
+from mistral_cli.native import kernels
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.placement import Placement
 from tiny import TinySpec, random_state_dict, write_hf
 ops = kernels.native()
 assert ops is not None, kernels.status()
@@ -269,7 +269,7 @@ def _kernels_cli(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:
     inherited = {k: v for k, v in os.environ.items() if k != "MISTRAL_KERNELS"}
     e = {**inherited, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
     return subprocess.run(
-        [sys.executable, "-m", "mistral_cli.kernels"], capture_output=True, text=True, env=e, timeout=300
+        [sys.executable, "-m", "mistral_cli.native.kernels"], capture_output=True, text=True, env=e, timeout=300
     )
 
 

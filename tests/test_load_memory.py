@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mistral_cli import bench
-from mistral_cli.checkpoint import SAFETENSORS_DTYPES, WeightFiles, iter_tensors, load_model
-from mistral_cli.devices import Placement
 from mistral_cli.errors import MistralError
+from mistral_cli.model.checkpoint import SAFETENSORS_DTYPES, WeightFiles, iter_tensors, load_model
+from mistral_cli.model.placement import Placement
 from tiny import write_hf, write_native
 
 CPU = torch.device("cpu")
@@ -137,10 +137,11 @@ def test_unknown_dtype_is_named(small_file):
 MEASURE = r"""
 import json, sys
 from pathlib import Path
-import mistral_cli  # first, as the command does: it turns on torch's huge pages for large tensors
+from mistral_cli.cli.app import huge_pages
+huge_pages()  # before torch, as the command does: torch's huge pages for large tensors
 import torch
-from mistral_cli.checkpoint import load_model
-from mistral_cli.devices import Placement
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.placement import Placement
 
 def status(key):
     line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
@@ -193,7 +194,9 @@ def test_int8_load_holds_one_float_tensor_at_a_time(small_checkpoint):
 
 
 HUGE_PAGES = r"""
-import mistral_cli, torch
+from mistral_cli.cli.app import huge_pages
+huge_pages()
+import torch
 t = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
 start, huge, inside = t.data_ptr(), 0, False
 for line in open("/proc/self/smaps"):
@@ -213,7 +216,7 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     not THP_MODE.exists() or "[never]" in THP_MODE.read_text(), reason="no transparent huge pages on this system"
 )
 def test_large_tensors_sit_on_huge_pages():
-    """Importing mistral_cli before torch turns on torch's huge pages for tensors of 2 MiB and more (a page fault per
+    """The command's set-up (before torch is imported) turns on torch's huge pages for tensors of 2 MiB and more (a page fault per
     2 MiB, not per 4 KiB, when the weights are loaded); THP_MEM_ALLOC_ENABLE=0 turns that off."""
 
     def huge_kib(**env: str) -> int:

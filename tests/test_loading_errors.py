@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mistral_cli.checkpoint import load_model
-from mistral_cli.devices import Placement
 from mistral_cli.errors import MistralError
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.placement import Placement
 from tiny import TinySpec, write_hf, write_native
 
 FP32 = Placement(torch.device("cpu"), torch.float32)
@@ -143,5 +143,5 @@ def test_help_version_and_no_torch_import():
     helptext = _cli("--help").stdout
     for command in ("complete", "chat", "download", "info"):
         assert command in helptext
-    code = "import sys, mistral_cli.cli; print('torch' in sys.modules)"
+    code = "import sys, mistral_cli.cli.app; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistral_cli.checkpoint import load_model
-from mistral_cli.config import ModelConfig
-from mistral_cli.devices import Placement
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.config import ModelConfig
+from mistral_cli.model.placement import Placement
 from tiny import V01, TinySpec, hf_reference, random_state_dict, write_hf, write_native
 
 FP32 = Placement(torch.device("cpu"), torch.float32)
@@ -125,7 +125,7 @@ def test_cache_grows_in_chunks_and_static_cache_agrees(tmp_path, tiny_spec, tiny
 def test_rope_table_grows_and_holds_each_positions_values(tmp_path, tiny_spec, tiny_sd):
     """Prompts and steps over a growing cache look RoPE up in one table: it must hold what rope_tables computes for
     each position, keep its rows as it grows, and not grow for positions it already covers."""
-    from mistral_cli.model import rope_tables
+    from mistral_cli.model.transformer import rope_tables
 
     model = _load(tmp_path, tiny_spec, tiny_sd)
     cpu = torch.device("cpu")

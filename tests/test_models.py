@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from hub_server import folder_files, put_in_hf_cache
 from mistral_cli.errors import MistralError
-from mistral_cli.models import (
+from mistral_cli.hub.models import (
     ALIASES,
     ModelNotFound,
     describe_weights,

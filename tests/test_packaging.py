@@ -35,17 +35,17 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_holds_the_package_and_the_completions_and_no_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     data = f"mistral_cli-{mistral_cli.__version__}.data/data/share/"
-    modules = {f"mistral_cli/{p.name}" for p in PACKAGE.glob("*.py")}
+    modules = {f"mistral_cli/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*.py")}
     assert modules <= set(names)
-    assert "mistral_cli/kernels.c" in names  # our CPU kernels are built from it on first use
+    assert "mistral_cli/native/kernels.c" in names  # our CPU kernels are built from it on first use
     assert {f"{data}bash-completion/completions/mistral", f"{data}zsh/site-functions/_mistral",
             f"{data}fish/vendor_completions.d/mistral.fish"} <= set(names)  # fmt: skip
     allowed = ("mistral_cli/", f"mistral_cli-{mistral_cli.__version__}.dist-info/", data)
     assert [n for n in names if not n.startswith(allowed)] == []
-    assert not [n for n in names if "test" in n.lower() or "conftest" in n or n.endswith("tiny.py")]
+    assert not [n for n in names if "test" in n.lower() or "conftest" in n or n.endswith(("tiny.py", "bench.py"))]
     with zipfile.ZipFile(wheel) as z:
         entry_points = z.read(f"mistral_cli-{mistral_cli.__version__}.dist-info/entry_points.txt").decode()
-    assert "mistral = mistral_cli.cli:main" in entry_points
+    assert "mistral = mistral_cli.cli.app:main" in entry_points
 
 
 def test_the_installed_wheel_runs_in_a_fresh_virtualenv(wheel, tmp_path, hf_model_dir):
@@ -83,7 +83,7 @@ def test_the_installed_wheel_runs_in_a_fresh_virtualenv(wheel, tmp_path, hf_mode
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     args = ("complete", "-m", hf_model_dir, "-n", "4", "-t", "0", "--verbose", "Roses are")
     done = run(mistral, *args, env=env, cwd=tmp_path)
-    from mistral_cli import kernels
+    from mistral_cli.native import kernels
 
     assert done.stdout and ("AVX2 kernels" in done.stderr) == (kernels.native() is not None), done.stderr
     assert "Warning" not in done.stderr, done.stderr  # e.g. torch's about numpy, which this environment lacks

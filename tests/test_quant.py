@@ -8,10 +8,11 @@ import weakref
 import pytest
 import torch
 
-from mistral_cli import checkpoint, kernels, quant
-from mistral_cli.checkpoint import load_model
-from mistral_cli.devices import Placement
-from mistral_cli.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear, int4_weights, int8_weights
+from mistral_cli.model import checkpoint, quant
+from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model.placement import Placement
+from mistral_cli.model.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear, int4_weights, int8_weights
+from mistral_cli.native import kernels
 from tiny import TinySpec, random_state_dict, write_hf
 
 FP32 = Placement(torch.device("cpu"), torch.float32)
@@ -295,15 +296,16 @@ def test_compiled_decode_step_matches_eager(model_dir, backend, mode):
 def test_engine_compile_uses_a_static_cache_and_agrees(monkeypatch, model_dir):
     import functools
 
-    from mistral_cli import engine as engine_mod
-    from mistral_cli.engine import Done, Engine
-    from mistral_cli.sampling import GenerationOptions
+    from mistral_cli.engine import engine as engine_mod
+    from mistral_cli.engine.engine import Done
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.options import GenerationOptions, LoadOptions
 
     monkeypatch.setattr(engine_mod.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     opts = GenerationOptions(temperature=0, max_tokens=8)
     runs = {}
     for compiled in (False, True):
-        eng = Engine.load(model_dir, device="cpu", dtype="fp32", max_context=64, compile=compiled)
+        eng = load_engine(model_dir, LoadOptions(device="cpu", dtype="fp32", max_context=64, compile=compiled))
         assert eng.cache.static == compiled
         done = [e for e in eng.generate([1, 851, 349], opts) if isinstance(e, Done)][0]
         runs[compiled] = done.tokens
@@ -333,8 +335,8 @@ def test_tiny_spec_is_what_these_bounds_were_set_on(tiny_spec):
 def test_info_memory_estimate_is_the_loaded_size(monkeypatch, tmp_path, mode, ours):
     """`mistral info` estimates the weights without torch; it must equal what a load really holds. hidden 320:
     int4 superblocks of 256 (dim) and 64 columns (hidden) in our layout."""
-    from mistral_cli.config import ModelConfig
-    from mistral_cli.info import memory_needed
+    from mistral_cli.cli.info import memory_needed
+    from mistral_cli.model.config import ModelConfig
 
     ops = _kind(monkeypatch, "ours" if ours else "torch")
     spec = TinySpec(dim=256, hidden_dim=320, head_dim=32, n_heads=4, n_kv_heads=2)

@@ -8,14 +8,13 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from mistral_cli.cli.settings import SPECS, config_path, env_var, read_config, resolve
 from mistral_cli.errors import UsageError
-from mistral_cli.sampling import GenerationOptions
-from mistral_cli.settings import DEFAULTS, GENERATION, SPECS, config_path, env_var, read_config, resolve
+from mistral_cli.options import GENERATION, GenerationOptions
 
 
 @pytest.fixture
@@ -40,11 +39,6 @@ def mistral(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_defaults_match_the_sampler():
-    assert {name: DEFAULTS[name] for name in GENERATION} == {**asdict(GenerationOptions()), "stop": ()}
-    assert set(SPECS) == {"model", "device", "dtype", "quantize", "max_context", "threads", *GENERATION}
-
-
 def test_precedence_command_line_then_env_then_file_then_default(config):
     config.write_text('temperature = 0.5\ntop-k = 40\nstop = "###"\ndevice = "cpu"\n', encoding="utf-8")
     environ = {"MISTRAL_CONFIG": str(config), "MISTRAL_TEMPERATURE": "0.3", "MISTRAL_DEVICE": "cuda"}
@@ -56,8 +50,8 @@ def test_precedence_command_line_then_env_then_file_then_default(config):
     assert s.to_json()["stop"] == {"value": ["###"], "source": file}
     assert s.to_json()["top_p"] == {"value": 1.0, "source": "default"}
     assert s.to_json()["max_tokens"] == {"value": None, "source": "default"}
-    assert s.generation() == {"max_tokens": None, "temperature": 0.3, "top_p": 1.0, "top_k": 40, "min_p": 0.0,
-                              "repeat_penalty": 1.0, "seed": None, "stop": ["###"]}  # fmt: skip
+    generation = s.checked(GenerationOptions, **{name: s[name] for name in GENERATION})
+    assert generation == GenerationOptions(temperature=0.3, top_k=40, stop=["###"])
 
 
 def test_every_setting_from_the_environment(config):
@@ -98,7 +92,7 @@ def test_the_default_file_is_in_the_user_config_folder(tmp_path, monkeypatch):
         ("seed = true", "'seed' in the config file {path} must be an integer, not True."),
         ('device = "gpu"', "'device' in the config file {path} must be one of auto, cpu, cuda, mps, not 'gpu'."),
         ("stop = [1]", "'stop' in the config file {path} must be a string or a list of strings, not [1]."),
-        ("max-context = 0", "'max-context' in the config file {path} must be 1 or more, not 0."),
+        ("max-context = 0", "--max-context must be 1 or more, not 0 (from config file {path})."),
     ],
 )
 def test_a_bad_config_file_is_one_sentence_naming_file_and_key(env, config, text, message):
@@ -115,7 +109,7 @@ def test_a_bad_config_file_is_one_sentence_naming_file_and_key(env, config, text
     [
         ("MISTRAL_TEMPERATURE", "hot", "MISTRAL_TEMPERATURE must be a number, not 'hot'."),
         ("MISTRAL_MAX_TOKENS", "1.5", "MISTRAL_MAX_TOKENS must be an integer, not '1.5'."),
-        ("MISTRAL_MAX_CONTEXT", "-5", "MISTRAL_MAX_CONTEXT must be 1 or more, not -5."),
+        ("MISTRAL_MAX_CONTEXT", "-5", "--max-context must be 1 or more, not -5 (from env MISTRAL_MAX_CONTEXT)."),
         ("MISTRAL_QUANTIZE", "int2", "MISTRAL_QUANTIZE must be one of none, int8, int4, not 'int2'."),
         ("MISTRAL_CONFIG", "/nonexistent/mistral.toml", "MISTRAL_CONFIG points to /nonexistent/mistral.toml"),
     ],
@@ -127,13 +121,16 @@ def test_a_bad_environment_variable_is_one_sentence(env, variable, value, messag
 
 
 def test_an_out_of_range_value_names_where_it_was_set(config):
+    def generation(s):
+        return s.checked(GenerationOptions, **{name: s[name] for name in GENERATION})
+
     config.write_text("temperature = -1\n", encoding="utf-8")
     with pytest.raises(UsageError, match=rf"--temperature must be .* not -1.0 \(from config file {config}\)\."):
-        resolve({}, {"MISTRAL_CONFIG": str(config)}).generation()
+        generation(resolve({}, {"MISTRAL_CONFIG": str(config)}))
     with pytest.raises(UsageError, match=r"--top-p must be in \(0, 1\], not 2.0 \(from env MISTRAL_TOP_P\)\."):
-        resolve({}, {"MISTRAL_CONFIG": str(config), "MISTRAL_TOP_P": "2", "MISTRAL_TEMPERATURE": "0"}).generation()
+        generation(resolve({}, {"MISTRAL_CONFIG": str(config), "MISTRAL_TOP_P": "2", "MISTRAL_TEMPERATURE": "0"}))
     with pytest.raises(UsageError, match=r"^--temperature must be 0 \(greedy\) or more, not -2.0\.$"):
-        resolve({"temperature": -2.0}, {"MISTRAL_CONFIG": str(config)}).generation()
+        generation(resolve({"temperature": -2.0}, {"MISTRAL_CONFIG": str(config)}))
 
 
 def test_info_shows_each_value_and_its_source(env, config, hf_model_dir):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistral_cli.errors import MistralError
-from mistral_cli.tokenizer import Tokenizer
+from mistral_cli.text.tokenizer import Tokenizer
 from tiny import tokenizer_path
 
 TEXTS = [
@@ -195,5 +195,5 @@ def test_not_a_sentencepiece_model(tmp_path, content):
 
 
 def test_importing_does_not_import_torch():
-    code = "import sys, mistral_cli.tokenizer, mistral_cli.chat_format; assert 'torch' not in sys.modules"
+    code = "import sys, mistral_cli.text.tokenizer, mistral_cli.text.chat_format; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,3 +1,3 @@
-from mistral_cli.cli import main
+from mistral_cli.cli.app import main
 
 main()

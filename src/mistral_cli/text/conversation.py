@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mistral_cli.chat_format import Message, encode_chat, load_conversation, save_messages
 from mistral_cli.errors import MistralError
-from mistral_cli.tokenizer import Tokenizer
+from mistral_cli.text.chat_format import Message, encode_chat, load_conversation, save_messages
+from mistral_cli.text.tokenizer import Tokenizer
 
 DEFAULT_REPLY_ROOM = 1024  # tokens kept free for a reply when --max-tokens is not set
 _JOIN = "\n\n"  # how the instruct format joins consecutive messages of one role

@@ -19,9 +19,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mistral_cli.config import ModelConfig
 from mistral_cli.hardware import INT4_GROUP, auto_dtype, c_compiler, int4_superblock, kernels_blocker
-from mistral_cli.models import (
+from mistral_cli.hub.models import (
     SOURCE_FILE,
     V1_TOKENIZER_SHA256,
     ModelPaths,
@@ -31,9 +30,11 @@ from mistral_cli.models import (
     list_local_models,
     resolve_model,
 )
+from mistral_cli.model.config import ModelConfig
 
 if TYPE_CHECKING:
-    from mistral_cli.settings import Settings
+    from mistral_cli.cli.settings import Settings
+    from mistral_cli.options import LoadOptions
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 SAFETENSORS_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
@@ -43,20 +44,17 @@ def run_info(
     *,
     model: str | None,
     json_out: bool,
-    device: str,
-    dtype: str,
-    quantize: str,
-    max_context: int | None,
+    loading: LoadOptions,
     settings: Settings | None = None,
 ) -> None:
     if model is None:
         _print_list(json_out)
         return
-    data = gather(resolve_model(model), device=device, dtype=dtype, quantize=quantize, max_context=max_context)
+    data = gather(resolve_model(model), loading)
     if settings is not None:
         data["config_file"] = {"path": str(settings.config_path), "found": settings.config_found}
         data["settings"] = settings.to_json()
-        if device != "auto":
+        if loading.device != "auto":
             data["device"]["reason"] = f"asked for: {settings.values['device'].source}"
     if json_out:
         print(json.dumps(data, indent=2))
@@ -64,8 +62,8 @@ def run_info(
         _print_table(data)
 
 
-def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_context: int | None) -> dict[str, Any]:
-    """Everything `mistral info MODEL` shows, as one JSON-ready object."""
+def gather(paths: ModelPaths, loading: LoadOptions) -> dict[str, Any]:
+    """Everything `mistral info MODEL` shows, as one JSON-ready object, for a run with these load options."""
     config = ModelConfig.from_folder(paths.folder)
     files = describe_weights(paths.weights)
     counted = [f.n_params for f in files]
@@ -75,9 +73,9 @@ def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_con
         for name, n in f.dtypes.items():
             dtypes[name] = dtypes.get(name, 0) + n
     weight_bytes = sum(f.bytes for f in files)
-    dev_name, dev_reason = detect_device(device)
-    compute = pick_dtype(dtype, dev_name, config.n_params)
-    context = max_context or config.max_context
+    dev_name, dev_reason = detect_device(loading.device)
+    compute = pick_dtype(loading.dtype, dev_name, config.n_params)
+    context = loading.max_context or config.max_context
     kernels = _kernels(dev_name)
     data: dict[str, Any] = {
         "name": paths.name,
@@ -106,7 +104,7 @@ def gather(paths: ModelPaths, *, device: str, dtype: str, quantize: str, max_con
             ],
         },
         "tokenizer": _tokenizer(paths.tokenizer),
-        "memory": memory_needed(config, compute, quantize, context, ours=bool(kernels and kernels["ours"])),
+        "memory": memory_needed(config, compute, loading.quantize, context, ours=bool(kernels and kernels["ours"])),
         "device": {"name": dev_name, "reason": dev_reason, "dtype": compute, "kernels": kernels},
     }
     record = paths.folder / SOURCE_FILE

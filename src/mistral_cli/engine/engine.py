@@ -15,20 +15,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from mistral_cli import kernels
-from mistral_cli.cache import KVCache
-from mistral_cli.checkpoint import load_model
-from mistral_cli.config import ModelConfig
-from mistral_cli.devices import Placement, pick
+from mistral_cli.engine.sampling import Sampler
 from mistral_cli.errors import MistralError
 from mistral_cli.hardware import GRAPHS_ENV, switched_off
-from mistral_cli.model import Transformer
-from mistral_cli.sampling import GenerationOptions, Sampler
-from mistral_cli.tokenizer import Tokenizer
+from mistral_cli.model.cache import KVCache
+from mistral_cli.model.config import ModelConfig
+from mistral_cli.model.placement import Placement
+from mistral_cli.model.transformer import Transformer
+from mistral_cli.native import kernels
+from mistral_cli.options import GenerationOptions
+from mistral_cli.text.tokenizer import Tokenizer
 
 
 @dataclass
@@ -130,41 +129,6 @@ class Engine:
         self.lookahead = cuda if lookahead is None else lookahead
         self._reader = TokenReader(placement.device)
         self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
-
-    @classmethod
-    def load(
-        cls,
-        folder: Path,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        quantize: str = "none",
-        max_context: int | None = None,
-        threads: int | None = None,
-        compile: bool = False,
-    ) -> Engine:
-        t0 = time.perf_counter()
-        if threads is not None:
-            if threads < 1:
-                raise MistralError(f"--threads must be 1 or more, not {threads}.")
-            torch.set_num_threads(threads)
-        cfg = ModelConfig.from_folder(folder)
-        tokenizer = Tokenizer(folder / "tokenizer.model")
-        if tokenizer.vocab_size != cfg.vocab_size:
-            raise MistralError(
-                f"{folder / 'tokenizer.model'} has {tokenizer.vocab_size} tokens but the model expects "
-                f"{cfg.vocab_size}: the tokenizer does not belong to this model."
-            )
-        if max_context is not None and not 1 <= max_context <= cfg.max_context:
-            raise MistralError(f"--max-context must be between 1 and the model's {cfg.max_context}, not {max_context}.")
-        placement = pick(device, dtype, cfg.n_params)
-        # our decode kernels on the CPU (compiled graphs keep torch's: dynamo cannot trace a ctypes call)
-        ops = kernels.native() if placement.device.type == "cpu" and not compile else None
-        # quantized tensor by tensor as it loads
-        model = load_model(folder, placement, cfg, quantize=quantize, kernels=ops)
-        context = max_context or cfg.max_context
-        load_s = time.perf_counter() - t0
-        return cls(model, tokenizer, placement, context, load_s, quantize=quantize, compile=compile)
 
     @property
     def hardware(self) -> str:

@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_cli.kernels import INT4_GROUP, Kernels, Operands, int4_superblock, pack_int4, pack_int4_scales, supports
-from mistral_cli.model import blocked_linear
+from mistral_cli.model.transformer import blocked_linear
+from mistral_cli.native.kernels import (
+    INT4_GROUP,
+    Kernels,
+    Operands,
+    int4_superblock,
+    pack_int4,
+    pack_int4_scales,
+    supports,
+)
 
 MODES = ("int8", "int4")
 KERNEL_MAX_ROWS = 16  # int8: above this many rows, dequantizing and one float GEMM is faster than the kernel

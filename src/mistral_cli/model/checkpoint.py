@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from mistral_cli.config import ModelConfig
-from mistral_cli.devices import Placement, slow_half_matmul
 from mistral_cli.errors import MistralError
-from mistral_cli.kernels import Kernels
-from mistral_cli.model import Transformer
-from mistral_cli.models import weight_paths
-from mistral_cli.quant import is_quantized_layer, quantized_linear, replace_module
+from mistral_cli.hub.models import weight_paths
+from mistral_cli.model.config import ModelConfig
+from mistral_cli.model.placement import Placement, slow_half_matmul
+from mistral_cli.model.quant import is_quantized_layer, quantized_linear, replace_module
+from mistral_cli.model.transformer import Transformer
+from mistral_cli.native.kernels import Kernels
 
 HF_TO_NATIVE = {
     "model.embed_tokens.weight": "tok_embeddings.weight",

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_cli.cache import KVCache
-from mistral_cli.config import ModelConfig
-from mistral_cli.kernels import DecodeStep, LayerOperands, Operands, supports
+from mistral_cli.model.cache import KVCache
+from mistral_cli.model.config import ModelConfig
+from mistral_cli.native.kernels import DecodeStep, LayerOperands, Operands, supports
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2] if p.isdigit()) >= (2, 5)
 

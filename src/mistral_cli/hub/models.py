@@ -45,6 +45,7 @@ ALIASES = {
         Alias("mistral-7b-v0.2", "mistral-community/Mistral-7B-v0.2", "mistral-7B-v0.2.tar", None),
     )
 }
+DEFAULT_MODEL = "mistral-7b-instruct-v0.2"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")  # a folder name in models_home(): no separators, no ".."
 

@@ -1,8 +1,8 @@
 """Benchmark: our engine against transformers' `generate` on the same random-weight Mistral-shaped checkpoint.
 
-    python -m mistral_cli.bench --shape small --dtype fp32 bf16 --quantize none int8 int4
-    python -m mistral_cli.bench --shape 7b --dtype bf16 --prompt 128 --decode 16 --repeats 2
-    python -m mistral_cli.bench --device cuda --shape 7b --dtype bf16 --quantize none --decode 256 \
+    python benchmarks/bench.py --shape small --dtype fp32 bf16 --quantize none int8 int4
+    python benchmarks/bench.py --shape 7b --dtype bf16 --prompt 128 --decode 16 --repeats 2
+    python benchmarks/bench.py --device cuda --shape 7b --dtype bf16 --quantize none --decode 256 \
         --engines ours ours+eager ours+sync transformers ours+compile
 
 The checkpoint is written once, in bf16 safetensors with an HF config and the v1 tokenizer (from mistral-common),
@@ -331,18 +331,19 @@ def measured(
 def run_ours(spec: RunSpec) -> RunResult:
     import torch
 
-    from mistral_cli.engine import Chunk, Done, Engine
-    from mistral_cli.sampling import GenerationOptions
+    from mistral_cli.engine.engine import Chunk, Done
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.options import GenerationOptions, LoadOptions
 
     t = time.perf_counter()
-    engine = Engine.load(
-        Path(spec.folder),
+    options = LoadOptions(
         device=spec.device,
         dtype=spec.dtype,
         quantize=spec.quantize,
         max_context=spec.prompt + spec.decode + 8,
         compile=spec.engine == "ours+compile",
     )
+    engine = load_engine(Path(spec.folder), options)
     if spec.engine == "ours+sync":
         engine.lookahead = False  # read each token back before queuing the next step
     load_s = time.perf_counter() - t
@@ -511,7 +512,7 @@ def worker(spec: RunSpec) -> None:
 
 
 def spawn(spec: RunSpec, timeout: float | None) -> RunResult:
-    cmd = [sys.executable, "-m", "mistral_cli.bench", "--worker", json.dumps(asdict(spec))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(spec))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -618,7 +619,7 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mistral_cli.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
     ap.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none", "int8", "int4"])

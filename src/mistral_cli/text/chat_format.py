@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mistral_cli.errors import MistralError
-from mistral_cli.tokenizer import Tokenizer
+from mistral_cli.text.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 _JOIN = "\n\n"

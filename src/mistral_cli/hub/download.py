@@ -34,7 +34,7 @@ from rich.console import Console
 
 from mistral_cli import __version__
 from mistral_cli.errors import MistralError
-from mistral_cli.models import (
+from mistral_cli.hub.models import (
     ALIASES,
     REPO_ID,
     SOURCE_FILE,
@@ -538,7 +538,7 @@ def _write_ref(storage: Path, revision: str, sha: str) -> None:
 
 def _offline_copy(model: str, repo_id: str, revision: str | None, console: Console, why: str) -> Path:
     """Without the Hub, a complete copy already in the cache is still the answer (as `hf download` does)."""
-    from mistral_cli.models import resolve_model
+    from mistral_cli.hub.models import resolve_model
 
     if revision is None:
         try:

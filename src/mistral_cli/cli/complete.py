@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mistral_cli.errors import MistralError, UsageError
-from mistral_cli.sampling import GenerationOptions
+from mistral_cli.options import GenerationOptions, LoadOptions
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -37,7 +37,7 @@ def warn(message: str) -> None:
 
 def build_prompt(tokenizer: Any, text: str | None, *, instruct: bool, system: str | None, messages: list | None):
     """Token ids for the three prompt kinds: raw (BOS + text), one instruct turn, or a conversation."""
-    from mistral_cli.chat_format import Message, encode_chat
+    from mistral_cli.text.chat_format import Message, encode_chat
 
     if messages is not None:
         return encode_chat(tokenizer, messages, system=system)
@@ -83,8 +83,8 @@ def run_complete(
     *,
     prompt: str | None,
     model: str,
-    options: dict[str, Any],
-    engine_options: dict[str, Any],
+    generation: GenerationOptions,
+    loading: LoadOptions,
     verbose: bool,
     instruct: bool,
     system: str | None,
@@ -93,12 +93,12 @@ def run_complete(
     echo: bool,
     truncate: bool = False,
 ) -> None:
-    opts = GenerationOptions(**options).with_seed()  # validated before the slow model load
+    opts = generation.with_seed()  # a random run can be repeated: the seed is reported
     conversation = None
     if messages is not None:
         if prompt is not None:
             raise UsageError("Give either a PROMPT or --messages, not both.")
-        from mistral_cli.chat_format import load_messages, validate_for_generation
+        from mistral_cli.text.chat_format import load_messages, validate_for_generation
 
         conversation = load_messages(messages)
         validate_for_generation(conversation)
@@ -109,11 +109,12 @@ def run_complete(
             raise UsageError("The prompt is empty.")
         instruct = instruct or system is not None  # a system prompt only makes sense in the instruct format
 
-    from mistral_cli.engine import Done, Engine
-    from mistral_cli.models import resolve_model
+    from mistral_cli.engine.engine import Done
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.hub.models import resolve_model
 
     paths = resolve_model(model)
-    engine = Engine.load(paths.folder, **engine_options)
+    engine = load_engine(paths.folder, loading)
     if verbose:
         sys.stderr.write(f"mistral: loaded {paths.folder} on {engine.hardware} in {engine.load_s:.2f} s\n")
     ids = build_prompt(engine.tokenizer, text, instruct=instruct, system=system, messages=conversation)

@@ -1,8 +1,12 @@
-"""Defaults for the model, hardware and generation options, and where each effective value came from.
+"""Where each option's value comes from: the command line, then `MISTRAL_*` environment variables, then the TOML
+config file (`$MISTRAL_CONFIG`, else `config.toml` in the user's config folder), then the built-in defaults (those of
+`options.py` and `hub/models.py`).
 
-Precedence: the command line, then `MISTRAL_*` environment variables, then the TOML config file (`$MISTRAL_CONFIG`,
-else `config.toml` in the user's config folder), then the built-in defaults below. No torch here: `mistral info` and
-shell completion stay instant.
+The root command reads the environment and the file once (`attach`) and hands their values to click as the commands'
+`default_map`: each command then receives its options already resolved, by name, and click tells where a value came
+from (`ctx.get_parameter_source`); `Settings` says which variable or file that was. A bad variable or file is a
+`UsageError` naming it, raised when a command runs (so `--help` still works). No torch here: `mistral info` and shell
+completion stay instant.
 """
 
 from __future__ import annotations
@@ -10,13 +14,28 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mistral_cli.errors import UsageError
+from mistral_cli.hub.models import DEFAULT_MODEL
+from mistral_cli.options import (
+    DEVICES,
+    DTYPES,
+    GENERATION,
+    LOADING,
+    QUANTIZATIONS,
+    GenerationOptions,
+    LoadOptions,
+    OptionError,
+)
 
+if TYPE_CHECKING:
+    import click
+
+T = TypeVar("T")
 CONFIG_ENV = "MISTRAL_CONFIG"
 COMMAND_LINE = "command line"
 DEFAULT = "default"
@@ -27,27 +46,34 @@ class Spec:
     kind: type  # str, int, float or list (of str)
     default: Any
     choices: tuple[str, ...] = ()
-    minimum: int | None = None  # only where no later check (the sampler's) names the setting's source
 
 
+_G, _L = GenerationOptions(), LoadOptions()
 SPECS: dict[str, Spec] = {
-    "model": Spec(str, "mistral-7b-instruct-v0.2"),
-    "device": Spec(str, "auto", ("auto", "cpu", "cuda", "mps")),
-    "dtype": Spec(str, "auto", ("auto", "bf16", "fp16", "fp32")),
-    "quantize": Spec(str, "none", ("none", "int8", "int4")),
-    "max_context": Spec(int, None, minimum=1),
-    "threads": Spec(int, None, minimum=1),
-    "max_tokens": Spec(int, None),
-    "temperature": Spec(float, 0.7),
-    "top_p": Spec(float, 1.0),
-    "top_k": Spec(int, 0),
-    "min_p": Spec(float, 0.0),
-    "repeat_penalty": Spec(float, 1.0),
-    "seed": Spec(int, None),
-    "stop": Spec(list, ()),
+    "model": Spec(str, DEFAULT_MODEL),
+    "device": Spec(str, _L.device, DEVICES),
+    "dtype": Spec(str, _L.dtype, DTYPES),
+    "quantize": Spec(str, _L.quantize, QUANTIZATIONS),
+    "max_context": Spec(int, _L.max_context),
+    "threads": Spec(int, _L.threads),
+    "max_tokens": Spec(int, _G.max_tokens),
+    "temperature": Spec(float, _G.temperature),
+    "top_p": Spec(float, _G.top_p),
+    "top_k": Spec(int, _G.top_k),
+    "min_p": Spec(float, _G.min_p),
+    "repeat_penalty": Spec(float, _G.repeat_penalty),
+    "seed": Spec(int, _G.seed),
+    "stop": Spec(list, tuple(_G.stop)),
 }
-DEFAULTS: dict[str, Any] = {name: spec.default for name, spec in SPECS.items()}
-GENERATION = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop")
+assert set(SPECS) == {"model", *LOADING, *GENERATION}
+# The settings each command takes from the environment and the file (`info MODEL` names its model itself: with no
+# argument it lists the models on disk).
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "complete": tuple(SPECS),
+    "chat": tuple(SPECS),
+    "download": ("model",),
+    "info": ("device", "dtype", "quantize", "max_context"),
+}
 
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a string or a list of strings"}
 
@@ -74,20 +100,20 @@ class Settings:
     def to_json(self) -> dict[str, dict[str, Any]]:
         return {name: {"value": s.value, "source": s.source} for name, s in self.values.items()}
 
-    def generation(self) -> dict[str, Any]:
-        """The generation options, checked; a bad value names where it was set. Imports torch (via the sampler)."""
-        from mistral_cli.sampling import GenerationOptions
+    def typed(self, command_line: Mapping[str, Any]) -> Settings:
+        """These settings with the values typed on the command line in front."""
+        typed = {name: Setting(_plain(value), COMMAND_LINE) for name, value in command_line.items() if name in SPECS}
+        return Settings({**self.values, **typed}, self.config_path, self.config_found)
 
-        options = {name: self[name] for name in GENERATION}
-        for name in GENERATION:
-            try:
-                GenerationOptions(**{name: options[name]})
-            except UsageError as exc:
-                source = self.values[name].source
-                if source == COMMAND_LINE:
-                    raise  # the message already names the option the user typed
-                raise UsageError(f"{str(exc).rstrip('.')} (from {source}).") from None
-        return options
+    def checked(self, build: Callable[..., T], /, **values: Any) -> T:
+        """`build(**values)` (an options class), a value out of range reported with where it was set."""
+        try:
+            return build(**values)
+        except OptionError as exc:
+            source = self.values[exc.option].source
+            if source in (COMMAND_LINE, DEFAULT):
+                raise  # the message already names the option the user typed
+            raise UsageError(f"{str(exc).rstrip('.')} (from {source}).") from None
 
 
 def config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -108,15 +134,48 @@ def resolve(command_line: Mapping[str, Any], environ: Mapping[str, str] | None =
     values: dict[str, Setting] = {}
     for name, spec in SPECS.items():
         raw_env = environ.get(env_var(name))
-        if name in command_line:
-            values[name] = Setting(_plain(command_line[name]), COMMAND_LINE)
-        elif raw_env:  # an empty variable counts as unset, as in click
+        if raw_env:  # an empty variable counts as unset, as in click
             values[name] = Setting(_from_env(name, spec, raw_env), f"env {env_var(name)}")
         elif file_values is not None and name in file_values:
             values[name] = Setting(file_values[name], f"config file {path}")
         else:
             values[name] = Setting(_plain(spec.default), DEFAULT)
-    return Settings(values, path, file_values is not None)
+    return Settings(values, path, file_values is not None).typed(command_line)
+
+
+# ------------------------------------------------------------------------------------------------- with click
+
+
+def attach(ctx: click.Context) -> None:
+    """Read the environment and the config file for the command about to run, and hand their values to click as its
+    defaults. An error is kept for `of` to raise, so that `--help` works with a broken config file."""
+    try:
+        settings = resolve({})
+    except UsageError as exc:
+        ctx.obj = exc
+        return
+    ctx.obj = settings
+    ctx.default_map = {
+        command: {name: settings[name] for name in names if settings.values[name].source != DEFAULT}
+        for command, names in COMMANDS.items()
+    }
+
+
+def of(ctx: click.Context) -> Settings:
+    """The settings in effect for a running command: what `attach` read, and the options typed on its command line."""
+    found = ctx.find_root().obj
+    if isinstance(found, UsageError):
+        raise found
+    assert isinstance(found, Settings), "the root command attaches the settings"
+    return found.typed({name: value for name, value in ctx.params.items() if _typed(ctx, name)})
+
+
+def _typed(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"  # by name: Typer may run its own copy of click
+
+
+# ---------------------------------------------------------------------------------------------------- the file
 
 
 def read_config(path: Path, *, required: bool = False) -> dict[str, Any] | None:
@@ -150,7 +209,8 @@ def read_config(path: Path, *, required: bool = False) -> dict[str, Any] | None:
 
 
 def _check(spec: Spec, value: Any, where: str) -> Any:
-    """A TOML value of the right type for `spec`, or a UsageError naming `where`."""
+    """A TOML value of the right type for `spec`, or a UsageError naming `where`. Ranges are the options' own check
+    (options.py)."""
     ok = {
         str: isinstance(value, str),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -161,8 +221,6 @@ def _check(spec: Spec, value: Any, where: str) -> Any:
         raise UsageError(f"{where} must be {_KIND_NAMES[spec.kind]}, not {value!r}.")
     if spec.choices and value not in spec.choices:
         raise UsageError(f"{where} must be one of {', '.join(spec.choices)}, not {value!r}.")
-    if spec.minimum is not None and value < spec.minimum:
-        raise UsageError(f"{where} must be {spec.minimum} or more, not {value!r}.")
     if spec.kind is float:
         return float(value)
     if spec.kind is list:

@@ -28,13 +28,13 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 from mistral_cli import __version__
-from mistral_cli.conversation import CUT_REASONS, Conversation, Prompt, reply_room
 from mistral_cli.errors import MistralError, UsageError
-from mistral_cli.sampling import GenerationOptions
+from mistral_cli.options import GenerationOptions, LoadOptions
+from mistral_cli.text.conversation import CUT_REASONS, Conversation, Prompt, reply_room
 
 if TYPE_CHECKING:
-    from mistral_cli.engine import Engine
-    from mistral_cli.models import ModelPaths
+    from mistral_cli.engine.engine import Engine
+    from mistral_cli.hub.models import ModelPaths
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "/help": ("", "show this list"),
@@ -355,7 +355,7 @@ class Chat:
 
     def reply(self, prompt: Prompt) -> None:
         """Generate the reply to the last message, streaming it; Ctrl-C keeps what came so far, marked as cut."""
-        from mistral_cli.engine import Done
+        from mistral_cli.engine.engine import Done
 
         if prompt.dropped:
             n = len(prompt.dropped)
@@ -635,7 +635,7 @@ def _stdin_reader() -> Callable[[], str | None]:
 
 def _resolve(model: str, err: Console, interactive: bool) -> ModelPaths:
     """Find the model on disk; on a terminal, offer to download a missing one."""
-    from mistral_cli.models import ModelNotFound, resolve_model
+    from mistral_cli.hub.models import ModelNotFound, resolve_model
 
     try:
         return resolve_model(model)
@@ -655,44 +655,43 @@ def _resolve(model: str, err: Console, interactive: bool) -> ModelPaths:
         return resolve_model(model)
 
 
-def _load_engine(paths: ModelPaths, err: Console, **kw: Any) -> Engine:
+def _load_engine(paths: ModelPaths, err: Console, options: LoadOptions) -> Engine:
     """Load the model, with a spinner and the time spent on a terminal (loading 14 GB takes a while)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from mistral_cli.engine import Engine
-    from mistral_cli.models import human_bytes
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.hub.models import human_bytes
 
     if not err.is_terminal:
-        return Engine.load(paths.folder, **kw)
+        return load_engine(paths.folder, options)
     size = sum(p.stat().st_size for p in paths.weights if p.exists())
     columns = SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
     with Progress(*columns, console=err, transient=True) as bar:
         bar.add_task(f"Loading {paths.name} ({human_bytes(size)})", total=None)
-        return Engine.load(paths.folder, **kw)
+        return load_engine(paths.folder, options)
 
 
 def run_chat(
     *,
     model: str,
-    options: dict[str, Any],
-    engine_options: dict[str, Any],
+    generation: GenerationOptions,
+    loading: LoadOptions,
     verbose: bool,
     system: str | None,
     load: Path | None,
 ) -> None:
-    opts = GenerationOptions(**options)  # validated before the slow model load
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     out = Console(highlight=False)
     out.soft_wrap = not out.is_terminal  # lines in a pipe or file stay whole
     err = Console(stderr=True, highlight=False)
     err.soft_wrap = not err.is_terminal
     paths = _resolve(model, err, interactive)
-    engine = _load_engine(paths, err, **engine_options)
+    engine = _load_engine(paths, err, loading)
     name = paths.folder.name if paths.source == "local" else paths.name
     chat = Chat(
         engine,
         Conversation(engine.tokenizer, system),
-        opts,
+        generation,
         model=name,
         out=out,
         notes=out if interactive else err,

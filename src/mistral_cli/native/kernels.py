@@ -498,7 +498,7 @@ def problem() -> str | None:
     return _status.removeprefix("unavailable: ")
 
 
-if __name__ == "__main__":  # python -m mistral_cli.kernels: build them now and say where they are
+if __name__ == "__main__":  # python -m mistral_cli.native.kernels: build them now and say where they are
     k = native()
     print(f"kernels: {status()}" + (f" ({k.path})" if k else ""))
     sys.exit(0 if k else 1)

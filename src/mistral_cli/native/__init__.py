@@ -1,0 +1,1 @@
+"""Our C kernels for CPU decode steps (kernels.c) and their ctypes binding."""
