@@ -12,7 +12,9 @@ import sys
 import pytest
 import torch
 
-from mistral_cli.engine.engine import Done, Engine, TokenReader
+from mistral_cli.cli import banner
+from mistral_cli.engine.cuda import TokenReader
+from mistral_cli.engine.engine import Done, Engine
 from mistral_cli.engine.load import load_engine
 from mistral_cli.model.checkpoint import load_model
 from mistral_cli.model.placement import Placement
@@ -176,7 +178,7 @@ def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder):
     ids = prompt(64, seed=4)
     fp32 = load_engine(gpu_folder, LoadOptions(device="cpu", dtype="fp32"))
     bf16 = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="bf16"))
-    assert bf16.placement.dtype == torch.bfloat16 and "CUDA graphs" in bf16.hardware
+    assert bf16.placement.dtype == torch.bfloat16 and "CUDA graphs" in banner.hardware(bf16)
     x = torch.tensor([ids])
     with torch.inference_mode():
         ref = fp32.model(x, fp32.model.new_cache(), 0)[0]
@@ -192,7 +194,7 @@ def test_graphed_steps_equal_eager_steps(gpu_folder, dtype, quantize):
     with torch's GPU int8 kernel in the graph)."""
     ids = prompt(250, seed=5)
     graphed = load_engine(gpu_folder, LoadOptions(device="cuda", dtype=dtype, quantize=quantize, max_context=1024))
-    assert graphed._graph is not None
+    assert graphed.graph is not None
     eager = same_weights(graphed, graphs=False)
     for engine in (graphed, eager):
         engine.prefill(ids)
@@ -208,7 +210,7 @@ def test_graphed_steps_equal_eager_steps(gpu_folder, dtype, quantize):
             eager.cache.length = pos + 1
             eager.tokens.append(token)
             assert torch.equal(a, b), pos
-    assert graphed._graph.problem is None and graphed.cache.capacity == 512
+    assert graphed.graph.problem is None and graphed.cache.capacity == 512
 
 
 @needs_cuda
@@ -216,7 +218,7 @@ def test_graphs_and_queued_steps_give_the_eager_text(gpu_folder):
     ids = prompt(200, seed=6)
     fast = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="fp32", max_context=400))
     slow = same_weights(fast, graphs=False, lookahead=False)
-    assert fast.lookahead and fast._graph is not None
+    assert fast.lookahead and fast.graph is not None
     a, b = run(fast, ids, greedy(120)), run(slow, ids, greedy(120))  # crosses 256 positions
     assert a.tokens == b.tokens and a.text == b.text
     assert fast.cache.length == len(fast.tokens) == 319
@@ -327,10 +329,10 @@ def test_int8_layers_use_torchs_gpu_kernel_where_it_is_right():
 def test_quantized_model_decodes_with_graphs(gpu_folder, mode):
     ids = prompt(40, seed=10)
     fast = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="fp32", quantize=mode, max_context=128))
-    assert "CUDA graphs" in fast.hardware and mode in fast.hardware
+    assert "CUDA graphs" in banner.hardware(fast) and mode in banner.hardware(fast)
     slow = same_weights(fast, graphs=False, lookahead=False)
     assert run(fast, ids, greedy(40)).tokens == run(slow, ids, greedy(40)).tokens
-    assert fast._graph.problem is None
+    assert fast.graph.problem is None
 
 
 @needs_cuda

@@ -15,6 +15,7 @@ import torch
 from mistral_cli.model.checkpoint import load_model
 from mistral_cli.model.placement import Placement
 from mistral_cli.native import kernels
+from mistral_cli.native.decode import use_kernels
 from tiny import write_hf
 
 BF16 = Placement(torch.device("cpu"), torch.bfloat16)
@@ -209,6 +210,7 @@ def test_every_thread_count_gives_the_same_bits(ops):
 ASAN_SCRIPT = """
 import torch
 from mistral_cli.native import kernels
+from mistral_cli.native.decode import use_kernels
 from mistral_cli.model.checkpoint import load_model
 from mistral_cli.model.placement import Placement
 from tiny import TinySpec, random_state_dict, write_hf
@@ -233,11 +235,13 @@ spec = TinySpec()
 folder = write_hf(__import__("pathlib").Path(%r), spec, random_state_dict(spec), dtype=torch.bfloat16)
 for mode in ("none", "int8", "int4"):
     model = load_model(folder, Placement(torch.device("cpu"), torch.bfloat16), quantize=mode, kernels=ops)
-    cache = model.new_cache(8)
+    fused = use_kernels(model, ops)
+    cache = model.new_cache(16)
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), cache)
         for i in range(3):
-            model(torch.tensor([[4 + i]]), cache)
+            model(torch.tensor([[4 + i]]), cache)  # one call per layer
+            fused(7 + i, cache, cache.length)  # the whole step in one call
 print("clean")
 """
 
@@ -362,6 +366,7 @@ def test_model_decodes_the_same_with_our_kernels(ops, wide_model, mode):
     tokens = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(7))
     theirs = load_model(wide_model, BF16, quantize=mode)
     mine = load_model(wide_model, BF16, quantize=mode, kernels=ops)
+    use_kernels(mine, ops)
     kinds = {getattr(m, "kernel", None) for m in mine.modules()} - {None}
     assert kinds == (set() if mode == "none" else {"ours"})
     assert (mode != "none") or all(m.kernels is ops for m in mine.modules() if hasattr(m, "kernels"))
@@ -381,7 +386,8 @@ def test_sliding_window_decodes_the_same_with_our_kernels(ops, tmp_path, tiny_sp
     folder = write_hf(tmp_path / "w", spec, random_state_dict(spec), dtype=torch.bfloat16)
     tokens = torch.randint(3, 32000, (1, 20), generator=torch.Generator().manual_seed(9))
     theirs, mine = load_model(folder, BF16), load_model(folder, BF16, kernels=ops)
-    assert all(a.kernels is ops for a in (layer.attention for layer in mine.layers)) and mine.step is not None
+    assert use_kernels(mine, ops) is not None
+    assert all(a.kernels is ops for a in (layer.attention for layer in mine.layers))
     a, b = _decode(theirs, tokens, 16), _decode(mine, tokens, 16)  # positions 20..35: the window slides
     ref = _decode(load_model(folder, FP32), tokens, 16)
     assert (b - ref).norm() <= 1.1 * (a - ref).norm() + 1e-3 * ref.norm()
@@ -390,18 +396,16 @@ def test_sliding_window_decodes_the_same_with_our_kernels(ops, tmp_path, tiny_sp
 # ------------------------------------------------------------------------------------------- the whole-step call
 
 
-def _decode_both(model, tokens, steps):
-    """Logits and cache of `_decode` with the whole step in one call (model.step), and with one call per layer."""
-    step, results = model.step, []
-    for fused in (True, False):
-        model.step = step if fused else None
+def _decode_both(model, fused, tokens, steps):
+    """Logits and cache of `_decode` with the whole step in one call (`fused`), and with one call per layer."""
+    results = []
+    for one_call in (True, False):
         cache, out = model.new_cache(), []
         with torch.inference_mode():
             model(tokens, cache)
             for t in tokens[0, :steps]:
-                out.append(model(t.view(1, 1), cache)[0, -1])
+                out.append(fused(int(t), cache, cache.length) if one_call else model(t.view(1, 1), cache)[0, -1])
         results.append((torch.stack(out), cache))
-    model.step = step
     return results
 
 
@@ -411,9 +415,10 @@ def test_one_call_per_step_is_the_blocks_math(ops, wide_model, mode):
     C) against the model's modules on the same kernels: every rounding is the same (RMSNorm even adds its squares
     in torch's order), so the logits and the keys/values in the cache are bit-identical."""
     model = load_model(wide_model, BF16, quantize=mode, kernels=ops)
-    assert model.step is not None and len(model.step.layers) == len(model.layers)
+    step = use_kernels(model, ops)
+    assert step is not None and len(step.step.layers) == len(model.layers)
     tokens = torch.randint(3, 32000, (1, 24), generator=torch.Generator().manual_seed(11))
-    (fused, fcache), (blocks, bcache) = _decode_both(model, tokens, 16)
+    (fused, fcache), (blocks, bcache) = _decode_both(model, step, tokens, 16)
     n = fcache.length
     caches = zip(fcache.k + fcache.v, bcache.k + bcache.v, strict=True)
     pairs = [(fused, blocks)] + [(a[:, :, :n], b[:, :, :n]) for a, b in caches]
@@ -427,16 +432,17 @@ def test_one_call_per_step_after_rewinding(ops, wide_model):
     """A chat rewinds the cache and writes over old positions: the step writes where it is told and attends to
     nothing past it."""
     model = load_model(wide_model, BF16, kernels=ops)
+    fused = use_kernels(model, ops)
     tokens = torch.randint(3, 32000, (1, 12), generator=torch.Generator().manual_seed(12))
     with torch.inference_mode():
         cache = model.new_cache()
         model(tokens, cache)
         model(tokens[:, :3], cache)  # 3 positions that are then dropped
         cache.truncate(12)
-        again = model(tokens[:, 5:6], cache)[0, -1]
+        again = fused(int(tokens[0, 5]), cache, 12)
         fresh = model.new_cache()
         model(tokens, fresh)
-        once = model(tokens[:, 5:6], fresh)[0, -1]
+        once = fused(int(tokens[0, 5]), fresh, 12)
     assert torch.equal(again, once)
 
 
@@ -446,8 +452,8 @@ def test_one_call_per_step_only_where_it_fits(ops, tmp_path, tiny_spec):
 
     spec = tiny_spec.but(dim=256, hidden_dim=256, n_heads=16, n_kv_heads=1, head_dim=16)
     folder = write_hf(tmp_path / "g16", spec, random_state_dict(spec), dtype=torch.bfloat16)
-    assert load_model(folder, BF16, kernels=ops).step is None
-    assert load_model(folder, FP32, quantize="int8", kernels=ops).step is None
+    assert use_kernels(load_model(folder, BF16, kernels=ops), ops) is None
+    assert use_kernels(load_model(folder, FP32, quantize="int8", kernels=ops), ops) is None
 
 
 def test_the_step_checks_what_the_c_code_trusts(ops, wide_model):
@@ -455,7 +461,7 @@ def test_the_step_checks_what_the_c_code_trusts(ops, wide_model):
     cache = model.new_cache(64)
     cache.reserve(1)
     cos, sin = model.rope_rows(64, torch.device("cpu"))
-    step = partial(ops.decode_token, model.step)
+    step = partial(ops.decode_token, use_kernels(model, ops).step)
     with pytest.raises(ValueError, match="layout the kernels read"):
         step(5, cos, sin, cache.k, cache.v, cache.capacity, 0)  # past the cache
     with pytest.raises(ValueError, match="layout the kernels read"):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mistral_cli.cli import banner
 from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.options import GenerationOptions, LoadOptions
 
@@ -116,7 +117,7 @@ def run_complete(
     paths = resolve_model(model)
     engine = load_engine(paths.folder, loading)
     if verbose:
-        sys.stderr.write(f"mistral: loaded {paths.folder} on {engine.hardware} in {engine.load_s:.2f} s\n")
+        sys.stderr.write(f"mistral: loaded {paths.folder} on {banner.hardware(engine)} in {engine.load_s:.2f} s\n")
     ids = build_prompt(engine.tokenizer, text, instruct=instruct, system=system, messages=conversation)
     if truncate and len(ids) >= engine.max_context:
         ids = truncate_prompt(

@@ -5,9 +5,10 @@ yielding each token's text as it becomes final, and finally a `Done` with the fi
 It never prints. The cache is reused across calls: a new prompt that extends the previous sequence (the next turn
 of a chat) prefills only its new tokens.
 
-On a GPU, decode steps replay a captured CUDA graph (one launch instead of hundreds of kernel launches from
-Python), and greedy decoding queues the next step before it reads the token back, so the GPU is never idle
-while Python turns a token into text.
+How a step runs is decided once, at construction: on a CPU with our kernels, one call to them for the whole step
+(native/decode.py's FusedStep); on a GPU, a replay of a captured CUDA graph, with greedy decoding queuing the next
+step before it reads the token back (engine/cuda.py); with --compile, a compiled step over a static cache; else the
+model's own forward.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mistral_cli.engine.cuda import GraphedDecode, TokenReader, compile_decode, graphs_wanted
 from mistral_cli.engine.sampling import Sampler
 from mistral_cli.errors import MistralError
-from mistral_cli.hardware import GRAPHS_ENV, switched_off
 from mistral_cli.model.cache import KVCache
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.placement import Placement
 from mistral_cli.model.transformer import Transformer
 from mistral_cli.native import kernels
+from mistral_cli.native.decode import FusedStep
 from mistral_cli.options import GenerationOptions
 from mistral_cli.text.tokenizer import Tokenizer
 
@@ -107,43 +109,30 @@ class Engine:
         compile: bool = False,
         graphs: bool | None = None,
         lookahead: bool | None = None,
+        fused: FusedStep | None = None,
     ) -> None:
-        """graphs: replay decode steps from CUDA graphs (default: on cuda, unless $MISTRAL_CUDA_GRAPHS is off);
-        lookahead: greedy decoding queues each step before reading its token back (default: on cuda)."""
+        """graphs: replay decode steps from CUDA graphs (default: cuda.graphs_wanted);
+        lookahead: greedy decoding queues each step before reading its token back (default: on cuda);
+        fused: a whole decode step in one call to our CPU kernels (native.decode.use_kernels)."""
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.quantize = quantize
-        self.kernels = any(getattr(m, "kernels", None) or getattr(m, "ops", None) for m in model.modules())
-        # on a CPU that could run our kernels but does not (no compiler, a failed build): why, for the banner
+        # whether decode steps run on our CPU kernels (some layers at least), and if not on a CPU that could, why
+        self.native = any(getattr(m, "kernels", None) or getattr(m, "ops", None) for m in model.modules())
         cpu = placement.device.type == "cpu" and not compile
-        self.kernel_problem = None if self.kernels or not cpu else kernels.problem()
+        self.native_problem = None if self.native or not cpu else kernels.problem()
+        self._fused = fused
         self.cfg: ModelConfig = model.cfg
         self.max_context = max_context
         self.load_s = load_s
         # --compile: a static cache of the whole context and one compiled graph for every decode step
         self.cache: KVCache = model.new_cache(max_context, static=compile)
         self._decode = compile_decode(model, self.cache, placement.device) if compile else None
-        cuda = placement.device.type == "cuda"
         if graphs is None:
-            graphs = cuda and not compile and not switched_off(GRAPHS_ENV)
-        self._graph = GraphedDecode(model, self.cache) if graphs else None
-        self.lookahead = cuda if lookahead is None else lookahead
+            graphs = graphs_wanted(placement.device, compile)
+        self.graph = GraphedDecode(model, self.cache) if graphs else None
+        self.lookahead = placement.device.type == "cuda" if lookahead is None else lookahead
         self._reader = TokenReader(placement.device)
         self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
-
-    @property
-    def hardware(self) -> str:
-        """'cpu bf16 int8, AVX2 kernels, 2 threads' or 'cuda bf16': what --verbose and the chat banner show."""
-        parts = [str(self.placement) + ("" if self.quantize == "none" else f" {self.quantize}")]
-        if self._graph is not None:
-            parts.append("CUDA graphs" if self._graph.problem is None else f"no CUDA graphs ({self._graph.problem})")
-        if self.kernels:
-            parts.append("AVX2 kernels")
-        elif self.kernel_problem:
-            parts.append(f"torch kernels ({self.kernel_problem})")
-        if self.placement.device.type == "cpu":
-            n = torch.get_num_threads()
-            parts.append(f"{n} thread{'s' if n != 1 else ''}")
-        return ", ".join(parts)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -171,8 +160,11 @@ class Engine:
         self.cache.truncate(common)
         self.tokens = self.tokens[:common]
         new = prompt[common:]
-        x = torch.tensor([new], dtype=torch.long, device=self.placement.device)
-        logits = self.model(x, self.cache, common, last_only=True)[0, -1]
+        if self._fused is not None and len(new) == 1:
+            logits = self._fused(new[0], self.cache, common)
+        else:
+            x = torch.tensor([new], dtype=torch.long, device=self.placement.device)
+            logits = self.model(x, self.cache, common, last_only=True)[0, -1]
         self.tokens = list(prompt)
         return logits, len(new)
 
@@ -181,8 +173,10 @@ class Engine:
         """Feed one token (an id, or a 0-d tensor on the device) at the end of the sequence; returns its logits
         (V,). Nothing here waits for the device."""
         pos = len(self.tokens)
-        if self._graph is not None and self._graph.problem is None:
-            return self._graph(token, pos)
+        if self._fused is not None:
+            return self._fused(int(token), self.cache, pos)
+        if self.graph is not None and self.graph.problem is None:
+            return self.graph(token, pos)
         device = self.placement.device
         # made on the device (a fill, not a copy from host memory, which would wait for the device)
         x = token.view(1, 1) if isinstance(token, torch.Tensor) else torch.full((1, 1), token, device=device)
@@ -264,91 +258,3 @@ class Engine:
             prefill_s=t1 - t0,
             decode_s=t2 - t1,
         )
-
-
-class TokenReader:
-    """Reads a token id back from the device without waiting for the work queued after it.
-
-    `int(t)` on a CUDA tensor copies in stream order, after everything queued so far: after the next step, when
-    that step is queued first. Instead, `start` queues the copy into pinned host memory and records an event
-    after it; `result` waits for that event only. On the CPU the copy is done when `start` returns.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.long, pin_memory=cuda)
-        self.copied = torch.cuda.Event() if cuda else None  # one event, recorded again for every token
-
-    def start(self, token: torch.Tensor) -> None:
-        self.host.copy_(token, non_blocking=self.copied is not None)
-        if self.copied is not None:
-            self.copied.record()
-
-    def result(self) -> int:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return int(self.host)
-
-
-class GraphedDecode:
-    """Decode steps replayed from a CUDA graph of `Transformer.decode_step`: one launch per token.
-
-    The step reads the cache's whole buffers with a mask (fixed shapes); the cache grows by doubling, so it reads
-    at most twice the live length, and each growth (new buffers) captures a new graph (a recording, no compiling). The
-    token and position are copied into fixed input tensors, so a token still on the device needs no sync. If a
-    capture fails, `problem` says why and the engine decodes without graphs.
-    """
-
-    def __init__(self, model: Transformer, cache: KVCache) -> None:
-        self.model, self.cache = model, cache
-        device = cache.device
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        self.key: tuple[int, int] | None = None  # the cache buffers the graph was captured on
-        self.problem: str | None = None
-        self.pool = torch.cuda.graph_pool_handle()
-
-    def __call__(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
-        self.cache.reserve(pos + 1)
-        if isinstance(token, torch.Tensor):
-            self.token.copy_(token.view(1, 1))
-        else:
-            self.token.fill_(token)
-        self.position.fill_(pos)
-        if self.key != (self.cache.capacity, self.cache.k[0].data_ptr()):
-            try:
-                self._capture()
-            except RuntimeError as e:  # from here on the engine decodes without graphs; its banner says why
-                self.problem = f"capture failed: {str(e).splitlines()[0][:120]}"
-                self.graph, self.logits, self.key = None, None, None
-                logits = self.model.decode_step(self.token, self.cache, self.position)
-                self.cache.length = pos + 1
-                return logits[0, -1]
-        self.graph.replay()  # type: ignore[union-attr]
-        self.cache.length = pos + 1
-        return self.logits[0, -1]  # type: ignore[index]
-
-    def _capture(self) -> None:
-        self.graph, self.logits = None, None  # the old graph's memory goes back to the pool first
-        step = self.model.decode_step
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up outside the capture (cuBLAS and SDPA pick their kernels)
-            step(self.token, self.cache, self.position)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits = step(self.token, self.cache, self.position)
-        self.graph = graph
-        self.key = (self.cache.capacity, self.cache.k[0].data_ptr())
-
-
-def compile_decode(model: Transformer, cache: KVCache, device: torch.device) -> Callable[..., torch.Tensor]:
-    """model.decode_step compiled for this static cache: fixed shapes, positions as a tensor, so one graph."""
-    if device.type == "cuda":
-        for t in cache.k + cache.v:
-            torch._dynamo.mark_static_address(t)  # the cache is updated in place: keep it inside the CUDA graph
-        return torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(model.decode_step, fullgraph=True, dynamic=False)

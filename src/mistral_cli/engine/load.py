@@ -17,6 +17,7 @@ from mistral_cli.model.checkpoint import load_model
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.placement import pick
 from mistral_cli.native import kernels
+from mistral_cli.native.decode import use_kernels
 from mistral_cli.options import LoadOptions
 from mistral_cli.text.tokenizer import Tokenizer
 
@@ -41,6 +42,9 @@ def load_engine(folder: Path, options: LoadOptions) -> Engine:
     ops = kernels.native() if placement.device.type == "cpu" and not options.compile else None
     # quantized tensor by tensor as it loads
     model = load_model(folder, placement, cfg, quantize=options.quantize, kernels=ops)
+    fused = use_kernels(model, ops) if ops is not None else None
     context = options.max_context or cfg.max_context
     load_s = time.perf_counter() - t0
-    return Engine(model, tokenizer, placement, context, load_s, quantize=options.quantize, compile=options.compile)
+    return Engine(
+        model, tokenizer, placement, context, load_s, quantize=options.quantize, compile=options.compile, fused=fused
+    )

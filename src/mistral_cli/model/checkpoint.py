@@ -323,8 +323,9 @@ def load_model(
     """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time.
 
     With quantize ("int8", "int4") each linear weight is quantized as it arrives and its float tensor dropped, so
-    the float model never exists in memory as a whole. `kernels`: our CPU kernels for the decode step's products
-    (kernels.native()); quantized layers then store their weights in the kernels' layout.
+    the float model never exists in memory as a whole. `kernels`: our CPU kernels (native.kernels.native()), for
+    which quantized layers then store their weights in the kernels' layout; native.decode.use_kernels wires the
+    kernels into the loaded model.
     """
     cfg = cfg or ModelConfig.from_folder(folder)
     weights = find_weights(folder)
@@ -341,5 +342,4 @@ def load_model(
             state[name] = tensor
     model.load_state_dict(state, strict=quantize == "none", assign=True)
     model.set_upcast(upcast)
-    model.use_kernels(kernels)
     return model.eval().requires_grad_(False)

@@ -309,8 +309,6 @@ def quantize_model(model: nn.Module, mode: str, kernels: Kernels | None = None) 
             upcast = bool(getattr(module, "upcast", False))
             layer = quantized_linear(name, module.weight.detach(), mode, upcast=upcast, kernels=kernels)
             replace_module(model, name, layer)
-    if hasattr(model, "use_kernels"):  # the model's whole-step kernel must see the new layers
-        model.use_kernels(kernels)
     return model
 
 

@@ -1,13 +1,17 @@
-"""The Mistral network: pure math, no I/O, no device or dtype decisions.
+"""The Mistral network: pure math in plain torch, no I/O, no device or dtype decisions.
 
 Layout: q/k/v and gate/up projections are fused (one matmul each instead of three and two), and RoPE rotates
-halves of each head (the HF convention), so native checkpoints are permuted once at load (checkpoint.py).
+halves of each head (the HF convention), so native checkpoints are permuted once at load (checkpoint.py; the
+permutation is docs/FORMAT.md section 3).
+
+Two paths: `forward` for prompts and steps over a growing cache, `decode_step` for one step over a static cache
+(fixed shapes, for torch.compile and CUDA graphs). Our C kernels are wired in from outside (native/decode.py): they
+take over single-row products and a step's attention, or a whole decode step, without this file knowing them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,6 @@ from torch import nn
 
 from mistral_cli.model.cache import KVCache
 from mistral_cli.model.config import ModelConfig
-from mistral_cli.native.kernels import DecodeStep, LayerOperands, Operands, supports
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2] if p.isdigit()) >= (2, 5)
 
@@ -92,32 +95,23 @@ def blocked_linear(
 class Linear(nn.Linear):
     """nn.Linear that can run products of several rows in float32 while its weight stays in bf16/fp16.
 
-    `upcast` is set at load on CPUs without fast bf16 (devices.slow_half_matmul): there a bf16 GEMM costs as much
+    `upcast` is set at load on CPUs without fast bf16 (placement.slow_half_matmul): there a bf16 GEMM costs as much
     per row as a whole decode step, so a prompt is several times faster converted to float32 block by block; a
     single row (a decode step) is a bandwidth-bound product where the half-size weight wins.
     """
 
     upcast = False
-    kernels: Any = None  # our CPU kernels (kernels.Kernels) for a single row of a bf16 weight, set at load
 
     def reset_parameters(self) -> None:
         pass  # weights always come from a checkpoint; random init on the meta device would import torch._dynamo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and x.numel() == x.shape[-1]:
-            return self.kernels.linear_bf16(x, self.weight)
         if self.upcast and x.dtype != torch.float32 and x.numel() > x.shape[-1]:
             return blocked_linear(x, self.weight, torch.float32).to(x.dtype)
         return F.linear(x, self.weight)
 
-    def operands(self) -> Operands | None:
-        """This layer for a whole-step kernel (kernels.DecodeStep), when its single-row products use our kernels."""
-        return None if self.kernels is None else Operands("bf16", self.weight)
-
 
 class Attention(nn.Module):
-    kernels: Any = None  # our CPU kernels (kernels.Kernels) for a decode step's attention, set at load
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -144,11 +138,14 @@ class Attention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
         v = qkv[:, :, H + KV :].transpose(1, 2)
         k, v = cache.update(layer, pos, k, v)  # (B, KV, L, D): L = start + T, or the capacity of a static cache
-        ours = self.kernels is not None and T == 1 and isinstance(pos, int) and k.shape[2] == pos + 1
-        if ours and self.kernels.attention_fits(q, k, v):
-            # a growing cache holds exactly the keys [0, pos]; a sliding window sees the last `window` of them
-            start = window_start(k.shape[2], self.window)
-            return self.wo(self.kernels.attention(q, k, v, start).view(B, T, H * D))
+        return self.wo(self.attend(q, k, v, mask, pos))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, pos: int | torch.Tensor
+    ) -> torch.Tensor:
+        """Queries (B, H, T, D) at positions from `pos` on against the cache's keys/values (B, KV, L, D) -> (B, T, H*D)."""
+        B, H, T, D = q.shape
+        KV = k.shape[1]
         if T == 1:
             # One query per head: fold the query heads sharing a kv head into the query axis, so the kv heads are
             # read once, with no copy (query head h reads kv head h // (H / KV)).
@@ -158,8 +155,7 @@ class Attention(nn.Module):
         else:
             k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.wo(y)
+        return y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 class FeedForward(nn.Module):
@@ -186,14 +182,6 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def _block_operands(block: Block) -> LayerOperands | None:
-    linears = (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)
-    ops = [getattr(layer, "operands", lambda: None)() for layer in linears]
-    if block.attention.kernels is None or None in ops:
-        return None
-    return LayerOperands(block.attention_norm.weight, block.ffn_norm.weight, *ops)
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -204,8 +192,6 @@ class Transformer(nn.Module):
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._inv_freq_table: torch.Tensor | None = None  # RoPE frequencies, a plain attribute (not in the state)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of positions [0, n), see rope_rows
-        self.kernels: Any = None  # our CPU kernels (kernels.Kernels), set by use_kernels
-        self.step: DecodeStep | None = None  # a whole decode step in one call to them, where the blocks fit
 
     def new_cache(self, max_len: int | None = None, *, batch: int = 1, static: bool = False) -> KVCache:
         ref = self.tok_embeddings.weight  # never quantized: its dtype is the activations' dtype
@@ -225,30 +211,6 @@ class Transformer(nn.Module):
         buffers) but the embedding table, of which a token reads one row."""
         tensors = [*self.named_parameters(), *self.named_buffers()]
         return sum(t.numel() * t.element_size() for name, t in tensors if not name.startswith("tok_embeddings."))
-
-    def use_kernels(self, kernels: Any) -> None:
-        """Decode the bf16 linear layers and attention with our CPU kernels (kernels.Kernels; None for torch's).
-
-        Where every block's layers run on them (bf16 activations; quantized layers built with the same kernels), a
-        decode step runs in one call to them: the embedding, all the blocks, the final norm and the output head.
-        Call it again after swapping layers.
-        """
-        bf16 = self.tok_embeddings.weight.dtype == torch.bfloat16  # the activations' and the cache's dtype
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.kernels = kernels if bf16 else None
-            elif isinstance(module, Linear):
-                w = module.weight
-                fits = w.dtype == torch.bfloat16 and w.is_contiguous() and supports(module.in_features)
-                module.kernels = kernels if fits else None
-        self.kernels, self.step = (kernels if bf16 else None), None
-        blocks = [_block_operands(block) for block in self.layers]
-        if self.kernels is not None and None not in blocks:
-            cfg, head = self.cfg, getattr(self.output, "operands", lambda: None)()
-            embedding, norm = self.tok_embeddings.weight, self.norm.weight
-            self.step = DecodeStep.of(
-                blocks, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, embedding, norm, head
-            )
 
     def set_upcast(self, upcast: bool) -> None:
         """Run multi-row products in float32 (see Linear); chosen at load from the device and dtype."""
@@ -273,8 +235,6 @@ class Transformer(nn.Module):
             positions = torch.arange(start, end, device=tokens.device)
             mask = self.position_mask(positions, cache.capacity)
             logits = self._run(tokens, cache, positions, *self._rope_at(positions), mask, last_only)
-        elif self.step is not None and (B, T) == (1, 1):
-            logits = self._one_call(int(tokens), cache, start).view(1, 1, -1)
         else:
             cos, sin = (table[start:end] for table in self.rope_rows(end, tokens.device))
             logits = self._run(tokens, cache, start, cos, sin, self._mask(start, T, end, tokens.device), last_only)
@@ -307,14 +267,6 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
-
-    def _one_call(self, token: int, cache: KVCache, pos: int) -> torch.Tensor:
-        """One token at `pos` of a growing cache through our kernels' whole-step call (self.step): its logits (V,),
-        bit for bit what `_run` computes with the same kernels."""
-        assert self.step is not None
-        cos, sin = self.rope_rows(pos + 1, cache.device)
-        start = window_start(pos + 1, self.cfg.sliding_window)  # the call applies the sliding window itself
-        return self.kernels.decode_token(self.step, token, cos, sin, cache.k, cache.v, pos, start)
 
     def rope_rows(self, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin tables (n, 1, head_dim) in the activations' dtype for positions [0, n), n >= end.

@@ -1,0 +1,26 @@
+"""What the CLI says about a loaded engine: the hardware line of `--verbose`, the chat banner and `/info`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mistral_cli.engine.engine import Engine
+
+
+def hardware(engine: Engine) -> str:
+    """'cpu bf16 int8, AVX2 kernels, 2 threads' or 'cuda bf16, CUDA graphs'."""
+    import torch
+
+    parts = [str(engine.placement) + ("" if engine.quantize == "none" else f" {engine.quantize}")]
+    if engine.graph is not None:
+        problem = engine.graph.problem
+        parts.append("CUDA graphs" if problem is None else f"no CUDA graphs ({problem})")
+    if engine.native:
+        parts.append("AVX2 kernels")
+    elif engine.native_problem:
+        parts.append(f"torch kernels ({engine.native_problem})")
+    if engine.placement.device.type == "cpu":
+        n = torch.get_num_threads()
+        parts.append(f"{n} thread{'s' if n != 1 else ''}")
+    return ", ".join(parts)
