@@ -1,4 +1,4 @@
-"""A loopback server that speaks the Hugging Face Hub protocol (TECH.md section 6) and serves tar files with Range.
+"""A loopback server that speaks the Hugging Face Hub protocol (docs/FORMAT.md section 6) and serves tar files with Range.
 
 Two listeners on 127.0.0.1: the "hub" (API, /resolve) and a "cdn" on another port, to which /resolve redirects large
 (LFS) files as the real Hub does, so a client that forwards its token off the Hub is caught. Tar archives are served

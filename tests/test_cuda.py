@@ -15,8 +15,7 @@ import torch
 from mistral_cli.cli import banner
 from mistral_cli.engine.cuda import TokenReader
 from mistral_cli.engine.engine import Done, Engine
-from mistral_cli.engine.load import load_engine
-from mistral_cli.model.checkpoint import load_model
+from mistral_cli.engine.load import load_engine, load_model
 from mistral_cli.model.placement import Placement
 from mistral_cli.model.quant import quantized_linear
 from mistral_cli.options import GenerationOptions, LoadOptions

@@ -80,7 +80,7 @@ def test_memory_for_quantization_and_the_real_model():
     config = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                          vocab_size=32000, rope_theta=1e6)  # fmt: skip
     bf16 = memory_needed(config, "bf16", "none", 32768)
-    assert bf16["weights_bytes"] == 14_483_464_192  # TECH.md: the index's total_size
+    assert bf16["weights_bytes"] == 14_483_464_192  # docs/FORMAT.md section 7: the index's total_size
     assert bf16["kv_cache_bytes"] == 4 * 2**30  # 128 KiB a token, 32K tokens
     int8 = memory_needed(config, "bf16", "int8", 32768)
     int4 = memory_needed(config, "bf16", "int4", 32768)

@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import torch
 
-from mistral_cli.model.checkpoint import load_model
+from mistral_cli.engine.load import load_model
 from mistral_cli.model.placement import Placement
 from mistral_cli.native import kernels
 from mistral_cli.native.decode import use_kernels
@@ -211,7 +211,7 @@ ASAN_SCRIPT = """
 import torch
 from mistral_cli.native import kernels
 from mistral_cli.native.decode import use_kernels
-from mistral_cli.model.checkpoint import load_model
+from mistral_cli.engine.load import load_model
 from mistral_cli.model.placement import Placement
 from tiny import TinySpec, random_state_dict, write_hf
 ops = kernels.native()

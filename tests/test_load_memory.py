@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bench
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoints import EOS, SHAPES, VOCAB, n_params, write_checkpoint
+from mistral_cli.engine.load import load_model
 from mistral_cli.errors import MistralError
-from mistral_cli.model.checkpoint import SAFETENSORS_DTYPES, WeightFiles, iter_tensors, load_model
+from mistral_cli.model.checkpoint import SAFETENSORS_DTYPES, WeightFiles, iter_tensors
 from mistral_cli.model.placement import Placement
 from tiny import write_hf, write_native
 
@@ -73,6 +74,18 @@ def test_native_bf16_equals_hf_bf16(tmp_path, tiny_spec, tiny_sd):
     assert hf.keys() == native.keys()
     for name in hf:
         assert torch.equal(hf[name], native[name]), name
+
+
+def test_random_checkpoint_is_sharded_and_loads(tmp_path):
+    folder = write_checkpoint(tmp_path / "m", SHAPES["tiny"], shard_bytes=2_000_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == shards
+    assert index["metadata"]["total_size"] == n_params(SHAPES["tiny"]) * 2
+    model = load_model(folder, Placement(CPU, torch.float32))
+    assert sum(p.numel() for p in model.parameters()) == n_params(SHAPES["tiny"])
+    assert not model.output.weight[EOS].any()  # greedy decoding never picks EOS
 
 
 # --- the reader's checks ---------------------------------------------------------------------------------------------
@@ -140,7 +153,7 @@ from pathlib import Path
 from mistral_cli.cli.app import huge_pages
 huge_pages()  # before torch, as the command does: torch's huge pages for large tensors
 import torch
-from mistral_cli.model.checkpoint import load_model
+from mistral_cli.engine.load import load_model
 from mistral_cli.model.placement import Placement
 
 def status(key):
@@ -156,8 +169,8 @@ print(json.dumps({"increase": status("VmHWM") - before, "model_bytes": sum(t.nby
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> Path:
-    # bench's "small" shape: 175M parameters, 349 MB in bf16, one shard
-    return bench.write_checkpoint(tmp_path_factory.mktemp("mem") / "small", bench.SHAPES["small"])
+    # the benchmark's "small" shape: 175M parameters, 349 MB in bf16, one shard
+    return write_checkpoint(tmp_path_factory.mktemp("mem") / "small", SHAPES["small"])
 
 
 def _load_peak(folder: Path, quantize: str) -> dict[str, int]:
@@ -177,15 +190,15 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 
 @needs_proc
 def test_bf16_load_peaks_near_the_weights(small_checkpoint):
-    weight_bytes = bench.n_params(bench.SHAPES["small"]) * 2
+    weight_bytes = n_params(SHAPES["small"]) * 2
     peak = _load_peak(small_checkpoint, "none")
     assert peak["increase"] <= 1.1 * weight_bytes + 64 * MIB, (peak, weight_bytes)
 
 
 @needs_proc
 def test_int8_load_holds_one_float_tensor_at_a_time(small_checkpoint):
-    weight_bytes = bench.n_params(bench.SHAPES["small"]) * 2
-    head_bytes = bench.VOCAB * bench.SHAPES["small"]["dim"] * 2  # the largest tensor, last in the file
+    weight_bytes = n_params(SHAPES["small"]) * 2
+    head_bytes = VOCAB * SHAPES["small"]["dim"] * 2  # the largest tensor, last in the file
     peak = _load_peak(small_checkpoint, "int8")
     # the quantized model (its embedding table stays bf16) plus the one bf16 tensor being quantized: about 0.7x
     # of the bf16 weights for this shape, whose vocabulary is a large part of it (0.53x for 7B)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mistral_cli.engine.load import load_model
 from mistral_cli.errors import MistralError
-from mistral_cli.model.checkpoint import load_model
 from mistral_cli.model.placement import Placement
 from tiny import TinySpec, write_hf, write_native
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistral_cli.model.checkpoint import load_model
+from mistral_cli.engine.load import load_model
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.placement import Placement
 from tiny import V01, TinySpec, hf_reference, random_state_dict, write_hf, write_native

@@ -8,11 +8,13 @@ import weakref
 import pytest
 import torch
 
-from mistral_cli.model import checkpoint, quant
-from mistral_cli.model.checkpoint import load_model
+from mistral_cli.engine import load
+from mistral_cli.engine.load import load_model
+from mistral_cli.model import quant
 from mistral_cli.model.placement import Placement
 from mistral_cli.model.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear, int4_weights, int8_weights
 from mistral_cli.native import kernels
+from mistral_cli.native.quant import NativeInt4Linear, NativeInt8Linear
 from tiny import TinySpec, random_state_dict, write_hf
 
 FP32 = Placement(torch.device("cpu"), torch.float32)
@@ -72,11 +74,25 @@ KINDS = ["ours", "torch", "fallback"]  # our CPU kernels, torch's, or dequantize
 
 
 def _kind(monkeypatch, kind: str) -> kernels.Kernels | None:
-    """The `kernels` argument for a layer of this kind; torch's kernels switched on or off to match."""
+    """Our kernels for a layer of this kind (else None); torch's kernels switched on or off to match."""
     ops = ours() if kind == "ours" else None
     monkeypatch.setattr(quant, "_HAS_INT8_KERNEL", kind == "torch")
     monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", kind == "torch")
     return ops
+
+
+def int8_layer(w, ops=None, **kw) -> WeightOnlyInt8Linear:
+    """An int8 layer in our kernels' layout with `ops`, else the one torch runs."""
+    return NativeInt8Linear(w, ops, **kw) if ops is not None else WeightOnlyInt8Linear(w, **kw)
+
+
+def int4_layer(w, ops=None, group: int = 64, **kw) -> WeightOnlyInt4Linear:
+    """An int4 layer in our kernels' layout with `ops`, else in torch's packing where it has the kernel, else plain."""
+    if ops is not None:
+        return NativeInt4Linear(w, ops, **kw)
+    N, K = sum(p.shape[0] for p in quant.as_parts(w)), quant.as_parts(w)[0].shape[1]
+    fits = quant.TorchInt4Linear.fits(N, quant.int4_group(K, group), torch.device("cpu"))
+    return (quant.TorchInt4Linear if fits else WeightOnlyInt4Linear)(w, group=group, **kw)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -85,7 +101,7 @@ def _kind(monkeypatch, kind: str) -> kernels.Kernels | None:
 def test_int8_layer_matches_float_within_bound(monkeypatch, kind, rows, dtype):
     ops = _kind(monkeypatch, kind)
     w, x = _weight(), _x(rows)
-    layer = WeightOnlyInt8Linear(w.to(dtype), upcast=dtype == torch.bfloat16, kernels=ops)
+    layer = int8_layer(w.to(dtype), ops, upcast=dtype == torch.bfloat16)
     assert layer.kernel == (None if kind == "fallback" else kind)
     y = layer(x.to(dtype)[None]).float()[0]  # (1, rows, K): batch dims are kept
     _, scales = int8_weights(w.to(dtype))
@@ -99,7 +115,7 @@ def test_int8_layer_matches_float_within_bound(monkeypatch, kind, rows, dtype):
 def test_the_load_time_check_of_torchs_int8_kernel(monkeypatch):
     """The check that decides whether a GPU's int8 kernel is used, run here on torch's CPU kernel (right)."""
     _kind(monkeypatch, "torch")
-    layer = WeightOnlyInt8Linear(_weight(n=320, k=4096), kernels=None)  # checked in blocks of 256 rows: two
+    layer = WeightOnlyInt8Linear(_weight(n=320, k=4096))  # checked in blocks of 256 rows: two
     assert layer.kernel == "torch"
     assert layer.kernel_agrees()
     assert not layer.kernel_agrees(tolerance=0.0)  # it measures an error: bf16 rounding is more than none
@@ -114,7 +130,7 @@ def test_int4_layer_matches_float_within_bound(monkeypatch, kind, rows, k):
     ops = _kind(monkeypatch, kind)
     group = 64 if kind == "ours" else 32  # ours needs groups of a multiple of 64
     w, x = _weight(k=k), _x(rows, k=k)
-    layer = WeightOnlyInt4Linear(w, group=group, kernels=ops)
+    layer = int4_layer(w, ops, group=group)
     assert layer.kernel == (None if kind == "fallback" else kind) and layer.group == group
     y = layer(x)
     _, sz = int4_weights(w, group)
@@ -127,10 +143,10 @@ def test_int4_layer_matches_float_within_bound(monkeypatch, kind, rows, k):
 
 def test_int4_kernels_and_fallback_agree(monkeypatch):
     w, x = _weight(), _x(5)
-    fast = WeightOnlyInt4Linear(w, group=64)
+    fast = int4_layer(w, group=64)
     monkeypatch.setattr(quant, "_HAS_INT4_KERNEL", False)
-    slow = WeightOnlyInt4Linear(w, group=64)
-    mine = WeightOnlyInt4Linear(w, group=64, kernels=ours())
+    slow = int4_layer(w, group=64)
+    mine = int4_layer(w, ours(), group=64)
     assert (fast.kernel, slow.kernel, mine.kernel) == ("torch", None, "ours")
     ref = slow(x)
     tol = 4 * BF16_ULP * float(ref.abs().max())
@@ -146,10 +162,10 @@ def test_quantizing_in_row_blocks_changes_nothing(monkeypatch, kind):
     separate blocks must equal one packing of the whole weight."""
     ops = _kind(monkeypatch, kind)
     w, x = _weight(n=208, k=256), _x(3)  # 208 rows: blocks of 64, 64, 64 and 16
-    whole4, whole8 = WeightOnlyInt4Linear(w, kernels=ops), WeightOnlyInt8Linear(w, kernels=ops)
+    whole4, whole8 = int4_layer(w, ops), int8_layer(w, ops)
     monkeypatch.setattr(quant, "QUANT_BLOCK", 64 * 256)
     assert len(quant.row_blocks(208, 256)) == 4
-    blocked4, blocked8 = WeightOnlyInt4Linear(w, kernels=ops), WeightOnlyInt8Linear(w, kernels=ops)
+    blocked4, blocked8 = int4_layer(w, ops), int8_layer(w, ops)
     for whole, blocked in ((whole4, blocked4), (whole8, blocked8)):
         for name, buf in whole.named_buffers():
             assert torch.equal(buf, dict(blocked.named_buffers())[name]), name
@@ -165,7 +181,7 @@ def test_a_layer_from_row_parts_equals_one_from_the_whole(monkeypatch, kind, siz
     monkeypatch.setattr(quant, "QUANT_BLOCK", 32 * 256)  # several blocks per part
     w = _weight(n=sum(sizes), k=256)
     parts = list(w.split(list(sizes)))
-    for make in (lambda t: WeightOnlyInt8Linear(t, kernels=ops), lambda t: WeightOnlyInt4Linear(t, kernels=ops)):
+    for make in (lambda t: int8_layer(t, ops), lambda t: int4_layer(t, ops)):
         whole, split = make(w), make(parts)
         assert (split.out_features, split.in_features) == (w.shape[0], 256)
         for name, buf in whole.named_buffers():
@@ -240,8 +256,8 @@ def test_quantized_load_never_holds_the_float_model(monkeypatch, model_dir, tiny
                 alive.append([weakref.ref(t) for t in ([tensor] if isinstance(tensor, torch.Tensor) else tensor)])
             yield name, tensor
 
-    real = checkpoint.load_state
-    monkeypatch.setattr(checkpoint, "load_state", spy)
+    real = load.load_state
+    monkeypatch.setattr(load, "load_state", spy)
     model = load_model(model_dir, FP32, quantize=mode)
     assert len(alive) == 4 * tiny_spec.n_layers + 1
     assert worst <= 1  # the loop variable still holds the previous tensor while the next one is read

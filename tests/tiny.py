@@ -1,13 +1,14 @@
 """Tiny random-weight Mistral models written to disk in every checkpoint format, with the real v1 tokenizer.
 
 The weights are made once in HF layout; the native files are derived with the inverse of the HF converter's
-q/k permutation (TECH.md section 3), so loading both must give the same network.
+q/k permutation (docs/FORMAT.md section 3), so loading both must give the same network.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,20 +114,32 @@ def write_hf(
     if shards == 1:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     else:
-        names = list(tensors)
-        weight_map, total = {}, 0
-        for s in range(shards):
-            part = names[s::shards]
-            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-            save_file({k: tensors[k] for k in part}, folder / fname, metadata={"format": "pt"})
-            for k in part:
-                weight_map[k] = fname
-                total += tensors[k].numel() * tensors[k].element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        names = list(tensors)  # dealt out in turn: q and k of a layer land in different shards
+        save_shards(folder, ({k: tensors[k] for k in names[s::shards]} for s in range(shards)))
     if tokenizer:
         shutil.copy(tokenizer_path(), folder / "tokenizer.model")
     return folder
+
+
+def save_shards(folder: Path, shards: Iterable[dict[str, torch.Tensor]]) -> None:
+    """HF's sharded layout: model-0000i-of-0000n.safetensors and model.safetensors.index.json.
+
+    Each shard is saved as it comes, so a generator of shards needs only one in memory at a time; the files get
+    their names, which hold the number of shards, at the end."""
+    names: list[list[str]] = []  # tensor names per shard, in order
+    total = 0
+    for shard in shards:
+        save_file(shard, folder / f"part-{len(names)}.safetensors", metadata={"format": "pt"})
+        names.append(list(shard))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        del shard  # before the generator builds the next one
+    weight_map: dict[str, str] = {}
+    for i, shard_names in enumerate(names):
+        final = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        (folder / f"part-{i}.safetensors").rename(folder / final)
+        weight_map.update(dict.fromkeys(shard_names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _to_native(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

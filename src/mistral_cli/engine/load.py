@@ -1,4 +1,5 @@
-"""Loading: a model folder and the load options in, a ready `Engine` out.
+"""Loading: a model folder and the load options in, a ready `Engine` out; `load_model` builds the network from a
+checkpoint (formats: model/checkpoint.py), quantized as it loads, in our kernels' layouts where they run.
 
 The order is the cheap checks first (config, tokenizer, context), then the device and dtype, chosen once, then the
 weights, converted and quantized tensor by tensor as they are read.
@@ -7,17 +8,22 @@ weights, converted and quantized tensor by tensor as they are read.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from mistral_cli.engine.engine import Engine
 from mistral_cli.errors import MistralError
-from mistral_cli.model.checkpoint import load_model
+from mistral_cli.model import quant
+from mistral_cli.model.checkpoint import find_weights, load_state
 from mistral_cli.model.config import ModelConfig
-from mistral_cli.model.placement import pick
+from mistral_cli.model.placement import Placement, pick, slow_half_matmul
+from mistral_cli.model.transformer import Transformer
 from mistral_cli.native import kernels
+from mistral_cli.native import quant as native_quant
 from mistral_cli.native.decode import use_kernels
+from mistral_cli.native.kernels import Kernels
 from mistral_cli.options import LoadOptions
 from mistral_cli.text.tokenizer import Tokenizer
 
@@ -48,3 +54,37 @@ def load_engine(folder: Path, options: LoadOptions) -> Engine:
     return Engine(
         model, tokenizer, placement, context, load_s, quantize=options.quantize, compile=options.compile, fused=fused
     )
+
+
+def load_model(
+    folder: Path,
+    placement: Placement,
+    cfg: ModelConfig | None = None,
+    *,
+    quantize: str = "none",
+    kernels: Kernels | None = None,
+) -> Transformer:
+    """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time.
+
+    With quantize ("int8", "int4") each linear weight is quantized as it arrives and its float tensor dropped, so
+    the float model never exists in memory as a whole. `kernels`: our CPU kernels (native.kernels.native()), for
+    which quantized layers then store their weights in the kernels' layout; native.decode.use_kernels wires the
+    kernels into the loaded model.
+    """
+    cfg = cfg or ModelConfig.from_folder(folder)
+    weights = find_weights(folder)
+    quantized = quant.quantized_linear if kernels is None else partial(native_quant.quantized_linear, kernels=kernels)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    upcast = slow_half_matmul(placement)
+    state = {}
+    # quantizing: the parts of q/k/v and gate/up are quantized where they lie, with no float concatenation
+    for name, tensor in load_state(weights, cfg, placement, fuse=quantize == "none"):
+        if quantize != "none" and quant.is_quantized_layer(name):
+            layer = name.removesuffix(".weight")
+            quant.replace_module(model, layer, quantized(layer, tensor, quantize, upcast=upcast))
+        else:
+            state[name] = tensor
+    model.load_state_dict(state, strict=quantize == "none", assign=True)
+    model.set_upcast(upcast)
+    return model.eval().requires_grad_(False)

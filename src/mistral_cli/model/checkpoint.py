@@ -26,10 +26,7 @@ import torch
 from mistral_cli.errors import MistralError
 from mistral_cli.hub.models import weight_paths
 from mistral_cli.model.config import ModelConfig
-from mistral_cli.model.placement import Placement, slow_half_matmul
-from mistral_cli.model.quant import is_quantized_layer, quantized_linear, replace_module
-from mistral_cli.model.transformer import Transformer
-from mistral_cli.native.kernels import Kernels
+from mistral_cli.model.placement import Placement
 
 HF_TO_NATIVE = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -217,7 +214,7 @@ def native_name(name: str) -> str | None:
 
 
 def native_to_hf_rope(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Rows of a native q/k projection (interleaved RoPE pairs) reordered for RoPE on halves (TECH.md section 3)."""
+    """Rows of a native q/k projection (interleaved RoPE pairs) reordered for RoPE on halves (docs/FORMAT.md section 3)."""
     dim = w.shape[1]
     return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
 
@@ -310,36 +307,3 @@ def _fused_target(native: str) -> tuple[str, tuple[str, ...]] | None:
 
 def _natural(name: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def load_model(
-    folder: Path,
-    placement: Placement,
-    cfg: ModelConfig | None = None,
-    *,
-    quantize: str = "none",
-    kernels: Kernels | None = None,
-) -> Transformer:
-    """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time.
-
-    With quantize ("int8", "int4") each linear weight is quantized as it arrives and its float tensor dropped, so
-    the float model never exists in memory as a whole. `kernels`: our CPU kernels (native.kernels.native()), for
-    which quantized layers then store their weights in the kernels' layout; native.decode.use_kernels wires the
-    kernels into the loaded model.
-    """
-    cfg = cfg or ModelConfig.from_folder(folder)
-    weights = find_weights(folder)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    upcast = slow_half_matmul(placement)
-    state = {}
-    # quantizing: the parts of q/k/v and gate/up are quantized where they lie, with no float concatenation
-    for name, tensor in load_state(weights, cfg, placement, fuse=quantize == "none"):
-        if quantize != "none" and is_quantized_layer(name):
-            layer = name.removesuffix(".weight")
-            replace_module(model, layer, quantized_linear(layer, tensor, quantize, upcast=upcast, kernels=kernels))
-        else:
-            state[name] = tensor
-    model.load_state_dict(state, strict=quantize == "none", assign=True)
-    model.set_upcast(upcast)
-    return model.eval().requires_grad_(False)

@@ -1,19 +1,22 @@
 """Weight-only quantization of the linear layers: int8 per output channel, int4 in groups along the input.
 
 Each quantized layer is a module swapped in for an `nn.Linear` (gpt-fast style), built from one float weight at
-a time, so `checkpoint.load_model(..., quantize=...)` never holds more than one float tensor beside the quantized
-model. Activations stay in the model's dtype; only the weights are stored in fewer bits.
+a time, so the loader never holds more than one float tensor beside the quantized model. Activations stay in the
+model's dtype; only the weights are stored in fewer bits.
 
-Kernels, on the CPU: ours (kernels.py: integer dot products on AVX2, in their own int4 layout) when the loader
-passes them in, else torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (fast with bf16 activations
-only, so activations are cast to bf16 around them). A product of many rows (a prefill) runs in float instead: the
-weight is dequantized a block of rows at a time into the compute dtype and multiplied with the fast float GEMM,
-except with torch's int4 kernel, whose packed layout is private and which therefore runs at every size.
-On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm` for up to KERNEL_MAX_ROWS
-rows, once a check at load (the layer's own weight, against its dequantized product) says it computes the
-right product on that GPU. Otherwise (int4 on a GPU, mps) a pure-torch dequantize-and-matmul;
-`torch.compile` fuses it. (torch's CUDA int4 kernel, tinygemm, would need its private packing in place of the
-plain one, and a prompt could then no longer be dequantized for a fast GEMM.)
+The layers here run on torch: `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` where torch has them (fast
+with bf16 activations only, so activations are cast to bf16 around them), else a dequantize-and-matmul. A product
+of many rows (a prefill) runs in float: the weight is dequantized a block of rows at a time into the compute dtype
+and multiplied with the fast float GEMM, except with torch's int4 kernel, whose packed layout is private and which
+therefore runs at every size. On a CUDA GPU with bf16 activations, int8 layers take torch's `_weight_int8pack_mm`
+for up to KERNEL_MAX_ROWS rows, once a check at load (the layer's own weight, against its dequantized product)
+says it computes the right product on that GPU; int4 there (and on mps) is the plain layout's dequantize-and-matmul,
+which `torch.compile` fuses. (torch's CUDA int4 kernel, tinygemm, would need its private packing in place of the
+plain one, and a prompt could then no longer be dequantized for a fast GEMM.) Our CPU kernels' layouts are
+subclasses of these in native/quant.py.
+
+One class per layout: int8 (`WeightOnlyInt8Linear`), int4 plain (`WeightOnlyInt4Linear`: two codes a byte),
+int4 in torch's CPU packing (`TorchInt4Linear`). `quantized_linear` picks the layout for a layer.
 
 What is quantized: every linear layer of the blocks. The output head is always int8, even in int4 mode: it
 turns hidden states straight into logits, where int4's error would show most, and it is under 2% of the 7B
@@ -30,16 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_cli.model.layout import INT4_GROUP
 from mistral_cli.model.transformer import blocked_linear
-from mistral_cli.native.kernels import (
-    INT4_GROUP,
-    Kernels,
-    Operands,
-    int4_superblock,
-    pack_int4,
-    pack_int4_scales,
-    supports,
-)
 
 MODES = ("int8", "int4")
 KERNEL_MAX_ROWS = 16  # int8: above this many rows, dequantizing and one float GEMM is faster than the kernel
@@ -115,34 +110,41 @@ def int4_group(K: int, group: int = INT4_GROUP) -> int:
     return group
 
 
-class WeightOnlyInt8Linear(nn.Module):
-    """y = x @ (q * scale).T with q int8 (N, K) and one scale per output channel."""
+Weight = torch.Tensor | Sequence[torch.Tensor]  # a float weight, or its parts stacked along rows
 
-    def __init__(
-        self, weight: torch.Tensor | Sequence[torch.Tensor], *, upcast: bool = False, kernels: Kernels | None = None
-    ) -> None:
-        """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint).
-        `kernels`: ours, for a single row on the CPU; else torch's where it has one."""
+
+class WeightOnlyInt8Linear(nn.Module):
+    """y = x @ (q * scale).T with q int8 (N, K) and one scale per output channel, on torch's kernel where it has one
+    (`kernel == "torch"`), else dequantized and multiplied (`kernel is None`)."""
+
+    kernel: str | None = None
+
+    def __init__(self, weight: Weight, *, upcast: bool = False) -> None:
+        """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint)."""
         super().__init__()
         parts = as_parts(weight)
         ref = parts[0]
         self.out_features, self.in_features = sum(p.shape[0] for p in parts), ref.shape[1]
         self.upcast = upcast  # multi-row products in float32 (CPUs without fast bf16)
-        cpu = ref.device.type == "cpu"
-        self.ops = kernels if cpu and supports(self.in_features) else None
-        # torch's kernel: on the CPU; on a GPU with bf16 activations, where torch has one and it passes a check
-        gpu_kernel = ref.device.type == "cuda" and ref.dtype == torch.bfloat16 and has_kernel(_INT8_OP, ref.device)
-        self.kernel = "ours" if self.ops else "torch" if _HAS_INT8_KERNEL and (cpu or gpu_kernel) else None
         q = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=ref.device)
         scales = torch.empty(self.out_features, device=ref.device)
         for rows, block in stacked_blocks(parts):
             q[rows], scales[rows] = int8_weights(block)
         self.register_buffer("weight", q)
-        # ours reads float32 scales; torch's kernel takes them in the activation dtype it runs in: bf16
-        dtype = {"ours": torch.float32, "torch": torch.bfloat16}.get(self.kernel, ref.dtype)  # type: ignore[arg-type]
-        self.register_buffer("scales", scales.to(dtype))
+        # torch's kernel: on the CPU; on a GPU with bf16 activations, where torch has one and it passes a check
+        cpu = ref.device.type == "cpu"
+        gpu_kernel = ref.device.type == "cuda" and ref.dtype == torch.bfloat16 and has_kernel(_INT8_OP, ref.device)
+        self.kernel = self.layout_kernel(_HAS_INT8_KERNEL and (cpu or gpu_kernel))
+        self.register_buffer("scales", scales.to(self.scales_dtype(ref.dtype)))
         if gpu_kernel and self.kernel == "torch" and not self.kernel_agrees():
             self.kernel = None  # the dequantize-and-matmul path, with the same bf16 scales
+
+    def layout_kernel(self, torch_has_one: bool) -> str | None:
+        return "torch" if torch_has_one else None
+
+    def scales_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """torch's kernel takes the scales in the activation dtype it runs in: bf16."""
+        return torch.bfloat16 if self.kernel == "torch" else dtype
 
     def kernel_agrees(self, tolerance: float = 0.02) -> bool:
         """Whether torch's kernel computes x @ (q * scale).T for this layer on its device: one random bf16 row
@@ -163,8 +165,6 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.ops is not None and rows == 1:
-            return self.ops.linear_int8(x, self.weight, self.scales).to(x.dtype)
         if self.kernel == "torch" and rows <= KERNEL_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.scales)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -175,10 +175,6 @@ class WeightOnlyInt8Linear(nn.Module):
             y = F.linear(x.to(dtype), self.weight.to(dtype))
         return (y * self.scales.to(dtype)).to(x.dtype)
 
-    def operands(self) -> Operands | None:
-        """This layer for a whole-step kernel (kernels.DecodeStep), when it runs on our kernels."""
-        return None if self.ops is None else Operands("int8", self.weight, self.scales)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
@@ -186,20 +182,14 @@ class WeightOnlyInt8Linear(nn.Module):
 class WeightOnlyInt4Linear(nn.Module):
     """y = x @ w.T with w = (q - 8) * scale + zero per group of `group` input columns, q in 0..15.
 
-    Three layouts of the same codes and scales: ours (`kernel == "ours"`: kernels.pack_int4's codes, and
-    kernels.pack_int4_scales' records of the scales and lows, low = zero - 8 * scale), torch's CPU kernel's private
-    packing with (K/group, N, 2) scales_and_zeros, or a plain one (two codes per byte, even column in the low
-    nibble) for other devices.
+    The plain layout: two codes a byte (even column in the low nibble) and (K/group, N, 2) scales_and_zeros in the
+    model's dtype, dequantized and multiplied. Subclasses store the same codes and scales in a kernel's layout
+    (`pack`, `store_scales`) and multiply with it.
     """
 
-    def __init__(
-        self,
-        weight: torch.Tensor | Sequence[torch.Tensor],
-        *,
-        group: int = INT4_GROUP,
-        upcast: bool = False,
-        kernels: Kernels | None = None,
-    ) -> None:
+    kernel: str | None = None
+
+    def __init__(self, weight: Weight, *, group: int = INT4_GROUP, upcast: bool = False) -> None:
         """`weight`: the float weight, or its parts stacked along rows (q/k/v as they come from a checkpoint)."""
         super().__init__()
         parts = as_parts(weight, align=64)  # torch's kernel packs blocks of rows that start at multiples of 64
@@ -207,63 +197,29 @@ class WeightOnlyInt4Linear(nn.Module):
         self.out_features, self.in_features = N, K = sum(p.shape[0] for p in parts), ref.shape[1]
         self.group = int4_group(K, group)
         self.upcast = upcast
-        cpu = ref.device.type == "cpu"
-        self.ops = kernels if cpu and supports(K, self.group, N) else None
-        # torch's CPU kernel: groups of 32..256, N a multiple of 16 (its packing works on blocks of rows)
-        torch_kernel = _HAS_INT4_KERNEL and cpu and self.group in (32, 64, 128, 256) and N % 16 == 0
-        self.kernel = "ours" if self.ops else "torch" if torch_kernel else None
         packed = torch.empty(N, K // 2, dtype=torch.uint8, device=ref.device)
         scales_and_zeros = torch.empty(K // self.group, N, 2, device=ref.device)
         for rows, block in stacked_blocks(parts):
             q, scales_and_zeros[:, rows] = int4_weights(block, self.group)
-            if self.kernel == "ours":
-                packed[rows] = pack_int4(q)
-            elif self.kernel == "torch":
-                packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            else:
-                packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # two codes per byte: even column low, odd high
+            packed[rows] = self.pack(q)
         self.register_buffer("weight", packed)
-        if self.kernel == "ours":
-            scales, zeros = scales_and_zeros.unbind(-1)  # (K/group, N) each
-            self.register_buffer("scales_and_lows", pack_int4_scales(scales.T, (zeros - 8 * scales).T))
-        else:  # torch's kernel reads scales in its activation dtype, bf16
-            self.register_buffer(
-                "scales_and_zeros", scales_and_zeros.to(torch.bfloat16 if self.kernel == "torch" else ref.dtype)
-            )
+        self.store_scales(scales_and_zeros, ref.dtype)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes 0..15 (rows, K) as uint8 -> this layout's (rows, K/2) bytes."""
+        return codes[:, 0::2] | (codes[:, 1::2] << 4)  # two codes per byte: even column low, odd high
+
+    def store_scales(self, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> None:
+        """Keep the (K/group, N, 2) scales and zeros as this layout reads them (activations of `dtype`)."""
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.ops is not None:
-            if rows == 1:
-                return self.ops.linear_int4(x, self.weight, self.scales_and_lows).to(x.dtype)
-            dtype = torch.float32 if self.upcast else x.dtype
-            return blocked_linear(x, self.weight, dtype, self.dequantize_rows).to(x.dtype)
-        if self.kernel == "torch":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.group, self.scales_and_zeros
-            )
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
-    def operands(self) -> Operands | None:
-        """This layer for a whole-step kernel (kernels.DecodeStep), when it runs on our kernels."""
-        if self.ops is None:
-            return None
-        return Operands("int4", self.weight, self.scales_and_lows, int4_superblock(self.in_features))
-
-    def dequantize_rows(self, rows: slice) -> torch.Tensor:
-        """Rows `rows` of the float weight, in float32 (our layout)."""
-        assert self.ops is not None
-        return self.ops.dequantize_int4(self.weight, self.scales_and_lows, rows)
-
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight (N, K) this layer stands for (not for torch's kernel: its packed layout is private)."""
-        if self.kernel == "torch":
-            raise RuntimeError("the CPU kernel's packed layout cannot be dequantized")
+        """The float weight (N, K) this layer stands for."""
         N, K = self.out_features, self.in_features
-        if self.kernel == "ours":
-            return self.dequantize_rows(slice(0, N)).to(dtype)
         q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(N, K // self.group, self.group)
         scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, K/group) each
         return ((q.to(dtype) - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
@@ -275,25 +231,53 @@ class WeightOnlyInt4Linear(nn.Module):
         )
 
 
+class TorchInt4Linear(WeightOnlyInt4Linear):
+    """int4 on torch's CPU kernel, in its private packing (so it runs at every size: it cannot be dequantized)."""
+
+    kernel = "torch"
+
+    @staticmethod
+    def fits(N: int, group: int, device: torch.device) -> bool:
+        """torch's CPU kernel: groups of 32..256, N a multiple of 16 (its packing works on blocks of rows)."""
+        return _HAS_INT4_KERNEL and device.type == "cpu" and group in (32, 64, 128, 256) and N % 16 == 0
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+    def store_scales(self, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> None:
+        super().store_scales(scales_and_zeros, torch.bfloat16)  # the kernel reads them in its activation dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(rows, -1).to(torch.bfloat16), self.weight, self.group, self.scales_and_zeros
+        )
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise RuntimeError("the CPU kernel's packed layout cannot be dequantized")
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
 
 
-def quantized_linear(
-    name: str,
-    weight: torch.Tensor | Sequence[torch.Tensor],
-    mode: str,
-    *,
-    upcast: bool = False,
-    kernels: Kernels | None = None,
-) -> nn.Module:
+def quantized_linear(name: str, weight: Weight, mode: str, *, upcast: bool = False) -> nn.Module:
     """The quantized layer replacing linear layer `name` (a module path such as 'layers.0.attention.wqkv'), from
-    its float weight or the parts of it stacked along rows."""
+    its float weight or the parts of it stacked along rows, in the best layout torch runs here."""
+    if int4_layer(name, mode):
+        parts = as_parts(weight)
+        N, K = sum(p.shape[0] for p in parts), parts[0].shape[1]
+        torch_kernel = TorchInt4Linear.fits(N, int4_group(K), parts[0].device)
+        return (TorchInt4Linear if torch_kernel else WeightOnlyInt4Linear)(weight, upcast=upcast)
+    return WeightOnlyInt8Linear(weight, upcast=upcast)
+
+
+def int4_layer(name: str, mode: str) -> bool:
+    """Whether layer `name` is int4 in quantization `mode` (the output head stays int8)."""
     check_mode(mode)
-    if mode == "int4" and name != "output":
-        return WeightOnlyInt4Linear(weight, upcast=upcast, kernels=kernels)
-    return WeightOnlyInt8Linear(weight, upcast=upcast, kernels=kernels)
+    return mode == "int4" and name != "output"
 
 
 def is_quantized_layer(name: str) -> bool:
@@ -301,13 +285,13 @@ def is_quantized_layer(name: str) -> bool:
     return name.endswith(".weight") and (name == "output.weight" or ".attention.w" in name or ".feed_forward.w" in name)
 
 
-def quantize_model(model: nn.Module, mode: str, kernels: Kernels | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Swap every linear layer of an already loaded model for its quantized version, in place."""
     check_mode(mode)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and is_quantized_layer(f"{name}.weight"):
             upcast = bool(getattr(module, "upcast", False))
-            layer = quantized_linear(name, module.weight.detach(), mode, upcast=upcast, kernels=kernels)
+            layer = quantized_linear(name, module.weight.detach(), mode, upcast=upcast)
             replace_module(model, name, layer)
     return model
 
