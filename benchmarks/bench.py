@@ -6,15 +6,15 @@
         --engines ours ours+eager ours+sync transformers ours+compile
 
 The checkpoint is written once, in bf16 safetensors with an HF config and the v1 tokenizer (from mistral-common),
-into a temporary folder. Each engine and setting then runs in its own subprocess, one after another, so a peak
-memory figure belongs to one run and a 7B model is in memory only once at a time. Per run: load time, peak
-resident memory (VmHWM) after loading and overall, time to first token, prefill and decode tokens/s, and the
-bytes of weights one decode step reads, as GB/s and as a fraction of the read bandwidth measured here (a float32
-sum over a 1 GiB buffer). Quantization's accuracy cost is each quantized run's logits against the unquantized
-run of the same dtype, teacher-forced over the first prompt tokens (our engine feeds them one decode step at a
-time, the path and the kernels that generation takes). `ours+torch` is our engine on torch's CPU kernels instead
-of our own, to show what they bring. Each run times `--repeats` generations and
-keeps the best of each figure, since other work on the machine only ever slows a run down.
+into a temporary folder, by the tests' writer (tests/checkpoints.py). Each engine and setting then runs in its own
+subprocess, one after another, so a peak memory figure belongs to one run and a 7B model is in memory only once at a
+time. Per run: load time, peak resident memory (VmHWM) after loading and overall, time to first token, prefill and
+decode tokens/s, and the bytes of weights one decode step reads, as GB/s and as a fraction of the read bandwidth
+measured here (a float32 sum over a 1 GiB buffer). Quantization's accuracy cost is each quantized run's logits
+against the unquantized run of the same dtype, teacher-forced over the first prompt tokens (our engine feeds them
+one decode step at a time, the path and the kernels that generation takes). `ours+torch` is our engine on torch's
+CPU kernels instead of our own, to show what they bring. Each run times `--repeats` generations and keeps the best
+of each figure, since other work on the machine only ever slows a run down.
 
 With `--device cuda` every engine runs on the GPU: the bandwidth is a sum over a buffer in GPU memory, the memory
 columns are the GPU's (torch's peak allocation), and the random weights are drawn on the GPU (fast, and different
@@ -29,7 +29,6 @@ from that converter and Q8_0/Q4_0 files quantized from the BF16 one, for our fp3
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -43,16 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SHAPES: dict[str, dict[str, Any]] = {
-    # tiny: for the smoke test only
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128),
-    # ~175M parameters with Mistral's proportions (GQA 4:1, MLP 3.5x); 349 MB in bf16, far larger than the caches
-    "small": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=3584),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
-}
-VOCAB = 32000
-EOS = 2
-SHARD_BYTES = 5 * 10**9  # like the published checkpoint: shards of about 5 GB
+# the random checkpoint: the tests' writer (the benchmark runs from a clone, where tests/ lies beside benchmarks/)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from checkpoints import SHAPES, VOCAB, n_params, write_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -89,100 +81,7 @@ class RunResult:
     error: str = ""
 
 
-# --- the random checkpoint -----------------------------------------------------------------------------------------
-
-
-def n_params(shape: dict[str, Any]) -> int:
-    d, h, kv, hd, f, n = (shape[k] for k in ("dim", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "n_layers"))
-    return n * (d * hd * (2 * h + 2 * kv) + 3 * d * f + 2 * d) + 2 * VOCAB * d + d
-
-
-def hf_config(shape: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "architectures": ["MistralForCausalLM"],
-        "model_type": "mistral",
-        "hidden_size": shape["dim"],
-        "num_hidden_layers": shape["n_layers"],
-        "num_attention_heads": shape["n_heads"],
-        "num_key_value_heads": shape["n_kv_heads"],
-        "head_dim": shape["head_dim"],
-        "intermediate_size": shape["hidden_dim"],
-        "vocab_size": VOCAB,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "sliding_window": None,
-        "max_position_embeddings": 32768,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": EOS,
-        "torch_dtype": "bfloat16",
-    }
-
-
-def _tokenizer_file() -> Path:
-    try:
-        import mistral_common
-    except ImportError:
-        raise SystemExit("The benchmark needs mistral-common for the tokenizer: pip install -e '.[test]'") from None
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-
-
-def write_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0, device: str = "cpu") -> Path:
-    """Random bf16 weights in HF layout, generated (on `device`) and written a shard at a time."""
-    import torch
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator(device).manual_seed(seed)
-    d, hd, f = shape["dim"], shape["head_dim"], shape["hidden_dim"]
-    q, kv = shape["n_heads"] * hd, shape["n_kv_heads"] * hd
-
-    def randn(*size: int, std: float) -> torch.Tensor:
-        return (torch.randn(*size, generator=g, device=device) * std).to(torch.bfloat16).cpu()
-
-    def tensors():
-        yield "model.embed_tokens.weight", randn(VOCAB, d, std=1.0)
-        for i in range(shape["n_layers"]):
-            p = f"model.layers.{i}."
-            yield p + "input_layernorm.weight", torch.ones(d, dtype=torch.bfloat16)
-            for name, rows, cols in (
-                ("self_attn.q_proj", q, d),
-                ("self_attn.k_proj", kv, d),
-                ("self_attn.v_proj", kv, d),
-                ("self_attn.o_proj", d, q),
-                ("mlp.gate_proj", f, d),
-                ("mlp.up_proj", f, d),
-                ("mlp.down_proj", d, f),
-            ):
-                yield p + name + ".weight", randn(rows, cols, std=cols**-0.5)
-            yield p + "post_attention_layernorm.weight", torch.ones(d, dtype=torch.bfloat16)
-        yield "model.norm.weight", torch.ones(d, dtype=torch.bfloat16)
-        head = randn(VOCAB, d, std=d**-0.5)
-        head[EOS] = 0  # an EOS logit of 0 is never the largest of 32000: greedy decoding never stops early
-        yield "lm_head.weight", head
-
-    names: list[list[str]] = []  # tensor names per shard, in order
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-    for name, t in itertools.chain(tensors(), [("", None)]):  # a generator: one shard in memory at a time
-        if shard and (t is None or size + t.numel() * 2 > SHARD_BYTES):
-            save_file(shard, str(folder / f"part-{len(names)}.safetensors"), metadata={"format": "pt"})
-            names.append(list(shard))
-            shard, size = {}, 0
-        if t is not None:
-            shard[name], size = t, size + t.numel() * 2
-    weight_map: dict[str, str] = {}
-    for i, shard_names in enumerate(names):  # HF's names need the number of shards, known only now
-        final = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-        (folder / f"part-{i}.safetensors").rename(folder / final)
-        weight_map.update(dict.fromkeys(shard_names, final))
-    index = {"metadata": {"total_size": n_params(shape) * 2}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (folder / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
-    shutil.copy(_tokenizer_file(), folder / "tokenizer.model")
-    return folder
-
+# --- llama.cpp's files ---------------------------------------------------------------------------------------------
 
 LLAMA_TYPES = {("fp32", "none"): "f32", ("bf16", "none"): "bf16", ("bf16", "int8"): "q8_0", ("bf16", "int4"): "q4_0"}
 
@@ -661,7 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (folder / "config.json").is_file():
             t = time.perf_counter()
-            write_checkpoint(folder, shape, device=args.device)
+            try:
+                write_checkpoint(folder, shape, device=args.device)
+            except ModuleNotFoundError as exc:  # mistral-common, for the tokenizer
+                raise SystemExit(
+                    f"The benchmark needs the test extras ({exc.name}): pip install -e '.[test]'"
+                ) from None
             if args.device == "cuda":
                 import torch
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # bench.py, for its checkpoint writer and smoke test
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # bench.py, for its smoke test
 
 from tiny import TinySpec, random_state_dict, write_hf, write_native  # noqa: E402
 
