@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hub_server import folder_files, put_in_hf_cache
+from inprocess import mistral
 from mistral_cli.cli.info import memory_needed
 from mistral_cli.model.config import ModelConfig
 from tiny import TinySpec, random_state_dict, write_native
@@ -24,12 +25,6 @@ def env(tmp_path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MISTRAL_"))}
     env.update(HF_HOME=str(tmp_path / "hf"), MISTRAL_HOME=str(tmp_path / "models"), HF_HUB_OFFLINE="1")
     return env
-
-
-def mistral(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mistral_cli", *args], env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 def info_json(env: dict[str, str], *args: str) -> dict:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from inprocess import mistral
 from mistral_cli.cli.settings import SPECS, config_path, env_var, read_config, resolve
 from mistral_cli.errors import UsageError
 from mistral_cli.options import GENERATION, GenerationOptions
@@ -31,12 +31,6 @@ def env(tmp_path, config) -> dict[str, str]:
     env.update(HF_HOME=str(tmp_path / "hf"), MISTRAL_HOME=str(tmp_path / "models"), HF_HUB_OFFLINE="1")
     env.update(MISTRAL_CONFIG=str(config))
     return env
-
-
-def mistral(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mistral_cli", *args], env=env, capture_output=True, text=True, timeout=120
-    )
 
 
 def test_precedence_command_line_then_env_then_file_then_default(config):
