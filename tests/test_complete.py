@@ -219,7 +219,9 @@ def test_threads_and_default_dtype(hf_model_dir):
         proc = run("complete", "-m", str(hf_model_dir), "-n", "2", *bad, "Roses are")
         assert proc.returncode != 0 and needle in proc.err and "Traceback" not in proc.err, proc.err
     proc = run("complete", "-m", str(hf_model_dir), "-n", "2", "Roses are", env={"MISTRAL_THREADS": "0"})
-    assert proc.returncode != 0 and "--threads must be 1 or more, not 0 (from env MISTRAL_THREADS)" in proc.err, proc.err
+    assert proc.returncode != 0 and "--threads must be 1 or more, not 0 (from env MISTRAL_THREADS)" in proc.err, (
+        proc.err
+    )
 
 
 def test_engine_reuses_cache_for_extended_prompt(hf_model_dir, tok):

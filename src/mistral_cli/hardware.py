@@ -10,14 +10,7 @@ import shutil
 from functools import cache
 
 KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours
-INT4_GROUP = 64  # columns per scale and low in our kernels' int4 layout (kernels.py), here for info's estimate
 GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
-
-
-def int4_superblock(K: int) -> int:
-    """Columns per superblock of our kernels' int4 layout for K input columns (a multiple of 64): 256 where they
-    divide K, else 128 or 64. x is quantized in blocks of this size for the decode product."""
-    return next((S for S in (256, 128) if K % S == 0), INT4_GROUP)
 
 
 def switched_off(env: str) -> bool:
@@ -45,7 +38,7 @@ def _arm64() -> bool:
 
 @cache
 def cpu_has_fast_bf16() -> bool:
-    """bf16 matrix *products* are fast on a CPU only with AVX512-BF16 or AMX (TECH.md section 7), or on Apple
+    """bf16 matrix *products* are fast on a CPU only with AVX512-BF16 or AMX (docs/FORMAT.md section 7), or on Apple
     silicon; elsewhere torch runs a bf16 GEMM several times slower than a float32 one."""
     if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return True
@@ -89,6 +82,12 @@ def auto_dtype(device_type: str, n_params: int, cuda_bf16: bool = True) -> str:
     # an old CPU with no SIMD bf16 conversion: fp32 is faster, unless the doubled weights would not fit
     free = available_memory()
     return "bf16" if free is not None and n_params * 4 > 0.85 * free else "fp32"
+
+
+def dtype_name(requested: str, device_type: str, n_params: int, cuda_bf16: bool = True) -> str:
+    """The compute dtype's name for --dtype `requested` ("auto", "bf16", "fp16", "fp32") on a device type: the one
+    decision that `mistral info` reports and the loader maps to a torch dtype (model/placement.py)."""
+    return requested if requested != "auto" else auto_dtype(device_type, n_params, cuda_bf16)
 
 
 def c_compiler() -> list[str] | None:

@@ -58,22 +58,24 @@ def truncate_prompt(
     system: str | None,
     messages: list | None,
 ) -> list[int]:
-    """Drop the start of the prompt so that it and the reply fit: the oldest messages, or the oldest tokens."""
-    room = context - min(max_tokens or context // 4, context // 2)  # leave space for the reply
+    """Drop the start of the prompt so that it and the reply fit (text/conversation.py: the room a reply keeps, and
+    the chat's rule for a conversation, whose oldest exchanges go first), or else the oldest tokens of the text."""
+    from mistral_cli.text.conversation import drop_oldest, exchange_starts, prompt_budget, reply_room
+
+    budget = prompt_budget(context, reply_room(max_tokens, context))
     if messages is not None:
         msgs = list(messages)
-        # drop the oldest non-system message until it fits; the last (user) message always stays
-        while len(ids) > room and sum(m.role != "system" for m in msgs) > 1:
-            first = next(i for i, m in enumerate(msgs) if m.role != "system")
-            del msgs[first]
-            if msgs[first:] and msgs[first].role == "assistant":
-                del msgs[first]  # a conversation cannot resume on an assistant turn
-            ids = build_prompt(tokenizer, None, instruct=False, system=system, messages=msgs)
-        return ids
+        starts = exchange_starts(msgs)
+
+        def ids_from(k: int) -> list[int]:  # the system messages all stay, where they are
+            kept = [m for i, m in enumerate(msgs) if i >= starts[k] or m.role == "system"]
+            return build_prompt(tokenizer, None, instruct=False, system=system, messages=kept)
+
+        return drop_oldest(ids, ids_from, len(starts), budget)[1]
     if not instruct:
-        return [tokenizer.bos_id, *ids[len(ids) - room + 1 :]]
+        return [tokenizer.bos_id, *ids[len(ids) - budget + 1 :]]
     body = tokenizer.encode(text or "")
-    overflow = len(ids) - room
+    overflow = len(ids) - budget
     if overflow >= len(body):
         return ids  # the instruct frame alone does not fit; the caller reports it
     kept = tokenizer.decode(body[overflow:])

@@ -19,7 +19,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mistral_cli.hardware import INT4_GROUP, auto_dtype, c_compiler, int4_superblock, kernels_blocker
+from mistral_cli.hardware import c_compiler, dtype_name, kernels_blocker
 from mistral_cli.hub.models import (
     SOURCE_FILE,
     V1_TOKENIZER_SHA256,
@@ -31,13 +31,13 @@ from mistral_cli.hub.models import (
     resolve_model,
 )
 from mistral_cli.model.config import ModelConfig
+from mistral_cli.model.layout import linear_bytes
 
 if TYPE_CHECKING:
     from mistral_cli.cli.settings import Settings
     from mistral_cli.options import LoadOptions
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-SAFETENSORS_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 def run_info(
@@ -74,7 +74,7 @@ def gather(paths: ModelPaths, loading: LoadOptions) -> dict[str, Any]:
             dtypes[name] = dtypes.get(name, 0) + n
     weight_bytes = sum(f.bytes for f in files)
     dev_name, dev_reason = detect_device(loading.device)
-    compute = pick_dtype(loading.dtype, dev_name, config.n_params)
+    compute = dtype_name(loading.dtype, dev_name, config.n_params)
     context = loading.max_context or config.max_context
     kernels = _kernels(dev_name)
     data: dict[str, Any] = {
@@ -118,28 +118,16 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int, 
     """Weights at the compute dtype (linear layers at the quantized width) plus the KV cache for the context.
     `ours`: quantized layers in our CPU kernels' layouts."""
     size = DTYPE_BYTES[dtype]
-    embed = config.vocab_size * config.dim
-    norms = (2 * config.n_layers + 1) * config.dim
-    linear = config.n_params - embed - norms
-    # the layouts of quant.py: int8 is a byte a weight and a scale per output row (float32 in ours); int4 is half a
-    # byte a weight and a scale and a zero per group of INT4_GROUP inputs in the blocks, plus in ours a float32 per
-    # superblock (hardware.int4_superblock), with the output head in int8
-    scale = 4 if ours else size
-    head = config.vocab_size * config.dim
-    head_int8 = head + config.vocab_size * scale
     qkv = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-    # the linear layers of a block as (output rows, input columns)
+    # the linear layers of a block as (output rows, input columns), in the layouts of model/layout.py
     shapes = [(qkv, config.dim), (config.dim, config.n_heads * config.head_dim)]
     shapes += [(2 * config.hidden_dim, config.dim), (config.dim, config.hidden_dim)]
-    if quantize == "int8":
-        linear_bytes = (linear - head) + config.n_layers * sum(N for N, _ in shapes) * scale + head_int8
-    elif quantize == "int4":
-        superblocks = sum(N * K // int4_superblock(K) for N, K in shapes) if ours else 0
-        per_block = sum(N * K // 2 + N * K // INT4_GROUP * 2 * size for N, K in shapes) + superblocks * 4
-        linear_bytes = config.n_layers * per_block + head_int8
-    else:
-        linear_bytes = linear * size
-    weights = linear_bytes + (embed + norms) * size
+    blocks = config.n_layers * sum(linear_bytes(N, K, quantize, size, ours) for N, K in shapes)
+    head_mode = "none" if quantize == "none" else "int8"  # the output head is int8 in int4 mode too (quant.py)
+    head = linear_bytes(config.vocab_size, config.dim, head_mode, size, ours)
+    embed = config.vocab_size * config.dim
+    norms = (2 * config.n_layers + 1) * config.dim
+    weights = blocks + head + (embed + norms) * size
     kv = config.kv_bytes_per_token(size) * context
     return {
         "dtype": dtype,
@@ -178,11 +166,6 @@ def detect_device(requested: str = "auto") -> tuple[str, str]:
     if driver:
         return "cpu", "a GPU driver is installed but torch is a CPU-only build"
     return "cpu", "no GPU driver found"
-
-
-def pick_dtype(requested: str, device: str, n_params: int) -> str:
-    """`auto` as the loader resolves it: bf16 on cuda, fp16 on mps, on a CPU bf16 (fp32 with no SIMD bf16)."""
-    return requested if requested != "auto" else auto_dtype(device, n_params)
 
 
 def _torch_lib() -> Path | None:

@@ -42,11 +42,11 @@ from mistral_cli.hub.models import (
     cached_snapshots,
     hf_hub_cache,
     human_bytes,
-    model_files,
     models_home,
     repo_cache_folder,
     tar_folder_name,
 )
+from mistral_cli.model.files import model_files
 
 CHUNK = 1 << 20
 TIMEOUT = 30  # seconds without a byte before a connection counts as dropped

@@ -1,7 +1,7 @@
 """Which model a name means and where its files are: aliases, the Hugging Face cache, our tar folder, local folders.
 
 Shared by every command. Nothing here touches the network or imports torch: a name resolves from disk alone, and
-weight files are described from their safetensors headers (parsed by hand), so `mistral info` stays instant.
+weight files are described from their safetensors headers (model/safetensors.py), so `mistral info` stays instant.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from math import prod
 from pathlib import Path
 
 from mistral_cli.errors import MistralError
+from mistral_cli.model.files import model_files, weight_paths
+from mistral_cli.model.safetensors import CorruptFile, Entry, read_header
 
 CDN = "https://models.mistralcdn.com/mistral-7b-v0-2"
 V1_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
@@ -167,55 +168,6 @@ def _paths(folder: Path, name: str, repo_id: str | None, revision: str | None, s
     return ModelPaths(folder, name, repo_id, revision, source, fmt, config, weights, tokenizer)
 
 
-def model_files(folder: Path) -> tuple[str, Path, tuple[Path, ...]]:
-    """(format, config file, weight files) of a model folder; the same choices as the checkpoint loader."""
-    native = folder / "params.json"
-    hf = folder / "config.json"
-    if native.is_file():
-        config, fmt = native, "native"
-    elif hf.is_file():
-        config, fmt = hf, "hf"
-    else:
-        raise MistralError(f"{folder} is not a model folder: it has neither config.json nor params.json.")
-    return fmt, config, weight_paths(folder)
-
-
-def weight_paths(folder: Path) -> tuple[Path, ...]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise MistralError(f"{index} is not a valid safetensors index (no weight_map).") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise MistralError(f"{folder / missing[0]} is missing (listed in {index.name}); download the model again.")
-        return tuple(folder / n for n in names)
-    for single in ("model.safetensors", "consolidated.safetensors"):
-        if (folder / single).is_file():
-            return (folder / single,)
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        return tuple(shards)
-    pth = sorted(folder.glob("consolidated.*.pth"))
-    if len(pth) > 1:
-        raise MistralError(
-            f"{folder} holds a checkpoint split for model parallelism ({len(pth)} .pth files); "
-            "only single-file checkpoints are supported."
-        )
-    if pth:
-        return (pth[0],)
-    hint = (
-        " (only PyTorch .bin files, which are not supported: use the safetensors files)"
-        if any(folder.glob("pytorch_model*.bin"))
-        else ""
-    )
-    raise MistralError(
-        f"{folder} has no model weights{hint}: expected model*.safetensors, consolidated.safetensors "
-        "or consolidated.00.pth."
-    )
-
-
 # ----------------------------------------------------------------------------------------------------- local models
 
 
@@ -301,29 +253,12 @@ def _weight_bytes(folder: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------ weight file headers
 
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    dtype: str  # safetensors' name: BF16, F16, F32, ...
-    shape: tuple[int, ...]
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return prod(self.shape)
-
 
 @dataclass(frozen=True)
 class WeightFile:
     path: Path
     bytes: int  # on disk
-    tensors: dict[str, TensorMeta] | None = field(default=None)  # None for .pth: its header is a pickle
+    tensors: dict[str, Entry] | None = field(default=None)  # None for .pth: its header is a pickle
 
     @property
     def n_params(self) -> int | None:
@@ -338,33 +273,17 @@ class WeightFile:
         return out
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
-    """Tensor names, dtypes and shapes from a safetensors file: 8-byte little-endian length, then that much JSON."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= min(_MAX_HEADER, size - 8):
-            raise MistralError(f"{path} is not a safetensors file or is truncated; download it again.")
+def read_safetensors_header(path: Path) -> dict[str, Entry]:
+    """Tensor names, dtypes, shapes and byte offsets of a safetensors file, in the order of its header, checked as
+    the loader checks them (model/safetensors.py)."""
+    with open(path, "rb", buffering=0) as f:
         try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise MistralError(f"{path} has a corrupt safetensors header; download it again.") from None
-    if not isinstance(header, dict):
-        raise MistralError(f"{path} has a corrupt safetensors header; download it again.")
-    header.pop("__metadata__", None)
-    tensors: dict[str, TensorMeta] = {}
-    data_size = size - 8 - n
-    for name, t in header.items():
-        try:
-            begin, end = t["data_offsets"]
-            meta = TensorMeta(str(t["dtype"]), tuple(int(d) for d in t["shape"]), int(end) - int(begin))
-        except (KeyError, TypeError, ValueError):
-            raise MistralError(f"{path} has a corrupt safetensors header (tensor {name}).") from None
-        if end > data_size:
-            raise MistralError(f"{path} is truncated ({size} bytes); download it again.")
-        tensors[name] = meta
-    return tensors
+            entries = read_header(f, path)
+        except CorruptFile as exc:
+            if exc.no_header:
+                raise MistralError(f"{path} is not a safetensors file or is truncated; download it again.") from None
+            raise
+    return {e.name: e for e in entries}
 
 
 def describe_weights(paths: tuple[Path, ...] | list[Path]) -> list[WeightFile]:

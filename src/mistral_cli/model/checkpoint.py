@@ -1,17 +1,16 @@
-"""Checkpoint loading: the one place that knows file formats, weight names, the q/k permutation and fusing.
+"""Checkpoint tensors: the one place that knows weight names, the q/k permutation and fusing (docs/FORMAT.md
+sections 2 and 3); everything else sees our layout.
 
 Formats: HF safetensors (single file or sharded with an index), native `consolidated.safetensors`, native
-`consolidated.00.pth` (zip-format torch pickle, loaded with weights_only=True and mmap=True). The model is built on
-the meta device and each tensor is read, converted and placed one at a time, so peak memory stays near the size of
-the final weights. Safetensors files are read with plain reads into each tensor's own buffer, not mapped: pages of
-a mapped file count as resident memory for as long as the mapping lives, a whole shard beside the model.
+`consolidated.00.pth` (zip-format torch pickle, loaded with weights_only=True and mmap=True). `load_state` yields
+each tensor read, converted and placed one at a time, so that the loader (engine/load.py) never holds much more
+than the final weights. Safetensors files are read with plain reads into each tensor's own buffer, not mapped:
+pages of a mapped file count as resident memory for as long as the mapping lives, a whole shard beside the model.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
-import math
 import os
 import pickle
 import re
@@ -24,9 +23,10 @@ from pathlib import Path
 import torch
 
 from mistral_cli.errors import MistralError
-from mistral_cli.hub.models import weight_paths
 from mistral_cli.model.config import ModelConfig
+from mistral_cli.model.files import weight_paths
 from mistral_cli.model.placement import Placement
+from mistral_cli.model.safetensors import CorruptFile, Entry, fill, first_line, read_header
 
 HF_TO_NATIVE = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -72,7 +72,8 @@ def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path
             yield from _iter_pth(path)
 
 
-# safetensors dtype names; the data are little-endian, as on every host torch runs on (big-endian is not handled)
+# the safetensors dtypes we read, as torch dtypes; the data are little-endian, as on every host torch runs on
+# (big-endian is not handled). The header itself is read and checked by model/safetensors.py.
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
@@ -85,16 +86,6 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # byte offsets from the file's start
-    end: int
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
@@ -102,82 +93,27 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
         with open(path, "rb", buffering=0) as f:
             if hasattr(os, "posix_fadvise"):  # read ahead hard: every byte is read once, front to back
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            for entry in _safetensors_header(f, path):
+            # every entry checked, its dtype too, before the first byte of data is read; then in the order of the data
+            entries = [(e, _torch_dtype(e, path)) for e in sorted(read_header(f, path), key=lambda e: e.begin)]
+            for entry, dtype in entries:
                 f.seek(entry.begin)
                 # not bound to a name: this frame keeps no reference while the consumer works on it
-                yield entry.name, _read_tensor(f, entry, path), path
+                yield entry.name, _read_tensor(f, entry, dtype, path), path
     except OSError as exc:
         raise MistralError(f"{path} could not be read ({exc.strerror or exc}).") from None
 
 
-def _safetensors_header(f: FileIO, path: Path) -> list[_Entry]:
-    """The file's tensors in the order of their data; checks everything before the first byte of data is read."""
-    size = os.fstat(f.fileno()).st_size
-    if size < 8:
-        raise _corrupt(path, f"{size} bytes, too short for a header")
-    length = int.from_bytes(_read_bytes(f, 8, path), "little")
-    if length > min(size - 8, SAFETENSORS_MAX_HEADER):
-        raise _corrupt(path, f"header length {length} in a file of {size} bytes")
-    try:
-        header = json.loads(_read_bytes(f, length, path))
-    except ValueError as exc:  # bad JSON or bad UTF-8
-        raise _corrupt(path, f"header is not JSON: {_first_line(exc)}") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    start = 8 + length
-    entries = sorted(
-        (_entry(name, info, start, path) for name, info in header.items() if name != "__metadata__"),
-        key=lambda e: e.begin,
-    )
-    end = start  # the data are packed: each tensor starts where the one before it ends, the last ends the file
-    for e in entries:
-        if e.begin != end:
-            raise _corrupt(path, f"tensor {e.name} starts at byte {e.begin}, expected {end}")
-        end = e.end
-    if end != size:
-        raise _corrupt(path, f"the tensors end at byte {end} but the file has {size} bytes")
-    return entries
+def _torch_dtype(entry: Entry, path: Path) -> torch.dtype:
+    if entry.dtype not in SAFETENSORS_DTYPES:
+        raise MistralError(f"{path}: tensor {entry.name} has dtype {entry.dtype}, which mistral-cli does not read.")
+    return SAFETENSORS_DTYPES[entry.dtype]
 
 
-def _entry(name: str, info: object, start: int, path: Path) -> _Entry:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
-        if not isinstance(dtype, str) or not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
-            raise ValueError
-    except (TypeError, KeyError, ValueError):
-        raise _corrupt(path, f"bad header entry for tensor {name}") from None
-    if dtype not in SAFETENSORS_DTYPES:
-        raise MistralError(f"{path}: tensor {name} has dtype {dtype}, which mistral-cli does not read.")
-    torch_dtype = SAFETENSORS_DTYPES[dtype]
-    if end - begin != math.prod(shape) * torch_dtype.itemsize:
-        raise _corrupt(path, f"tensor {name} of shape {shape} and dtype {dtype} has {end - begin} bytes")
-    return _Entry(name, torch_dtype, tuple(shape), start + begin, start + end)
-
-
-def _read_tensor(f: FileIO, entry: _Entry, path: Path) -> torch.Tensor:
-    buf = torch.empty(entry.end - entry.begin, dtype=torch.uint8)  # fresh private memory: the model owns it
+def _read_tensor(f: FileIO, entry: Entry, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)  # fresh private memory: the model owns it
     if buf.numel():  # torch tensors have no buffer protocol: reach the bytes through ctypes
-        _fill(f, memoryview((ctypes.c_ubyte * buf.numel()).from_address(buf.data_ptr())).cast("B"), path)
-    return buf.view(entry.dtype).view(entry.shape)
-
-
-def _read_bytes(f: FileIO, n: int, path: Path) -> bytearray:
-    buf = bytearray(n)
-    _fill(f, memoryview(buf), path)
-    return buf
-
-
-def _fill(f: FileIO, view: memoryview, path: Path) -> None:
-    done = 0
-    while done < len(view):  # one read returns at most about 2 GB on Linux, less at the end of the file
-        got = f.readinto(view[done:])
-        if not got:
-            raise _corrupt(path, f"the file ends {len(view) - done} bytes early")
-        done += got
-
-
-def _corrupt(path: Path, why: str) -> MistralError:
-    return MistralError(f"{path} is truncated or corrupt ({why}); download it again.")
+        fill(f, memoryview((ctypes.c_ubyte * buf.numel()).from_address(buf.data_ptr())).cast("B"), path)
+    return buf.view(dtype).view(entry.shape)
 
 
 def _iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
@@ -190,15 +126,11 @@ def _iter_pth(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
             f"{path} needs arbitrary Python code to load (unsafe pickle); only plain tensor checkpoints are accepted."
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise _corrupt(path, _first_line(exc)) from None
+        raise CorruptFile(path, first_line(exc)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MistralError(f"{path} is not a state dict of tensors.")
     for name in list(state):
         yield name, state.pop(name), path  # pop: drop our reference as soon as the tensor is consumed
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def native_name(name: str) -> str | None:

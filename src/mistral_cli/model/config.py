@@ -120,7 +120,7 @@ def _default_context(rope_theta: float) -> int:
 
 
 def _effective_window(window: Any, rope_theta: float, context: int) -> int | None:
-    """v0.2 has no sliding window, though some of its configs carry 4096 or 32768 (TECH.md section 1)."""
+    """v0.2 has no sliding window, though some of its configs carry 4096 or 32768 (docs/FORMAT.md section 1)."""
     if window is None:
         return None
     window = int(window)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mistral_cli.errors import MistralError
-from mistral_cli.hardware import auto_dtype, cpu_has_fast_bf16
+from mistral_cli.hardware import cpu_has_fast_bf16, dtype_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -53,15 +53,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device, n_params: int = 0) -> torch.dtype:
-    if name != "auto":
-        if name not in DTYPES:
-            raise MistralError(f"Unknown dtype {name!r}: use auto, bf16, fp16 or fp32.")
-        return DTYPES[name]
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return DTYPES[auto_dtype(device.type, n_params, cuda_bf16)]
+def torch_dtype(name: str, device: torch.device, n_params: int = 0) -> torch.dtype:
+    """The torch dtype of --dtype `name` on `device`: hardware.dtype_name decides, asking torch only whether a GPU
+    has bf16."""
+    if name != "auto" and name not in DTYPES:
+        raise MistralError(f"Unknown dtype {name!r}: use auto, bf16, fp16 or fp32.")
+    cuda_bf16 = name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return DTYPES[dtype_name(name, device.type, n_params, cuda_bf16)]
 
 
 def pick(device: str = "auto", dtype: str = "auto", n_params: int = 0) -> Placement:
     dev = pick_device(device)
-    return Placement(dev, pick_dtype(dtype, dev, n_params))
+    return Placement(dev, torch_dtype(dtype, dev, n_params))

@@ -24,14 +24,12 @@ from pathlib import Path
 
 import torch
 
-from mistral_cli.hardware import INT4_GROUP, c_compiler, cpu_flags, int4_superblock, kernels_blocker, kernels_not_wanted
+from mistral_cli.hardware import c_compiler, cpu_flags, kernels_blocker, kernels_not_wanted
+from mistral_cli.model.layout import INT4_GROUP, INT4_SUB_MAX, int4_superblock
 
 SOURCE = Path(__file__).with_name("kernels.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-
-
-INT4_SUB_MAX = 16383  # the largest int16 subscale (kernels.c: INT4_SUB_MAX)
 
 
 def supports(K: int, group: int | None = None, N: int = 4) -> bool:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistral_cli.hardware import INT4_GROUP
 from mistral_cli.model import quant
+from mistral_cli.model.layout import INT4_GROUP
 from mistral_cli.model.quant import Weight, WeightOnlyInt4Linear, WeightOnlyInt8Linear, as_parts, int4_group
 from mistral_cli.model.transformer import blocked_linear
 from mistral_cli.native.kernels import Kernels, Operands, int4_superblock, pack_int4, pack_int4_scales, supports

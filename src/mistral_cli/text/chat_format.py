@@ -1,6 +1,6 @@
 """Conversations as plain data, their instruct-format tokens (mistral-common "v1"), and their JSON files.
 
-Encoding follows `MistralTokenizer.v1().encode_chat_completion` token for token (TECH.md section 5):
+Encoding follows `MistralTokenizer.v1().encode_chat_completion` token for token (docs/FORMAT.md section 5):
 BOS once; every system message (non-empty ones, joined with "\\n\\n") goes in front of the first user turn;
 consecutive messages of one role are joined with "\\n\\n" (empty ones skipped), a system message between them
 still separates them; a conversation that does not start with a user turn gets an empty one first;

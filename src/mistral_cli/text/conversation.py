@@ -11,7 +11,7 @@ An empty reply cannot be encoded in the instruct format; such an exchange stays 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +69,51 @@ class _MemoTokenizer:
         return list(ids)
 
 
+# ----------------------------------------------------------------------------------------------------- fitting a prompt
+# One policy for the chat and for `mistral complete --truncate`: the room kept for the reply, and which part of a
+# conversation goes first when it does not fit.
+
+
 def reply_room(max_tokens: int | None, max_context: int) -> int:
     """Tokens to keep free for the next reply: --max-tokens, or a default, at most half the context."""
     want = DEFAULT_REPLY_ROOM if max_tokens is None else max_tokens
     return max(1, min(want, max_context // 2))
+
+
+def prompt_budget(max_context: int, room: int) -> int:
+    """Tokens a prompt may take so that `room` tokens of the context stay free for the reply."""
+    return max(max_context - room, 1)
+
+
+def drop_oldest(
+    ids: list[int], ids_from: Callable[[int], list[int]], exchanges: int, budget: int, *, spare: int = 0
+) -> tuple[int, list[int]]:
+    """Fit a history of `exchanges` exchanges in `budget` tokens by dropping its oldest exchanges one at a time; the
+    last one always stays (one that does not fit alone is for the caller to report). `ids`: the whole history's
+    tokens; `ids_from(k)`: those of the history from exchange k on. When something has to go, `spare` tokens more
+    are freed. Returns the first exchange kept and the tokens from it on."""
+    keep_from = 0
+    if len(ids) > budget:
+        budget = max(budget - spare, 1)
+    while len(ids) > budget and keep_from < exchanges - 1:
+        keep_from += 1
+        ids = ids_from(keep_from)
+    return keep_from, ids
+
+
+def exchange_starts(messages: Sequence[Message]) -> list[int]:
+    """Where each exchange of a message list begins, as the chat groups messages into exchanges (`load`): at the
+    first user or assistant message, then at each user message that follows an assistant one. System messages
+    belong to no exchange."""
+    starts: list[int] = []
+    previous = None
+    for i, m in enumerate(messages):
+        if m.role == "system":
+            continue
+        if previous is None or (m.role == "user" and previous == "assistant"):
+            starts.append(i)
+        previous = m.role
+    return starts
 
 
 def _join(*parts: str) -> str:
@@ -147,16 +188,16 @@ class Conversation:
         self.archived.clear()
 
     def _fit(self, max_context: int, room: int) -> Prompt:
-        budget = max(max_context - room, 1)
         full = self.ids()
-        ids, keep_from = full, 0
-        if len(ids) > budget:
-            # Dropping from the start moves every position, so the whole rest is prefilled again: free a quarter
-            # of the context more than needed, so that the next turns reuse the cache instead of paying that each time.
-            budget = max(budget - max_context // 4, 1)
-        while len(ids) > budget and keep_from < len(self.exchanges) - 1:
-            keep_from += 1
-            ids = self.ids(self.exchanges[keep_from:])
+        # Dropping from the start moves every position, so the whole rest is prefilled again: free a quarter of the
+        # context more than needed, so that the next turns reuse the cache instead of paying that each time.
+        keep_from, ids = drop_oldest(
+            full,
+            lambda k: self.ids(self.exchanges[k:]),
+            len(self.exchanges),
+            prompt_budget(max_context, room),
+            spare=max_context // 4,
+        )
         if len(ids) >= max_context:  # not even the last message alone leaves room for one token of reply
             own = len(self.tok.encode(self.exchanges[-1].user))
             extra = "the system prompt and " if self.system else ""

@@ -5,7 +5,7 @@
 first piece is dropped, and runs of byte tokens (`<0x..>`) become UTF-8 text with one U+FFFD per invalid byte.
 
 `StreamDecoder` reproduces that decode one token at a time in O(1) per token: it holds back at most three bytes of an
-unfinished UTF-8 character and mirrors SentencePiece's rule for dropping the first `▁` (TECH.md section 4).
+unfinished UTF-8 character and mirrors SentencePiece's rule for dropping the first `▁` (docs/FORMAT.md section 4).
 """
 
 from __future__ import annotations
