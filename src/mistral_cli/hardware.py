@@ -50,7 +50,7 @@ def cpu_bf16_decode_ok() -> bool:
     """Whether bf16 weights decode at least as fast as float32 ones: true wherever torch converts bf16 with SIMD
     (AVX2 or AVX-512 on x86, NEON on arm64). A decode step is a matrix-vector product bound by memory bandwidth,
     and bf16 weights are half the bytes: on a 2-core AVX2 machine a bf16 decode step is about 2x faster than a
-    float32 one even though a bf16 GEMM is slower (BENCHMARKS.md). Prompts still run in float32 blocks there (model.py)."""
+    float32 one even though a bf16 GEMM is slower (BENCHMARKS.md). Prompts still run in float32 blocks there (model/transformer.py)."""
     if cpu_has_fast_bf16() or _arm64():
         return True
     return bool(cpu_flags() & {"avx2", "avx512f"})

@@ -31,7 +31,7 @@ from mistral_cli.hub.models import (
     resolve_model,
 )
 from mistral_cli.model.config import ModelConfig
-from mistral_cli.model.layout import linear_bytes
+from mistral_cli.model.layout import layer_mode, linear_bytes
 
 if TYPE_CHECKING:
     from mistral_cli.cli.settings import Settings
@@ -123,8 +123,7 @@ def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int, 
     shapes = [(qkv, config.dim), (config.dim, config.n_heads * config.head_dim)]
     shapes += [(2 * config.hidden_dim, config.dim), (config.dim, config.hidden_dim)]
     blocks = config.n_layers * sum(linear_bytes(N, K, quantize, size, ours) for N, K in shapes)
-    head_mode = "none" if quantize == "none" else "int8"  # the output head is int8 in int4 mode too (quant.py)
-    head = linear_bytes(config.vocab_size, config.dim, head_mode, size, ours)
+    head = linear_bytes(config.vocab_size, config.dim, layer_mode("output", quantize), size, ours)
     embed = config.vocab_size * config.dim
     norms = (2 * config.n_layers + 1) * config.dim
     weights = blocks + head + (embed + norms) * size

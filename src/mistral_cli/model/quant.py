@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_cli.model.layout import INT4_GROUP
+from mistral_cli.model.layout import INT4_GROUP, layer_mode
 from mistral_cli.model.transformer import blocked_linear
 
 MODES = ("int8", "int4")
@@ -275,9 +275,9 @@ def quantized_linear(name: str, weight: Weight, mode: str, *, upcast: bool = Fal
 
 
 def int4_layer(name: str, mode: str) -> bool:
-    """Whether layer `name` is int4 in quantization `mode` (the output head stays int8)."""
+    """Whether layer `name` is int4 in quantization `mode` (layout.layer_mode: the output head stays int8)."""
     check_mode(mode)
-    return mode == "int4" and name != "output"
+    return layer_mode(name, mode) == "int4"
 
 
 def is_quantized_layer(name: str) -> bool:
