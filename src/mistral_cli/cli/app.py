@@ -246,29 +246,15 @@ def complete(
 
     with _reported():
         s = settings.of(ctx)
+        generation = s.checked(GenerationOptions, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])  # fmt: skip
+        loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
+                            max_context=max_context, threads=threads, compile=compile)  # fmt: skip
         run_complete(
             prompt=prompt,
             model=model,
-            generation=s.checked(
-                GenerationOptions,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                min_p=min_p,
-                repeat_penalty=repeat_penalty,
-                seed=seed,
-                stop=stop or [],
-            ),  # fmt: skip
-            loading=s.checked(
-                LoadOptions,
-                device=device.value,
-                dtype=dtype.value,
-                quantize=quantize.value,
-                max_context=max_context,
-                threads=threads,
-                compile=compile,
-            ),  # fmt: skip
+            generation=generation,
+            loading=loading,
             verbose=verbose,
             instruct=instruct,
             system=system,
@@ -306,28 +292,14 @@ def chat(
 
     with _reported():
         s = settings.of(ctx)
+        generation = s.checked(GenerationOptions, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])  # fmt: skip
+        loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
+                            max_context=max_context, threads=threads, compile=compile)  # fmt: skip
         run_chat(
             model=model,
-            generation=s.checked(
-                GenerationOptions,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                min_p=min_p,
-                repeat_penalty=repeat_penalty,
-                seed=seed,
-                stop=stop or [],
-            ),  # fmt: skip
-            loading=s.checked(
-                LoadOptions,
-                device=device.value,
-                dtype=dtype.value,
-                quantize=quantize.value,
-                max_context=max_context,
-                threads=threads,
-                compile=compile,
-            ),  # fmt: skip
+            generation=generation,
+            loading=loading,
             verbose=verbose,
             system=system,
             load=load,
