@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from mistral_cli.cli.chat import kilo, parse_option, split_markdown
+from mistral_cli.cli.chat.commands import parse_option
+from mistral_cli.cli.chat.session import kilo
+from mistral_cli.cli.chat.views import split_markdown
 from mistral_cli.engine.engine import Done
 from mistral_cli.engine.load import load_engine
 from mistral_cli.errors import UsageError
@@ -207,7 +209,7 @@ def test_piped_load_system_and_context_management(hf_model_dir, tmp_path):
 STREAM_SCRIPT = """
 import sys, time
 from rich.console import Console
-from mistral_cli.cli.chat import MarkdownView
+from mistral_cli.cli.chat.views import MarkdownView
 text = sys.argv[1]
 view = MarkdownView(Console(), "thinking")
 for i in range(0, len(text), 4):

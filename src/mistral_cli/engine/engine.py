@@ -142,6 +142,15 @@ class Engine:
         if self.placement.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def cached_prefix(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` the cache already holds."""
+        common = 0
+        for a, b in zip(self.tokens, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        return common
+
     @torch.inference_mode()
     def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, int]:
         """Bring the cache to exactly `prompt`, feeding only what it lacks; returns last logits and tokens fed."""
@@ -151,12 +160,7 @@ class Engine:
             raise MistralError(
                 f"The prompt is {len(prompt)} tokens, more than the context of {self.max_context} tokens."
             )
-        common = 0
-        for a, b in zip(self.tokens, prompt, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)  # the last prompt token is always fed: its logits are needed
+        common = min(self.cached_prefix(prompt), len(prompt) - 1)  # the last token is always fed: its logits are needed
         self.cache.truncate(common)
         self.tokens = self.tokens[:common]
         new = prompt[common:]

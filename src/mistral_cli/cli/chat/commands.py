@@ -1,0 +1,188 @@
+"""The chat's slash commands: one table of name, arguments, help and the function that runs it, from which `/help`
+and the prompt's completion are made."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mistral_cli import __version__
+from mistral_cli.cli import banner
+from mistral_cli.errors import UsageError
+from mistral_cli.options import GENERATION, GenerationOptions
+
+if TYPE_CHECKING:
+    from mistral_cli.cli.chat.session import Session
+
+OPTIONS = GENERATION  # what /set changes
+KEYS = (
+    "Enter sends · Alt+Enter or Esc Enter starts a new line (pasted text is kept whole) · Tab completes · "
+    "↑ recalls earlier input · Ctrl-C stops a reply or clears the line · Ctrl-D leaves · "
+    "//text sends a message that starts with /"
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    args: str
+    help: str
+    run: Callable[[Session, str], None] | None  # None: /exit, which the session loop handles
+
+
+def run(s: Session, text: str) -> bool:
+    """Run the slash command in `text`; False when it is /exit."""
+    name, _, arg = text.partition(" ")
+    name = ALIASES.get(name.lower(), name.lower())
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, [*COMMANDS, *ALIASES], n=1, cutoff=0.5)
+        hint = f"did you mean {ALIASES.get(close[0], close[0])}? " if close else ""
+        raise UsageError(
+            f"Unknown command {name}; {hint}/help lists the commands (start a message with // to send a /)."
+        )
+    command = COMMANDS[name].run
+    if command is None:
+        return False
+    command(s, arg.strip())
+    return True
+
+
+def _help(s: Session, arg: str) -> None:
+    width = max(len(f"{n} {c.args}") for n, c in COMMANDS.items())
+    lines = [f"  {(n + ' ' + c.args).ljust(width)}  {c.help}" for n, c in COMMANDS.items()]
+    s.out.print("\n".join(lines), markup=False, highlight=False)
+    s.out.print(f"  OPTION is one of {', '.join(OPTIONS)}; 'none' unsets max_tokens, seed, stop.", style="dim")
+    s.out.print(f"  {KEYS}", style="dim", markup=False, highlight=False)
+
+
+def _clear(s: Session, arg: str) -> None:
+    s.conv.clear()
+    s.note("Conversation cleared" + (" (the system prompt stays)." if s.conv.system else "."))
+
+
+def _system(s: Session, arg: str) -> None:
+    if not arg:
+        shown = repr(s.conv.system) if s.conv.system else "none"
+        s.out.print(f"System prompt: {shown}", markup=False, highlight=False)
+        return
+    s.conv.system = None if arg == "-" else arg
+    what = "removed" if arg == "-" else "set"
+    after = f"; the next reply re-reads the conversation ({s.conv.tokens_used()} tokens)" if s.conv.exchanges else ""
+    s.note(f"System prompt {what}{after}.")
+
+
+def _set(s: Session, arg: str) -> None:
+    name, _, value = arg.partition(" ")
+    if not name:
+        shown = ", ".join(f"{k}={v!r}" if k == "stop" else f"{k}={v}" for k, v in s.opts.to_dict().items())
+        s.out.print(shown, markup=False, highlight=False)
+        return
+    s.opts = parse_option(name, value, s.opts)
+    key = name.lstrip("-").replace("-", "_").lower()
+    s.note(f"{key} = {getattr(s.opts, key)!r}")
+
+
+def _undo(s: Session, arg: str) -> None:
+    gone = s.conv.undo()
+    if gone is None:
+        s.note("Nothing to undo.")
+        return
+    s.note(f"Dropped the last exchange ({gone.user[:60]!r}{'…' if len(gone.user) > 60 else ''}).")
+
+
+def _retry(s: Session, arg: str) -> None:
+    s.reply(s.conv.retry(s.engine.max_context, s.room()))
+
+
+def _save(s: Session, arg: str) -> None:
+    path = Path(arg).expanduser() if arg else Path(f"chat-{datetime.now():%Y%m%d-%H%M%S}.json")
+    metadata = {
+        "app": f"mistral-cli {__version__}",
+        "model": s.model,
+        "options": s.opts.to_dict(),
+        "saved": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    n = s.conv.save(path, metadata)
+    s.note(f"Saved {n} messages to {path}.")
+
+
+def _load(s: Session, arg: str) -> None:
+    if not arg:
+        raise UsageError("/load needs a FILE (one written by /save, or any --messages file).")
+    s.load(Path(arg).expanduser())
+
+
+def _info(s: Session, arg: str) -> None:
+    e, conv = s.engine, s.conv
+    dropped = len(conv.archived)
+    rows = [
+        ("model", f"{s.model}" + (f" ({s.folder})" if s.folder else "")),
+        ("device", banner.hardware(s.engine)),
+        ("context", f"{conv.tokens_used():,} of {e.max_context:,} tokens used"),
+        ("cache", f"{len(e.tokens):,} tokens held"),
+        ("history", count(len(conv.exchanges), "exchange") + (f", {dropped} dropped" if dropped else "")),
+        ("system", repr(conv.system) if conv.system else "none"),
+        ("options", ", ".join(f"{k}={v}" for k, v in s.opts.to_dict().items())),
+        ("load", f"{e.load_s:.2f} s"),
+    ]
+    d = s.last_done
+    if d is not None:
+        rows.append(
+            (
+                "last reply",
+                f"{d.completion_tokens} tokens at {d.decode_tokens_per_s:.1f} tokens/s; read {d.prefilled_tokens} "
+                f"new prompt tokens at {d.prefill_tokens_per_s:.1f} tokens/s; seed {s.last_seed}; "
+                f"finish: {d.finish_reason}",
+            )
+        )
+    from mistral_cli.cli.chat.prompt import history_path
+
+    hist = history_path()
+    rows.append(("input history", str(hist) if hist else "off"))
+    width = max(len(k) for k, _ in rows)
+    s.out.print("\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows), markup=False, highlight=False)
+
+
+COMMANDS: dict[str, Command] = {
+    "/help": Command("", "show this list", _help),
+    "/exit": Command("", "leave (Ctrl-D does too)", None),
+    "/clear": Command("", "forget the conversation; the system prompt stays", _clear),
+    "/system": Command("[TEXT]", "set the system prompt; alone it shows it, '/system -' removes it", _system),
+    "/set": Command("[OPTION VALUE]", "change a generation option; alone it shows them all", _set),
+    "/undo": Command("", "drop the last exchange", _undo),
+    "/retry": Command("", "answer the last message again", _retry),
+    "/save": Command("[FILE]", "write the conversation as JSON (the `complete --messages` format)", _save),
+    "/load": Command("FILE", "continue a saved conversation", _load),
+    "/info": Command("", "model, device, context used, speeds", _info),
+}
+ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/reset": "/clear"}
+
+
+def parse_option(name: str, value: str, current: GenerationOptions) -> GenerationOptions:
+    """`/set NAME VALUE` as a new validated GenerationOptions; UsageError with one sentence otherwise."""
+    key = name.lstrip("-").replace("-", "_").lower()
+    if key not in OPTIONS:
+        raise UsageError(f"Unknown option {name!r}; the options are {', '.join(OPTIONS)}.")
+    text = value.strip()
+    parsed: Any
+    if key == "stop":
+        parsed = [] if text.lower() in ("", "none", "off") else [text]
+    elif text.lower() in ("none", "off", "random") and key in ("max_tokens", "seed"):
+        parsed = None
+    elif not text:
+        raise UsageError(f"/set {key} needs a value.")
+    else:
+        whole = key in ("max_tokens", "top_k", "seed")
+        try:
+            parsed = int(text) if whole else float(text)
+        except ValueError:
+            kind = "a whole number" if whole else "a number"
+            raise UsageError(f"{key} needs {kind}, not {text!r}.") from None
+    return GenerationOptions(**{**current.to_dict(), key: parsed})
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -1,0 +1,173 @@
+"""One chat session apart from its input: the engine, the conversation, the generation options, and the turns that
+stream replies into a view; errors in one turn are reported and the session goes on."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markdown import Markdown
+
+from mistral_cli.cli.chat import commands
+from mistral_cli.cli.chat.views import MarkdownView, PlainView
+from mistral_cli.errors import MistralError
+from mistral_cli.options import GenerationOptions
+from mistral_cli.text.conversation import CUT_REASONS, Conversation, Prompt, reply_room
+
+if TYPE_CHECKING:
+    from mistral_cli.engine.engine import Engine
+
+
+def kilo(n: int) -> str:
+    """1229 -> "1.2k", 32768 -> "32k": context sizes are powers of two, so k is 1024."""
+    if n < 1000:
+        return str(n)
+    return f"{n / 1024:.1f}".removesuffix(".0") + "k"
+
+
+class Session:
+    """One session: an engine, a conversation, options, and what the user sees of them."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        conversation: Conversation,
+        options: GenerationOptions,
+        *,
+        model: str,
+        out: Console,
+        notes: Console,
+        markdown: bool,
+        verbose: bool = False,
+        folder: Path | None = None,
+    ) -> None:
+        self.engine, self.conv, self.opts = engine, conversation, options
+        self.model, self.folder = model, folder
+        self.out, self.notes = out, notes  # command output; incidental notes (stderr when not interactive)
+        self.markdown, self.verbose = markdown, verbose
+        self.failures = 0
+        self.last_speed: float | None = None  # decode tokens/s of the last reply
+        self.last_done: Any = None
+        self.last_seed: int | None = None
+
+    # --------------------------------------------------------------------------------------------- input lines
+
+    def handle(self, line: str) -> bool:
+        """Act on one input (a message or a slash command); errors are reported here. False means: leave."""
+        text = line.strip()
+        if not text:
+            return True
+        try:
+            if text.startswith("/") and not text.startswith("//"):
+                return commands.run(self, text)
+            self.send(text[1:] if text.startswith("//") else text)
+        except MistralError as e:
+            self.error(str(e))
+        except KeyboardInterrupt:
+            self.note("Interrupted.")
+        except BrokenPipeError:
+            raise  # the reader of stdout went away: the session is over
+        except Exception as e:  # a bug or an out-of-memory in one turn must not end the session
+            self.engine.reset()  # the cache may be half-written; the next turn prefills from scratch
+            if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+                self.error("Out of memory: /clear the conversation, or start with a smaller --max-context.")
+            else:
+                self.error(f"Internal error: {type(e).__name__}: {e}")
+            if self.verbose:
+                self.notes.print(traceback.format_exc(), markup=False, highlight=False)
+        return True
+
+    def note(self, text: str, style: str = "dim") -> None:
+        self.notes.print(text, style=style, markup=False, highlight=False)
+
+    def error(self, text: str) -> None:
+        self.failures += 1
+        self.notes.print(f"error: {text}", style="bold red", markup=False, highlight=False)
+
+    def status_line(self) -> str:
+        parts = [self.model, f"{kilo(self.conv.tokens_used())}/{kilo(self.engine.max_context)} tokens"]
+        if self.last_speed is not None:
+            parts.append(f"{self.last_speed:.1f} tok/s")
+        return " · ".join(parts)
+
+    # ---------------------------------------------------------------------------------------------------- turns
+
+    def send(self, text: str) -> None:
+        self.reply(self.conv.ask(text, self.engine.max_context, self.room()))
+
+    def room(self) -> int:
+        return reply_room(self.opts.max_tokens, self.engine.max_context)
+
+    def reply(self, prompt: Prompt) -> None:
+        """Generate the reply to the last message, streaming it; Ctrl-C keeps what came so far, marked as cut."""
+        from mistral_cli.engine.engine import Done
+
+        if prompt.dropped:
+            n = len(prompt.dropped)
+            self.note(
+                f"The context is full: dropped the oldest {commands.count(n, 'exchange')} "
+                f"({prompt.dropped_tokens} tokens) to make room; /save still writes them.",
+                style="yellow",
+            )
+        opts = self.opts.with_seed()  # a random seed per turn unless one is set, so /retry gives a new reply
+        self.last_seed = opts.seed
+        new = len(prompt.ids) - self.engine.cached_prefix(prompt.ids)
+        waiting = f"reading {new:,} tokens…" if new > 256 else "thinking…"
+        view: PlainView | MarkdownView = MarkdownView(self.out, waiting) if self.markdown else PlainView(self.notes)
+        parts: list[str] = []
+        finish, produced, started = "interrupted", 0, None
+        events = self.engine.generate(prompt.ids, opts)
+        try:
+            for event in events:
+                if isinstance(event, Done):
+                    self.last_done, finish = event, event.finish_reason
+                    continue
+                if started is None:
+                    started = time.perf_counter()
+                produced += event.token >= 0
+                if event.text:
+                    parts.append(event.text)
+                    view.add(event.text)
+        except KeyboardInterrupt:
+            finish = "interrupted"
+        except BaseException:
+            finish = "error"
+            raise
+        finally:
+            events.close()
+            view.end(CUT_REASONS.get(finish))
+            if finish == "error" and not parts:
+                self.conv.undo()  # nothing came: as if the message had not been sent
+            else:
+                self.conv.answer("".join(parts), finish)
+            if started is not None and produced > 1:  # the first token comes from the prefill, not a decode step
+                self.last_speed = (produced - 1) / (time.perf_counter() - started)
+        if self.verbose and finish not in ("interrupted", "error"):
+            d = self.last_done
+            self.note(
+                f"prompt {d.prompt_tokens} tokens, {d.prefilled_tokens} new, read in {d.prefill_s:.2f} s "
+                f"({d.prefill_tokens_per_s:.1f} tokens/s); {d.completion_tokens} tokens in {d.decode_s:.2f} s "
+                f"({d.decode_tokens_per_s:.1f} tokens/s); finish: {d.finish_reason}"
+            )
+
+    def load(self, path: Path, system: str | None = None) -> None:
+        """Continue the conversation in `path`; `system`, when given, replaces the file's system prompt."""
+        self.conv.load(path)
+        if system is not None:
+            self.conv.system = system or None
+        n = len(self.conv.exchanges)
+        shown = f"; system prompt {self.conv.system[:60]!r}" if self.conv.system else ""
+        self.note(f"Loaded {commands.count(n, 'exchange')} from {path} ({self.conv.tokens_used()} tokens{shown}).")
+        if n:
+            last = self.conv.exchanges[-1]
+            self.note(f"> {last.user}")
+            if last.reply is None:
+                self.note("It ends with your message: /retry answers it.")
+            elif self.markdown:
+                self.out.print(Markdown(last.reply))
+                self.out.print()
+            else:
+                self.note(last.reply, style="")
