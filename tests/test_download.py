@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -486,3 +487,40 @@ def test_info_and_complete_on_the_downloaded_model_offline(hub, env, hf_files, n
         r = mistral(offline, "complete", "Hello", "--model", model, "--max-tokens", "3", "--temperature", "0")
         assert r.returncode == 0, r.stderr
         assert r.stdout.endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------ chat offers the download
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_chat_on_a_terminal_downloads_a_missing_model_when_asked(hub, env, hf_files, tmp_path):
+    """`mistral chat` with a model not on disk asks on a terminal, downloads it in the same process and starts; a
+    download that fails says how to try again."""
+    from terminal import Tmux
+
+    hub.add_repo(REPO, hf_files)
+    env = {**{k: v for k, v in env.items() if k != "TMUX"}, "MISTRAL_CHAT_HISTORY": ""}
+    chat = [sys.executable, "-m", "mistral_cli", "chat", "--max-context", "256", "-m"]
+    t = Tmux(" ".join([*chat, REPO]), env, tmp_path)
+    try:
+        t.wait(r"run `mistral download acme/tiny-mistral` to download it")
+        t.wait(r"Download it now\? \[y/N\]")
+        t.type("y")
+        t.keys("Enter")
+        t.wait(r"Ctrl-D leaves", timeout=60)
+        assert sorted(p.name for p in next((storage(env, REPO) / "snapshots").iterdir()).iterdir()) == sorted(NEEDED)
+        t.type("/exit")
+        t.keys("Enter")
+        t.wait(r"EXIT=0")
+    finally:
+        t.close()
+    t = Tmux(" ".join([*chat, "acme/not-there"]), env, tmp_path)
+    try:
+        t.wait(r"Download it now\? \[y/N\]")
+        t.type("y")
+        t.keys("Enter")
+        screen = t.wait(r"EXIT=1", timeout=60)
+        assert "The download did not finish; run `mistral download acme/not-there` to try again." in screen
+        assert "Traceback" not in screen
+    finally:
+        t.close()
