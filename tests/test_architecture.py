@@ -4,6 +4,7 @@ a network of plain torch, and no terminal output below the command line."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,15 @@ def test_the_command_line_starts_without_torch():
     code = "import sys; import mistral_cli.cli.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_readme_describes_every_module():
+    """README's "Architecture" section names each module of the tree (and nothing that is gone)."""
+    readme = (PACKAGE.parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Architecture") :]
+    modules = {p.name for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    modules |= {p.name for p in PACKAGE.rglob("*.c")}
+    missing = sorted(name for name in modules if f"`{name}`" not in section)
+    assert missing == []
+    named = set(re.findall(r"`([a-z_]+\.(?:py|c))`", section))
+    assert named - modules <= {"__init__.py", "bench.py"}, named - modules
