@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -389,6 +390,10 @@ def _reported() -> Iterator[None]:
     except MemoryError:
         _error("Out of memory: try --quantize int8, a smaller --max-context, or --device cpu.")
         raise typer.Exit(1) from None
+    except OSError as exc:  # what the system refused: a full disk, a permission, a device error
+        _error(_os_error(exc))
+        _quiet_broken_pipe()  # the output may be what failed: the final flush must not fail again
+        raise typer.Exit(1) from None
     except RuntimeError as exc:
         if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, named so torch is not imported
             raise
@@ -396,15 +401,60 @@ def _reported() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _os_error(exc: OSError) -> str:
+    """One sentence for an error the system gave: what failed, on which file, and what to do where that is clear."""
+    reason = exc.strerror or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else " (writing the output)" if exc.errno in _OUTPUT_ERRNOS else ""
+    hint = {
+        errno.ENOSPC: " Free some space and run it again.",
+        errno.EACCES: " Check the permissions of that path, or point the command elsewhere.",
+        errno.EROFS: " That file system is read-only: point the command elsewhere.",
+    }.get(exc.errno or 0, "")
+    return f"{reason}{where}.{hint}"
+
+
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT)
+
+
 def _error(message: str) -> None:
+    if sys.stderr is None:
+        return  # stderr closed: the exit status is all there is
     sys.stderr.write(f"mistral: error: {message}\n")
     sys.stderr.flush()
 
 
 def _quiet_broken_pipe() -> None:
-    # The reader went away (`| head`): point stdout at devnull so the interpreter's final flush stays silent.
+    # The reader went away (`| head`) or the output failed: point stdout at devnull so the interpreter's final flush
+    # stays silent.
+    if sys.stdout is None:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
+
+
+def _crash_report(exc: BaseException) -> str:
+    """Save the traceback of an unexpected error under the cache folder; the sentence that points to it."""
+    import time
+    import traceback
+
+    from platformdirs import user_cache_path
+
+    from mistral_cli import atomic
+
+    text = f"mistral-cli {__version__}, {' '.join(sys.argv)}\n\n" + "".join(traceback.format_exception(exc))
+    try:
+        folder = user_cache_path("mistral-cli") / "crashes"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        atomic.write_text(path, text)
+        saved = f"the traceback is in {path}"
+    except OSError:
+        saved = "the traceback could not be saved; MISTRAL_DEBUG=1 prints it"
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (
+        f"Internal error: {type(exc).__name__}{': ' + first if first else ''}. This is a bug in mistral-cli: "
+        f"{saved}; please report it with that file."
+    )
 
 
 def main() -> None:
@@ -412,6 +462,9 @@ def main() -> None:
     # torch warns when it is imported without numpy, which mistral-cli neither needs nor installs (it never hands
     # tensors to numpy): every command would print that warning on a plain `pipx install`.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nothing could be printed, not even --help
+        _error("Standard output is closed: give the command a terminal, a pipe or a file to write to.")
+        sys.exit(1)
     huge_pages()
     completion.use_ours()
     try:
@@ -419,6 +472,11 @@ def main() -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
+    except Exception as exc:  # a bug: one sentence and the traceback in a file, unless asked for it here
+        if os.environ.get("MISTRAL_DEBUG", "") not in ("", "0"):
+            raise
+        _error(_crash_report(exc))
+        sys.exit(1)
 
 
 def huge_pages() -> None:

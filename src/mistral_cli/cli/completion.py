@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mistral_cli import atomic
+
 ZSH_SCRIPT = """
 #compdef %(prog_name)s
 
@@ -38,11 +40,11 @@ def install_zsh(*, prog_name: str, complete_var: str, shell: str) -> Path:
     zshrc = Path.home() / ".zshrc"
     text = zshrc.read_text(encoding="utf-8") if zshrc.is_file() else ""
     if ZSHRC_LINE not in text:
-        zshrc.write_text(f"{text.rstrip()}\n{ZSHRC_LINE}\n".lstrip(), encoding="utf-8")
+        atomic.write_text(zshrc, f"{text.rstrip()}\n{ZSHRC_LINE}\n".lstrip())
     path = Path.home() / ".zfunc" / f"_{prog_name}"
     path.parent.mkdir(parents=True, exist_ok=True)
     script = get_completion_script(prog_name=prog_name, complete_var=complete_var, shell=shell)
-    path.write_text(script + "\n", encoding="utf-8")
+    atomic.write_text(path, script + "\n")
     return path
 
 

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from rich.console import Console
 
-from mistral_cli import __version__
+from mistral_cli import __version__, atomic
 from mistral_cli.errors import MistralError
 from mistral_cli.hub.models import (
     ALIASES,
@@ -531,9 +531,7 @@ def _write_ref(storage: Path, revision: str, sha: str) -> None:
         return
     ref = storage / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(sha)
-    os.replace(tmp, ref)
+    atomic.write_text(ref, sha)
 
 
 def _offline_copy(model: str, repo_id: str, revision: str | None, console: Console, why: str) -> Path:
@@ -694,7 +692,7 @@ def download_tar(model: str, url: str | None, *, console: Console, dry_run: bool
             partial.unlink(missing_ok=True)
             have = 0
         partial.parent.mkdir(parents=True, exist_ok=True)
-        meta_path.write_text(json.dumps({"url": url, "size": size, "validator": validator}))
+        atomic.write_text(meta_path, json.dumps({"url": url, "size": size, "validator": validator}))
         if size is not None:  # the archive, then as much again unpacked
             _check_disk(2 * size - have, home, "set MISTRAL_HOME to a folder on a larger disk")
 
@@ -772,7 +770,7 @@ def _install(archive: Path, dest: Path, *, url: str, md5: str | None, console: C
             tokenizer_note = supply_v1_tokenizer(root / "tokenizer.model", console)
         model_files(root)
         record = {"url": url, "md5": md5, "tokenizer": tokenizer_note or "from the archive"}
-        (root / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        atomic.write_text(root / SOURCE_FILE, json.dumps(record, indent=2) + "\n")
         old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
         if dest.exists():
             dest.rename(old)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mistral_cli import atomic
 from mistral_cli.errors import MistralError
 from mistral_cli.text.tokenizer import Tokenizer
 
@@ -124,7 +125,7 @@ def save_messages(path: Path, messages: Sequence[Message], metadata: dict[str, A
         items[0]["metadata"] = metadata
     text = json.dumps(items, ensure_ascii=False, indent=2) + "\n"
     try:
-        Path(path).write_text(text, encoding="utf-8")
+        atomic.write_text(Path(path), text)
     except OSError as e:
         raise MistralError(f"Cannot write messages file {path}: {e.strerror or e}.") from None
 

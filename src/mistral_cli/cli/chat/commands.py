@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mistral_cli import __version__
 from mistral_cli.cli import banner
-from mistral_cli.errors import UsageError
+from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.options import GENERATION, GenerationOptions
 
 if TYPE_CHECKING:
@@ -99,6 +99,8 @@ def _retry(s: Session, arg: str) -> None:
 
 def _save(s: Session, arg: str) -> None:
     path = Path(arg).expanduser() if arg else Path(f"chat-{datetime.now():%Y%m%d-%H%M%S}.json")
+    if path.exists() and not _saved_by_us(path):
+        raise UsageError(f"{path} exists and is not a conversation saved by mistral chat; /save to another name.")
     metadata = {
         "app": f"mistral-cli {__version__}",
         "model": s.model,
@@ -107,6 +109,17 @@ def _save(s: Session, arg: str) -> None:
     }
     n = s.conv.save(path, metadata)
     s.note(f"Saved {n} messages to {path}.")
+
+
+def _saved_by_us(path: Path) -> bool:
+    """Whether `path` holds a conversation that /save wrote (and may overwrite)."""
+    from mistral_cli.text.chat_format import load_conversation
+
+    try:
+        app = load_conversation(path)[1].get("app")
+    except MistralError:
+        return False
+    return isinstance(app, str) and app.startswith("mistral-cli")
 
 
 def _load(s: Session, arg: str) -> None:
