@@ -100,3 +100,50 @@ def test_save_does_not_overwrite_a_file_it_did_not_write(env, hf_model_dir, tmp_
     assert r.returncode == 1
     assert f"{notes} exists and is not a conversation saved by mistral chat" in r.stderr
     assert notes.read_text(encoding="utf-8") == '{"mine": true}\n'
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"num_hidden_layers": 1_000_000_000}, "describes 36,992,004,096,064 parameters"),  # refused at once
+        ({"rope_theta": float("nan")}, "rope_theta = nan, which must be a positive number"),
+        ({"rms_norm_eps": -1}, "norm_eps = -1.0, which must be a positive number"),
+        ({"hidden_size": 64.5}, "hidden_size must be a whole number, not 64.5"),
+        ({"hidden_size": 66, "head_dim": None}, "hidden_size 66 is not a multiple of the 4 attention heads"),
+    ],
+)
+def test_a_config_with_impossible_numbers_is_one_sentence(env, hf_model_dir, tmp_path, change, needle):
+    folder = _copy_model(hf_model_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))  # NaN as JSON's NaN, which Python's json reads
+    r = mistral(env, "complete", "Hi", "-m", str(folder), "-n", "2")
+    assert needle in one_sentence(r), r.stderr
+
+
+def test_a_shard_index_cannot_reach_outside_the_model_folder(env, tmp_path, tiny_spec, tiny_sd):
+    from tiny import write_hf
+
+    folder = write_hf(tmp_path / "m", tiny_spec, tiny_sd, shards=2)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../../../etc/passwd"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for command in (["complete", "Hi", "-n", "2", "-m", str(folder)], ["info", str(folder)]):
+        line = one_sentence(mistral(env, *command))
+        assert "names a weight file outside the model folder ('../../../../etc/passwd')" in line
+        assert "/etc/passwd" not in mistral(env, *command).stdout
+
+
+def test_a_messages_file_nested_deep_is_one_sentence(env, hf_model_dir, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    r = mistral(env, "complete", "--messages", str(deep), "-m", str(hf_model_dir), "-n", "2")
+    assert "is nested too deeply to be a conversation" in one_sentence(r, code=1)

@@ -16,7 +16,7 @@ import torch
 from mistral_cli.engine.engine import Engine
 from mistral_cli.errors import MistralError
 from mistral_cli.model import quant
-from mistral_cli.model.checkpoint import find_weights, load_state
+from mistral_cli.model.checkpoint import check_size, find_weights, load_state
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.placement import Placement, pick, slow_half_matmul
 from mistral_cli.model.transformer import Transformer
@@ -73,6 +73,7 @@ def load_model(
     """
     cfg = cfg or ModelConfig.from_folder(folder)
     weights = find_weights(folder)
+    check_size(weights, cfg)
     quantized = quant.quantized_linear if kernels is None else partial(native_quant.quantized_linear, kernels=kernels)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -6,6 +6,7 @@ No torch here: `mistral info` reads configs without importing it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise MistralError(f"The model config has an odd head size ({self.head_dim}); RoPE needs an even one.")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise MistralError(f"The model config has {name} = {value}, which must be a positive number.")
 
     @property
     def n_params(self) -> int:
@@ -58,18 +63,19 @@ class ModelConfig:
     @classmethod
     def from_params_json(cls, data: dict[str, Any]) -> ModelConfig:
         """From a native `params.json` (mistral-inference's ModelArgs fields)."""
-        n_heads = int(data["n_heads"])
-        dim = int(data["dim"])
+        n_heads = _whole(data, "n_heads")
+        dim = _whole(data, "dim")
         rope_theta = float(data.get("rope_theta") or 10000.0)
-        context = data.get("max_seq_len") or data.get("max_position_embeddings") or _default_context(rope_theta)
+        context = _whole(data, "max_seq_len", None) or _whole(data, "max_position_embeddings", None)
+        context = context or _default_context(rope_theta)
         return cls(
             dim=dim,
-            n_layers=int(data["n_layers"]),
+            n_layers=_whole(data, "n_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(data.get("n_kv_heads") or n_heads),
-            head_dim=int(data.get("head_dim") or dim // n_heads),
-            hidden_dim=int(data["hidden_dim"]),
-            vocab_size=int(data["vocab_size"]),
+            n_kv_heads=_whole(data, "n_kv_heads", None) or n_heads,
+            head_dim=_head_dim(data, "head_dim", dim, n_heads, "dim"),
+            hidden_dim=_whole(data, "hidden_dim"),
+            vocab_size=_whole(data, "vocab_size"),
             norm_eps=float(data.get("norm_eps", 1e-5)),
             rope_theta=rope_theta,
             sliding_window=_effective_window(data.get("sliding_window"), rope_theta, int(context)),
@@ -79,19 +85,19 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, data: dict[str, Any]) -> ModelConfig:
         """From an HF `config.json`, with either a top-level `rope_theta` or transformers 5's `rope_parameters`."""
-        n_heads = int(data["num_attention_heads"])
-        dim = int(data["hidden_size"])
+        n_heads = _whole(data, "num_attention_heads")
+        dim = _whole(data, "hidden_size")
         rope_params = data.get("rope_parameters") or {}
         rope_theta = float(data.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
-        context = int(data.get("max_position_embeddings") or _default_context(rope_theta))
+        context = _whole(data, "max_position_embeddings", None) or _default_context(rope_theta)
         return cls(
             dim=dim,
-            n_layers=int(data["num_hidden_layers"]),
+            n_layers=_whole(data, "num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(data.get("num_key_value_heads") or n_heads),
-            head_dim=int(data.get("head_dim") or dim // n_heads),
-            hidden_dim=int(data["intermediate_size"]),
-            vocab_size=int(data["vocab_size"]),
+            n_kv_heads=_whole(data, "num_key_value_heads", None) or n_heads,
+            head_dim=_head_dim(data, "head_dim", dim, n_heads, "hidden_size"),
+            hidden_dim=_whole(data, "intermediate_size"),
+            vocab_size=_whole(data, "vocab_size"),
             norm_eps=float(data.get("rms_norm_eps", 1e-5)),
             rope_theta=rope_theta,
             sliding_window=_effective_window(data.get("sliding_window"), rope_theta, context),
@@ -109,10 +115,35 @@ class ModelConfig:
                     if not isinstance(data, dict):
                         raise TypeError("not a JSON object")
                     return build(data)
-                except (ValueError, TypeError, KeyError) as exc:
+                except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
                     detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
                     raise MistralError(f"{path} is not a valid model config ({detail}).") from None
         raise MistralError(f"{folder} is not a model folder: it has neither params.json nor config.json.")
+
+
+_REQUIRED = object()
+
+
+def _whole(data: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """data[key] as an int: a whole number (64.0 is 64), never a fraction silently cut (64.5 is an error)."""
+    if key not in data or data[key] is None:
+        if default is _REQUIRED:
+            raise KeyError(key)
+        return default
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{key} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def _head_dim(data: dict[str, Any], key: str, dim: int, n_heads: int, dim_key: str) -> int:
+    """The head size: given, or the width shared out among the heads, which must divide it."""
+    given = _whole(data, key, None)
+    if given:
+        return given
+    if n_heads <= 0 or dim % n_heads:
+        raise ValueError(f"{dim_key} {dim} is not a multiple of the {n_heads} attention heads, and there is no {key}")
+    return dim // n_heads
 
 
 def _default_context(rope_theta: float) -> int:

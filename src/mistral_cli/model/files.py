@@ -27,8 +27,14 @@ def weight_paths(folder: Path) -> tuple[Path, ...]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise MistralError(f"{index} is not a valid safetensors index (no weight_map).") from None
+        # a shard is a file of this folder: a name with a separator or '..' could reach any file on the machine
+        strange = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n]
+        if strange:
+            raise MistralError(
+                f"{index} names a weight file outside the model folder ({strange[0]!r}); it is not a valid index."
+            )
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise MistralError(f"{folder / missing[0]} is missing (listed in {index.name}); download the model again.")

@@ -111,6 +111,8 @@ def load_conversation(path: Path) -> tuple[list[Message], dict[str, Any]]:
         raise MistralError(
             f"Messages file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
         ) from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise MistralError(f"Messages file {path} is nested too deeply to be a conversation.") from None
     try:
         return _from_json(data)
     except MistralError as e:
