@@ -117,7 +117,7 @@ class Engine:
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.quantize = quantize
         # whether decode steps run on our CPU kernels (some layers at least), and if not on a CPU that could, why
-        self.native = any(getattr(m, "kernels", None) or getattr(m, "ops", None) for m in model.modules())
+        self.native = any(getattr(m, "kernels", None) is not None for m in model.modules())
         cpu = placement.device.type == "cpu" and not compile
         self.native_problem = None if self.native or not cpu else kernels.problem()
         self._fused = fused
