@@ -147,3 +147,18 @@ def test_a_messages_file_nested_deep_is_one_sentence(env, hf_model_dir, tmp_path
     deep.write_text("[" * 100_000 + "]" * 100_000)
     r = mistral(env, "complete", "--messages", str(deep), "-m", str(hf_model_dir), "-n", "2")
     assert "is nested too deeply to be a conversation" in one_sentence(r, code=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["complete", "--threads", "two", "Hi"], "Invalid value for '--threads': 'two' is not a valid int"),
+        (["complete", "--bogus"], "No such option: --bogus"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_a_bad_command_line_is_one_line_with_a_pointer_to_help(env, args, needle):
+    r = mistral(env, *args)
+    line = one_sentence(r, code=2)
+    assert needle in line and "--help` lists the options." in line
+    assert r.stderr.strip() == line  # no usage block, no box

@@ -468,15 +468,34 @@ def main() -> None:
     huge_pages()
     completion.use_ours()
     try:
-        app()
+        # not standalone: click's usage errors come back here to be one line, not Typer's boxed panel
+        status = app(standalone_mode=False)
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
-    except Exception as exc:  # a bug: one sentence and the traceback in a file, unless asked for it here
+    except Exception as exc:
+        if _usage_error(exc):
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if type(exc).__name__ == "Abort":  # Ctrl-C or Ctrl-D at one of click's own prompts
+            _error("Interrupted.")
+            sys.exit(130)
+        # a bug: one sentence and the traceback in a file, unless asked for it here
         if os.environ.get("MISTRAL_DEBUG", "") not in ("", "0"):
             raise
         _error(_crash_report(exc))
         sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _usage_error(exc: Exception) -> bool:
+    """A bad command line (click's UsageError, from click or Typer's copy of it): one line and a pointer to --help."""
+    if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code") and hasattr(exc, "ctx")):
+        return False
+    message = exc.format_message().strip().rstrip(".")
+    if message:  # empty: no arguments at all, and the help is already on the screen
+        command = exc.ctx.command_path if exc.ctx is not None else "mistral"
+        _error(f"{message}; `{command} --help` lists the options.")
+    return True
 
 
 def huge_pages() -> None:
