@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -162,3 +163,249 @@ def test_a_bad_command_line_is_one_line_with_a_pointer_to_help(env, args, needle
     line = one_sentence(r, code=2)
     assert needle in line and "--help` lists the options." in line
     assert r.stderr.strip() == line  # no usage block, no box
+
+
+# --------------------------------------------------------------------------------------------------- chat states
+
+
+@pytest.fixture(scope="module")
+def small_engine(hf_model_dir):
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.options import LoadOptions
+
+    return load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="fp32", max_context=64))
+
+
+def _session(engine, **options):
+    import io
+
+    from rich.console import Console
+
+    from mistral_cli.cli.chat.session import Session
+    from mistral_cli.options import GenerationOptions
+    from mistral_cli.text.conversation import Conversation
+
+    engine.reset()
+    notes = Console(file=io.StringIO(), width=200)
+    return Session(
+        engine,
+        Conversation(engine.tokenizer),
+        GenerationOptions(temperature=0, **options),
+        model="tiny",
+        out=notes,
+        notes=notes,
+        markdown=False,
+    )
+
+
+def test_ctrl_c_before_the_first_token_does_not_keep_the_message(small_engine, monkeypatch):
+    """Ctrl-C while the prompt is read: the message is not kept, so the next one is a turn of its own (before, an
+    empty reply stayed, and the next message was merged into the same user turn)."""
+    chat = _session(small_engine, max_tokens=3)
+    real = small_engine.prefill
+
+    def interrupted(ids):
+        monkeypatch.setattr(small_engine, "prefill", real)  # only this once: the user pressed Ctrl-C here
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(small_engine, "prefill", interrupted)
+    chat.handle("First")
+    assert chat.conv.exchanges == []
+    assert "Interrupted before the reply began" in chat.notes.file.getvalue()
+    chat.handle("Second")
+    assert [ex.user for ex in chat.conv.exchanges] == ["Second"]
+    assert chat.conv.exchanges[0].reply is not None
+
+
+def test_the_context_meter_never_shows_more_than_the_context(small_engine):
+    chat = _session(small_engine)  # no --max-tokens: the reply runs until the context is full
+    chat.handle("Hello")
+    assert chat.last_done.finish_reason == "context"
+    # the history counts the reply's last token (sampled from the 64th position) and its EOS, which never fit
+    assert chat.conv.tokens_used() == 66
+    assert " · 64/64 tokens" in chat.status_line()
+
+
+def test_a_system_prompt_longer_than_the_context_fails_at_start_up(env, hf_model_dir):
+    r = mistral(env, "chat", "-m", str(hf_model_dir), "--max-context", "64", "--system", "word " * 100, input="Hi\n")
+    assert "The system prompt is " in one_sentence(r)
+    assert "has no room for a message" in r.stderr
+    assert r.stdout == ""
+
+
+def test_a_history_path_that_is_a_folder_turns_history_off(env, hf_model_dir, tmp_path):
+    """Before, prompt-toolkit looped on "Press ENTER to continue" and Ctrl-D did not leave."""
+    import shlex
+    import shutil
+
+    from terminal import Tmux
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    env = {k: v for k, v in env.items() if k != "TMUX"}
+    command = [sys.executable, "-m", "mistral_cli", "chat", "-m", str(hf_model_dir), "-n", "2", "--max-context", "256"]
+    t = Tmux(" ".join(shlex.quote(a) for a in command), {**env, "MISTRAL_CHAT_HISTORY": str(tmp_path)}, tmp_path)
+    try:
+        t.wait(r"/help lists the commands")
+        t.wait(r"Input history is off for this session")
+        t.wait(r"\(it is a folder\); set MISTRAL_CHAT_HISTORY")
+        t.type("Hello")
+        t.keys("Enter")
+        t.wait(r"tok/s")  # the reply came
+        t.keys("C-d")
+        t.wait(r"EXIT=0")
+    finally:
+        t.close()
+
+
+def test_the_input_history_is_rewritten_whole(tmp_path):
+    """Each entry rewrites the file through a temporary file: an existing FileHistory file keeps its entries, and a
+    write that fails (here: a file-size limit) leaves the file as it was and turns the history off, with a note."""
+    from prompt_toolkit.history import FileHistory
+
+    from mistral_cli.cli.chat.history import SafeFileHistory
+
+    path = tmp_path / "history"
+    theirs = FileHistory(str(path))
+    theirs.store_string("one")
+    theirs.store_string("two\nlines")
+    notes: list[str] = []
+    ours = SafeFileHistory(path, notes.append)
+    assert list(ours.load_history_strings()) == ["two\nlines", "one"]
+    ours.store_string("three")
+    assert list(FileHistory(str(path)).load_history_strings()) == ["three", "two\nlines", "one"]
+    assert notes == [] and [p.name for p in tmp_path.iterdir()] == ["history"]
+
+    path.write_text("".join(f"\n# old\n+entry {i}\n" for i in range(200)))  # over 1 KiB
+    before = path.read_bytes()
+    script = (
+        "import sys; from pathlib import Path; from mistral_cli.cli.chat.history import SafeFileHistory\n"
+        f"h = SafeFileHistory(Path({str(path)!r}), print); h.store_string('new'); h.store_string('newer')\n"
+    )
+    r = subprocess.run(["bash", "-c", f"ulimit -f 1; {sys.executable} -c \"$0\"", script],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Input history is off for this session") == 1 and "(File too large)" in r.stdout
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["history"]
+
+
+# ------------------------------------------------------------------------------------------- unbounded input
+
+
+def test_a_prompt_over_the_stdin_bound_is_refused_without_reading_all_of_it(env, hf_model_dir):
+    """An endless stdin (here: /dev/zero turned into text) is read up to 64 MiB, then refused."""
+    r = mistral(env, "complete", "-m", str(hf_model_dir), shell="tr '\\0' a < /dev/zero | CMD")
+    assert "The prompt on stdin is over 64 MiB" in one_sentence(r) and "--truncate" in r.stderr
+
+
+def test_a_huge_prompt_is_refused_having_encoded_only_its_start(env, hf_model_dir):
+    """60 MB of text (before: a minute and gigabytes of memory to encode it all, then the same error)."""
+    r = mistral(env, "complete", "-m", str(hf_model_dir), "--max-context", "256",
+                shell="yes 'a few words of text' | head -c 60000000 | CMD")  # fmt: skip
+    line = one_sentence(r)
+    assert re.search(r"The prompt is over [\d,]+ tokens, but the context holds 256", line), line
+    assert "--truncate to drop its beginning" in line
+
+
+def test_truncate_keeps_the_end_of_a_huge_prompt_and_says_so(env, hf_model_dir):
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.options import GenerationOptions, LoadOptions
+    from mistral_cli.text.tokenizer import Tokenizer
+
+    tok = Tokenizer(hf_model_dir / "tokenizer.model")
+    r = mistral(
+        env,
+        "complete",
+        "-m",
+        str(hf_model_dir),
+        "--max-context",
+        "256",
+        "-n",
+        "4",
+        "-t",
+        "0",
+        "--json",
+        "--truncate",
+        shell="seq 1 3000000 | CMD",
+    )  # fmt: skip (about 20 MB)
+    assert r.returncode == 0, r.stderr
+    assert "mistral: note: --truncate dropped the beginning of the prompt to fit the context (251 of its" in r.stderr
+    got = json.loads(r.stdout)
+    # -n 4 keeps 4 tokens for the reply: BOS and the last 251 tokens of the whole text, encoded whole (the cut by
+    # length before encoding is invisible)
+    tail = "".join(f"{i}\n" for i in range(2_990_000, 3_000_001))
+    ids = [tok.bos_id, *tok.encode(tail)[-251:]]
+    engine = load_engine(hf_model_dir, LoadOptions(device="cpu", max_context=256))
+    done = list(engine.generate(ids, GenerationOptions(max_tokens=4, temperature=0), leading_space=True))[-1]
+    assert got["usage"]["prompt_tokens"] == 252 and got["text"] == done.text
+
+
+def test_a_huge_messages_file_is_refused_quickly(env, hf_model_dir, tmp_path):
+    big = tmp_path / "big.json"
+    with big.open("w") as f:
+        f.write('[{"role": "user", "content": "')
+        f.write("padding " * 9_000_000)  # 72 MB
+        f.write('"}]')
+    r = mistral(env, "complete", "-m", str(hf_model_dir), "--messages", str(big))
+    assert f"Messages file {big} is over 64 MiB" in one_sentence(r)
+    big.write_text(json.dumps([{"role": "user", "content": "some words " * 2_000_000}]))  # 22 MB: read, not encoded
+    r = mistral(env, "complete", "-m", str(hf_model_dir), "--max-context", "256", "--messages", str(big))
+    assert re.search(r"The prompt is over [\d,]+ tokens, but the context holds 256", one_sentence(r))
+
+
+def test_messages_dash_reads_the_conversation_from_stdin(env, hf_model_dir):
+    convo = json.dumps([{"role": "user", "content": "Hello"}])
+    args = ["complete", "-m", str(hf_model_dir), "-n", "3", "-t", "0"]
+    from_stdin = mistral(env, *args, "--messages", "-", input=convo)
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout == mistral(env, *args, "--instruct", "Hello").stdout
+    r = mistral(env, *args, "--messages", "-", input="not json")
+    assert "The JSON on stdin is not valid JSON" in one_sentence(r)
+
+
+# ------------------------------------------------------------------------------------------------- permissions
+
+
+def _unprivileged() -> str:
+    """A shell prefix that runs CMD without root's power to ignore file permissions."""
+    if os.geteuid() != 0:
+        return "CMD"
+    if subprocess.run(["setpriv", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("running as root without setpriv: permissions cannot be tested")
+    return "setpriv --bounding-set=-all --inh-caps=-all CMD"
+
+
+@pytest.mark.parametrize("what", ["MISTRAL_HOME", "HF_HOME", "model folder", "weight file", "tokenizer"])
+def test_a_path_without_permission_is_one_sentence_naming_it(env, hf_model_dir, tmp_path, what):
+    folder = _copy_model(hf_model_dir, tmp_path / "m")
+    locked = {
+        "MISTRAL_HOME": tmp_path / "models",
+        "HF_HOME": tmp_path / "hf",
+        "model folder": folder,
+        "weight file": folder / "model.safetensors",
+        "tokenizer": folder / "tokenizer.model",
+    }[what]
+    if not locked.exists():
+        locked.mkdir()
+    locked.chmod(0)
+    try:
+        model = str(folder) if what not in ("MISTRAL_HOME", "HF_HOME") else "mistral-7b-instruct-v0.2"
+        for command in (["info", model], ["complete", "Hi", "-n", "2", "-m", model]):
+            r = mistral(env, *command, shell=_unprivileged())
+            line = one_sentence(r)
+            assert str(locked) in line and ("Permission denied" in line or "permission" in line), line
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("variable", ["MISTRAL_HOME", "HF_HOME"])
+def test_a_models_folder_that_is_a_file_is_one_sentence(env, tmp_path, variable):
+    plain = tmp_path / "plain"
+    plain.write_text("not a folder")
+    env[variable] = str(plain)
+    download = ["download", "--dry-run"] + (["--source", "tar"] if variable == "MISTRAL_HOME" else [])
+    for command in (["info"], ["complete", "Hi", "-m", "mistral-7b-instruct-v0.2"], download):
+        line = one_sentence(mistral(env, *command))
+        assert f"{plain} is a file, not a folder" in line and f"set {variable} to a folder" in line
+    assert plain.read_text() == "not a folder"

@@ -16,20 +16,54 @@ from mistral_cli.cli import banner
 from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.options import GenerationOptions, LoadOptions
 
+MAX_INPUT_BYTES = 64 << 20  # stdin is read no further: far more text than any context holds (32768 x 25 bytes)
 
-def read_prompt(prompt: str | None) -> str:
+
+def read_prompt(prompt: str | None, *, keep_end: bool = False) -> str:
+    """The prompt argument, or all of stdin (its last MAX_INPUT_BYTES with `keep_end`, else refused past that)."""
     if prompt is not None and prompt != "-":
         return prompt
+    return _decode(_read_stdin(keep_end, "The prompt on stdin"), "stdin")
+
+
+def _read_stdin(keep_end: bool, what: str) -> bytes:
     if sys.stdin is None:
         raise UsageError("No prompt: give one as an argument or on stdin.")
     if sys.stdin.isatty():
         sys.stderr.write("Reading the prompt from stdin; end it with Ctrl-D.\n")
-    data = sys.stdin.buffer.read()
+    data = bytearray()
+    while chunk := sys.stdin.buffer.read(1 << 20):
+        data += chunk
+        if len(data) > MAX_INPUT_BYTES:
+            if not keep_end:
+                raise MistralError(
+                    f"{what} is over {MAX_INPUT_BYTES >> 20} MiB, far more than a context holds; pass --truncate "
+                    "to keep its end, or send less."
+                )
+            del data[: len(data) - MAX_INPUT_BYTES]
+            while data and 0x80 <= data[0] < 0xC0:  # not half a character
+                del data[0]
+    return bytes(data)
+
+
+def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        warn("stdin is not valid UTF-8; invalid bytes were replaced with U+FFFD.")
+        warn(f"{where} is not valid UTF-8; invalid bytes were replaced with U+FFFD.")
         return data.decode("utf-8", errors="replace")
+
+
+def read_messages(path: Path) -> list:
+    """A `--messages` conversation ready for generation; `-` reads it from stdin."""
+    from mistral_cli.text.chat_format import load_messages, parse_conversation, validate_for_generation
+
+    if str(path) == "-":
+        conversation = parse_conversation(_read_stdin(False, "The conversation on stdin"), "The JSON on stdin")[0]
+    else:
+        conversation = load_messages(path)
+    validate_for_generation(conversation)
+    return conversation
 
 
 def warn(message: str) -> None:
@@ -47,9 +81,27 @@ def build_prompt(tokenizer: Any, text: str | None, *, instruct: bool, system: st
     return [tokenizer.bos_id, *tokenizer.encode(text or "")]
 
 
+def too_long(tokens: int, max_context: int, *, exact: bool = True) -> MistralError:
+    size = f"{tokens:,} tokens" if exact else f"over {tokens:,} tokens"
+    return MistralError(
+        f"The prompt is {size}, but the context holds {max_context:,} (including the reply); shorten it, raise "
+        "--max-context, or pass --truncate to drop its beginning."
+    )
+
+
+def check_length(tokenizer: Any, text: str | None, messages: list | None, max_context: int) -> None:
+    """Refuse a prompt whose text alone cannot fit, having encoded no more of it than a context's worth."""
+    if messages is not None:
+        text = "\n\n".join(m.content for m in messages)
+    if len(text or "") <= max_context * tokenizer.max_piece_bytes:
+        return  # cheap to encode whole: the exact count is checked then
+    n = tokenizer.count_at_least(text or "", max_context)
+    if n is not None:
+        raise too_long(n, max_context, exact=False)
+
+
 def truncate_prompt(
     tokenizer: Any,
-    ids: list[int],
     text: str | None,
     context: int,
     max_tokens: int | None,
@@ -57,12 +109,14 @@ def truncate_prompt(
     instruct: bool,
     system: str | None,
     messages: list | None,
-) -> list[int]:
-    """Drop the start of the prompt so that it and the reply fit (text/conversation.py: the room a reply keeps, and
-    the chat's rule for a conversation, whose oldest exchanges go first), or else the oldest tokens of the text."""
+) -> tuple[list[int], str]:
+    """The prompt with its start dropped so that it and the reply fit (text/conversation.py: the room a reply keeps,
+    and the chat's rule for a conversation, whose oldest exchanges go first), or else the oldest tokens of the text;
+    and a note saying what went. Text far beyond the budget is cut by length before anything is encoded."""
     from mistral_cli.text.conversation import drop_oldest, exchange_starts, prompt_budget, reply_room
 
     budget = prompt_budget(context, reply_room(max_tokens, context))
+    enough = (budget + 2) * tokenizer.max_piece_bytes  # characters that hold at least `budget` tokens, and some
     if messages is not None:
         msgs = list(messages)
         starts = exchange_starts(msgs)
@@ -71,15 +125,33 @@ def truncate_prompt(
             kept = [m for i, m in enumerate(msgs) if i >= starts[k] or m.role == "system"]
             return build_prompt(tokenizer, None, instruct=False, system=system, messages=kept)
 
-        return drop_oldest(ids, ids_from, len(starts), budget)[1]
+        first = 0  # exchanges whose later ones alone are too long go before anything is encoded
+        while first < len(starts) - 1 and sum(len(m.content) for m in msgs[starts[first + 1] :]) > enough:
+            first += 1
+        ids = ids_from(first)
+        keep_from, ids = drop_oldest(ids, lambda k: ids_from(first + k), len(starts) - first, budget)
+        gone = first + keep_from
+        return ids, f"dropped the oldest {gone} exchange{'s' * (gone != 1)} to fit the context" if gone else ""
+    whole = text or ""
+    cut = whole[-enough:] if len(whole) > enough else whole
+    body = tokenizer.encode(cut)
     if not instruct:
-        return [tokenizer.bos_id, *ids[len(ids) - budget + 1 :]]
-    body = tokenizer.encode(text or "")
-    overflow = len(ids) - budget
-    if overflow >= len(body):
-        return ids  # the instruct frame alone does not fit; the caller reports it
-    kept = tokenizer.decode(body[overflow:])
-    return build_prompt(tokenizer, kept, instruct=True, system=system, messages=None)
+        keep = min(len(body), budget - 1)  # BOS is the other one
+        ids = [tokenizer.bos_id, *body[len(body) - keep :]]
+    else:
+        ids = build_prompt(tokenizer, cut, instruct=True, system=system, messages=None)
+        overflow = len(ids) - budget
+        if overflow >= len(body):
+            return ids, ""  # the instruct frame alone does not fit; the caller reports it
+        if overflow > 0:
+            keep = len(body) - overflow
+            ids = build_prompt(tokenizer, tokenizer.decode(body[overflow:]), instruct=True, system=system,
+                               messages=None)  # fmt: skip
+        else:
+            keep = len(body)
+    if keep == len(body) and cut is whole:
+        return ids, ""
+    return ids, f"dropped the beginning of the prompt to fit the context ({keep:,} of its tokens kept)"
 
 
 def run_complete(
@@ -101,13 +173,10 @@ def run_complete(
     if messages is not None:
         if prompt is not None:
             raise UsageError("Give either a PROMPT or --messages, not both.")
-        from mistral_cli.text.chat_format import load_messages, validate_for_generation
-
-        conversation = load_messages(messages)
-        validate_for_generation(conversation)
+        conversation = read_messages(messages)
         text = None
     else:
-        text = read_prompt(prompt)
+        text = read_prompt(prompt, keep_end=truncate)
         if not text.strip():
             raise UsageError("The prompt is empty.")
         instruct = instruct or system is not None  # a system prompt only makes sense in the instruct format
@@ -120,23 +189,17 @@ def run_complete(
     engine = load_engine(paths.folder, loading)
     if verbose:
         sys.stderr.write(f"mistral: loaded {paths.folder} on {banner.hardware(engine)} in {engine.load_s:.2f} s\n")
-    ids = build_prompt(engine.tokenizer, text, instruct=instruct, system=system, messages=conversation)
-    if truncate and len(ids) >= engine.max_context:
-        ids = truncate_prompt(
-            engine.tokenizer,
-            ids,
-            text,
-            engine.max_context,
-            opts.max_tokens,
-            instruct=instruct,
-            system=system,
-            messages=conversation,
-        )
+    tok = engine.tokenizer
+    if truncate:
+        ids, note = truncate_prompt(tok, text, engine.max_context, opts.max_tokens, instruct=instruct, system=system,
+                                    messages=conversation)  # fmt: skip
+        if note:
+            sys.stderr.write(f"mistral: note: --truncate {note}.\n")
+    else:
+        check_length(tok, text, conversation, engine.max_context)
+        ids = build_prompt(tok, text, instruct=instruct, system=system, messages=conversation)
     if len(ids) >= engine.max_context:
-        raise MistralError(
-            f"The prompt is {len(ids)} tokens, but the context holds {engine.max_context} (including the reply); "
-            "shorten the prompt or raise --max-context."
-        )
+        raise too_long(len(ids), engine.max_context)
 
     out = sys.stdout.buffer
     if echo and not json_out:

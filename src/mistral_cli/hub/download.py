@@ -394,6 +394,7 @@ def download_hub(
     model: str, revision: str | None, token: str | None, *, console: Console, dry_run: bool, force: bool
 ) -> Path | None:
     repo_id = hub_repo_id(model)
+    hf_hub_cache()  # a cache path that cannot be a folder is refused before anything else
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:

@@ -79,20 +79,31 @@ def hf_hub_cache() -> Path:
     """The Hugging Face hub cache, with huggingface_hub's own precedence, read at call time."""
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
-            return Path(os.path.expandvars(os.environ[var])).expanduser()
+            return _folder(Path(os.path.expandvars(os.environ[var])).expanduser(), var)
     if os.environ.get("HF_HOME"):
-        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+        return _folder(Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub", "HF_HOME")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "huggingface" / "hub"
+    return _folder(Path(cache) / "huggingface" / "hub", "XDG_CACHE_HOME")
 
 
 def models_home() -> Path:
     """Where tar downloads are unpacked: $MISTRAL_HOME, else the user's data folder."""
     if os.environ.get("MISTRAL_HOME"):
-        return Path(os.environ["MISTRAL_HOME"]).expanduser()
+        return _folder(Path(os.environ["MISTRAL_HOME"]).expanduser(), "MISTRAL_HOME")
     from platformdirs import user_data_path
 
-    return user_data_path("mistral-cli") / "models"
+    return _folder(user_data_path("mistral-cli") / "models", "XDG_DATA_HOME")
+
+
+def _folder(path: Path, variable: str) -> Path:
+    """`path`, refused when it (or a folder above it) exists as something other than a folder."""
+    for step in (path, *path.parents):
+        if step.exists() or step.is_symlink():
+            if not step.is_dir():
+                where = "" if step == path else f", so models cannot be kept in {path}"
+                raise MistralError(f"{step} is a file, not a folder{where}; move it or set {variable} to a folder.")
+            break
+    return path
 
 
 def repo_cache_folder(repo_id: str) -> Path:

@@ -4,7 +4,8 @@ Encoding follows `MistralTokenizer.v1().encode_chat_completion` token for token 
 BOS once; every system message (non-empty ones, joined with "\\n\\n") goes in front of the first user turn;
 consecutive messages of one role are joined with "\\n\\n" (empty ones skipped), a system message between them
 still separates them; a conversation that does not start with a user turn gets an empty one first;
-a user turn is `encode("[INST] " + content + " [/INST]")`, an assistant turn `encode(content) + [EOS]`.
+a user turn is `encode("[INST] " + content + " [/INST]")`, an assistant turn `encode(content) + [EOS]` (or, for a
+reply the chat generated, the ids it sampled + [EOS]: see `Message.ids`).
 
 Where mistral-common refuses a conversation we raise MistralError with one sentence: no messages, an empty
 assistant message, a system message right after an assistant one.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ _JOIN = "\n\n"
 class Message:
     role: str  # "system" | "user" | "assistant"
     content: str
+    # An assistant reply's token ids as they were sampled: its turn is encoded as these ids (not the content's
+    # encoding, which may differ) when the turn is this message alone, so the history is what the model saw.
+    ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
 
 def validate_messages(messages: Sequence[Message]) -> None:
@@ -69,22 +73,22 @@ def encode_chat(tok: Tokenizer, messages: Sequence[Message], system: str | None 
 
     system_prompt = _JOIN.join(m.content for m in full if m.role == "system" and m.content)
     # One turn per run of same-role messages; system runs only split runs, their text went to system_prompt.
-    turns = [
-        [role, _JOIN.join(m.content for m in run if m.content)]
-        for role, run in itertools.groupby(full, key=lambda m: m.role)
-        if role != "system"
-    ]
+    turns: list[tuple[str, str, tuple[int, ...] | None]] = []
+    for role, group in itertools.groupby(full, key=lambda m: m.role):
+        if role != "system":
+            run = list(group)
+            turns.append((role, _JOIN.join(m.content for m in run if m.content), run[0].ids if len(run) == 1 else None))
     if not turns or turns[0][0] != "user":
-        turns.insert(0, ["user", ""])
+        turns.insert(0, ("user", "", None))
     if system_prompt:
-        turns[0][1] = system_prompt + _JOIN + turns[0][1]
+        turns[0] = ("user", system_prompt + _JOIN + turns[0][1], None)
 
     ids = [tok.bos_id]
-    for role, content in turns:
+    for role, content, sampled in turns:
         if role == "user":
             ids += tok.encode(f"[INST] {content} [/INST]")
         else:
-            ids += tok.encode(content)
+            ids += tok.encode(content) if sampled is None else sampled
             ids.append(tok.eos_id)
     return ids
 
@@ -94,30 +98,45 @@ def load_messages(path: Path) -> list[Message]:
     return load_conversation(path)[0]
 
 
+MAX_FILE_BYTES = 64 << 20  # a conversation file is read no further: far more text than any context holds
+
+
 def load_conversation(path: Path) -> tuple[list[Message], dict[str, Any]]:
     """Like `load_messages`, also returning the metadata saved with it ({} when there is none)."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: tolerate the BOM some editors write
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # a FIFO or /dev/zero is not read forever
     except FileNotFoundError:
         raise MistralError(f"Messages file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise MistralError(f"Messages file {path} is a folder.") from None
     except OSError as e:
         raise MistralError(f"Cannot read messages file {path}: {e.strerror or e}.") from None
-    except UnicodeDecodeError as e:
-        raise MistralError(f"Messages file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
+    return parse_conversation(data, f"Messages file {path}")
+
+
+def parse_conversation(data: bytes, source: str) -> tuple[list[Message], dict[str, Any]]:
+    """A conversation from the bytes of a messages file; `source` names it in errors ("Messages file x.json")."""
+    if len(data) > MAX_FILE_BYTES:
         raise MistralError(
-            f"Messages file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
-        ) from None
-    except RecursionError:  # json's parser recurses once per level of nesting
-        raise MistralError(f"Messages file {path} is nested too deeply to be a conversation.") from None
+            f"{source} is over {MAX_FILE_BYTES >> 20} MiB, far more than a context holds; keep its last messages."
+        )
     try:
-        return _from_json(data)
+        text = data.decode("utf-8-sig")  # -sig: tolerate the BOM some editors write
+    except UnicodeDecodeError as e:
+        raise MistralError(f"{source} is not UTF-8 text (bad byte at offset {e.start}).") from None
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MistralError(f"{source} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise MistralError(f"{source} is nested too deeply to be a conversation.") from None
+    try:
+        return _from_json(loaded)
     except MistralError as e:
         problem = str(e)
-        raise MistralError(f"Messages file {path}: {problem[:1].lower()}{problem[1:]}") from None
+        raise MistralError(f"{source}: {problem[:1].lower()}{problem[1:]}") from None
 
 
 def save_messages(path: Path, messages: Sequence[Message], metadata: dict[str, Any] | None = None) -> None:

@@ -2,7 +2,9 @@
 
 A conversation is a system prompt and a list of exchanges (a user message and the reply to it). Its token ids are
 always `encode_chat` of the current history, so the engine's prefix matching decides what the key/value cache can
-keep. Before a turn that would not fit in the context, the oldest exchanges are dropped (the system prompt stays);
+keep. A reply the model generated keeps the ids it sampled: encoding its text again may give other ids (the same
+text has many tokenizations), which would make the next turn read the whole reply again, and would not be what the
+model saw. Only `/save` and `/load` go through the text. Before a turn that would not fit in the context, the oldest exchanges are dropped (the system prompt stays);
 they are kept aside so `/save` still writes the whole conversation.
 
 An empty reply cannot be encoded in the instruct format; such an exchange stays in the history (for `/retry` and
@@ -37,6 +39,7 @@ class Exchange:
     user: str
     reply: str | None = None  # None: not answered (yet)
     finish: str | None = None  # the engine's finish reason, or "interrupted" / "error"
+    reply_ids: tuple[int, ...] | None = None  # the reply's ids as sampled, when they are exactly its text
 
     @property
     def cut(self) -> bool:
@@ -135,7 +138,7 @@ class Conversation:
         for ex in self.exchanges if exchanges is None else exchanges:
             out.append(Message("user", ex.user))
             if ex.reply:
-                out.append(Message("assistant", ex.reply))
+                out.append(Message("assistant", ex.reply, ex.reply_ids))
         return out
 
     def ids(self, exchanges: Sequence[Exchange] | None = None) -> list[int]:
@@ -147,7 +150,20 @@ class Conversation:
             messages = [Message("user", "")]  # what the system prompt costs before the first message
         return encode_chat(self.tok, messages, system=self.system)  # type: ignore[arg-type]
 
+    def check_system(self, max_context: int, room: int) -> None:
+        """Raise MistralError when the system prompt alone leaves no room for a message and its reply."""
+        if self.system is None:
+            return
+        alone = len(self.ids([]))
+        if alone >= prompt_budget(max_context, room):
+            raise MistralError(
+                f"The system prompt is {alone} tokens with the instruct format; with {room} tokens kept for the "
+                f"reply, the context of {max_context} tokens has no room for a message: shorten it or raise "
+                "--max-context."
+            )
+
     def tokens_used(self) -> int:
+        """Tokens of the history (after a reply that filled the context: two more than it, the last token and EOS)."""
         return len(self.ids())
 
     # ------------------------------------------------------------------------------------------------- turns
@@ -166,18 +182,20 @@ class Conversation:
         if not self.exchanges:
             raise MistralError("There is no message to answer again yet.")
         last = self.exchanges[-1]
-        before = (last.reply, last.finish)
-        last.reply, last.finish = None, None
+        before = (last.reply, last.finish, last.reply_ids)
+        last.reply, last.finish, last.reply_ids = None, None, None
         try:
             return self._fit(max_context, room)
         except MistralError:
-            last.reply, last.finish = before
+            last.reply, last.finish, last.reply_ids = before
             raise
 
-    def answer(self, text: str, finish: str) -> None:
-        """Record the reply to the last message (partial when `finish` is a cut reason)."""
+    def answer(self, text: str, finish: str, ids: Sequence[int] = ()) -> None:
+        """Record the reply to the last message (partial when `finish` is a cut reason). `ids`: the tokens sampled
+        for it, kept as its encoding when they decode to exactly `text` (not when a stop string was cut off)."""
         last = self.exchanges[-1]
         last.reply, last.finish = text, finish
+        last.reply_ids = tuple(ids) if ids and self.tok.inner.decode(ids) == text else None
 
     def undo(self) -> Exchange | None:
         """Drop the last exchange; None when there is none."""

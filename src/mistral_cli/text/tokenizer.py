@@ -10,6 +10,7 @@ unfinished UTF-8 character and mirrors SentencePiece's rule for dropping the fir
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,6 +91,29 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    @functools.cached_property
+    def max_piece_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for (25 in Mistral's vocabulary). A text of B bytes is
+        then at least B / max_piece_bytes tokens, which bounds the work on a prompt before it is encoded."""
+        sp, most = self._sp, 1
+        for i in range(self.vocab_size):
+            if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)):
+                most = max(most, len(sp.id_to_piece(i).replace(_SPACE, " ").encode("utf-8")))
+        return most
+
+    def count_at_least(self, text: str, limit: int) -> int | None:
+        """None when `text` has fewer than `limit` tokens; else its token count (a lower bound when only its start was
+        encoded). Only the first `limit * max_piece_bytes` characters are encoded when they already hold `limit`
+        tokens, so a huge text costs no more than one that fits."""
+        head = text[: limit * self.max_piece_bytes]
+        n = len(self.encode(head))
+        if n >= limit:
+            return n if len(head) == len(text) else max(n, len(text) // self.max_piece_bytes)
+        if len(head) == len(text):
+            return None
+        n = len(self.encode(text))  # a tokenizer that packs more text into a token than its pieces show
+        return n if n >= limit else None
 
     def stream(self, leading_space: bool = False) -> StreamDecoder:
         return StreamDecoder(self, leading_space)

@@ -98,6 +98,7 @@ def run_chat(
         )
     if load is not None:
         chat.load(load, system)
+    chat.conv.check_system(engine.max_context, chat.room())
     read = terminal_reader(chat) if interactive else stdin_reader()
     while True:
         try:

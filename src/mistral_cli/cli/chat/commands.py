@@ -68,7 +68,12 @@ def _system(s: Session, arg: str) -> None:
         shown = repr(s.conv.system) if s.conv.system else "none"
         s.out.print(f"System prompt: {shown}", markup=False, highlight=False)
         return
-    s.conv.system = None if arg == "-" else arg
+    before, s.conv.system = s.conv.system, None if arg == "-" else arg
+    try:
+        s.conv.check_system(s.engine.max_context, s.room())
+    except MistralError:
+        s.conv.system = before
+        raise
     what = "removed" if arg == "-" else "set"
     after = f"; the next reply re-reads the conversation ({s.conv.tokens_used()} tokens)" if s.conv.exchanges else ""
     s.note(f"System prompt {what}{after}.")
@@ -128,13 +133,19 @@ def _load(s: Session, arg: str) -> None:
     s.load(Path(arg).expanduser())
 
 
+def _context_row(used: int, max_context: int) -> str:
+    if used <= max_context:
+        return f"{used:,} of {max_context:,} tokens used"
+    return f"full: the history is {used:,} tokens of {max_context:,}; the next message drops the oldest exchanges"
+
+
 def _info(s: Session, arg: str) -> None:
     e, conv = s.engine, s.conv
     dropped = len(conv.archived)
     rows = [
         ("model", f"{s.model}" + (f" ({s.folder})" if s.folder else "")),
         ("device", banner.hardware(s.engine)),
-        ("context", f"{conv.tokens_used():,} of {e.max_context:,} tokens used"),
+        ("context", _context_row(conv.tokens_used(), e.max_context)),
         ("cache", f"{len(e.tokens):,} tokens held"),
         ("history", count(len(conv.exchanges), "exchange") + (f", {dropped} dropped" if dropped else "")),
         ("system", repr(conv.system) if conv.system else "none"),

@@ -3,7 +3,6 @@ for a new line, completion of slash commands and options, a status line), else o
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import sys
@@ -33,7 +32,7 @@ def terminal_reader(chat: Session) -> Callable[[], str | None]:
     from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
     from prompt_toolkit.completion import Completer, Completion, PathCompleter
     from prompt_toolkit.document import Document
-    from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+    from prompt_toolkit.history import History, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
     from prompt_toolkit.styles import Style
 
@@ -59,19 +58,12 @@ def terminal_reader(chat: Session) -> Callable[[], str | None]:
             elif name in ("/save", "/load"):
                 yield from self.paths.get_completions(Document(arg, len(arg)), complete_event)
 
-    class QuietFileHistory(FileHistory):
-        def store_string(self, string: str) -> None:
-            with contextlib.suppress(OSError):  # a read-only home must not break the chat
-                super().store_string(string)
-
     history: History = InMemoryHistory()
     path = history_path()
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            history = QuietFileHistory(str(path))
-        except OSError:
-            pass
+        from mistral_cli.cli.chat.history import SafeFileHistory
+
+        history = SafeFileHistory(path, lambda text: chat.note(text, style="yellow"))
 
     keys = KeyBindings()
 

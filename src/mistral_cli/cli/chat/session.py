@@ -88,7 +88,8 @@ class Session:
         self.notes.print(f"error: {text}", style="bold red", markup=False, highlight=False)
 
     def status_line(self) -> str:
-        parts = [self.model, f"{kilo(self.conv.tokens_used())}/{kilo(self.engine.max_context)} tokens"]
+        used = min(self.conv.tokens_used(), self.engine.max_context)  # a reply that filled it counts 2 more
+        parts = [self.model, f"{kilo(used)}/{kilo(self.engine.max_context)} tokens"]
         if self.last_speed is not None:
             parts.append(f"{self.last_speed:.1f} tok/s")
         return " · ".join(parts)
@@ -118,7 +119,8 @@ class Session:
         waiting = f"reading {new:,} tokens…" if new > 256 else "thinking…"
         view: PlainView | MarkdownView = MarkdownView(self.out, waiting) if self.markdown else PlainView(self.notes)
         parts: list[str] = []
-        finish, produced, started = "interrupted", 0, None
+        sampled: list[int] = []
+        finish, started = "interrupted", None
         events = self.engine.generate(prompt.ids, opts)
         try:
             for event in events:
@@ -127,7 +129,8 @@ class Session:
                     continue
                 if started is None:
                     started = time.perf_counter()
-                produced += event.token >= 0
+                if event.token >= 0:
+                    sampled.append(event.token)
                 if event.text:
                     parts.append(event.text)
                     view.add(event.text)
@@ -138,13 +141,18 @@ class Session:
             raise
         finally:
             events.close()
-            view.end(CUT_REASONS.get(finish))
-            if finish == "error" and not parts:
-                self.conv.undo()  # nothing came: as if the message had not been sent
+            if finish in ("error", "interrupted") and not sampled:
+                view.end(None)
+                # Stopped before the first token (while reading the prompt): as if the message had not been sent,
+                # so the next one is a turn of its own. The prompt's history (up arrow) still has it.
+                self.conv.undo()
+                if finish == "interrupted":
+                    self.note("Interrupted before the reply began; the message was not sent.")
             else:
-                self.conv.answer("".join(parts), finish)
-            if started is not None and produced > 1:  # the first token comes from the prefill, not a decode step
-                self.last_speed = (produced - 1) / (time.perf_counter() - started)
+                view.end(CUT_REASONS.get(finish))
+                self.conv.answer("".join(parts), finish, sampled)
+            if started is not None and len(sampled) > 1:  # the first token comes from the prefill, not a decode step
+                self.last_speed = (len(sampled) - 1) / (time.perf_counter() - started)
         if self.verbose and finish not in ("interrupted", "error"):
             d = self.last_done
             self.note(
