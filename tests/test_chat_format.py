@@ -224,7 +224,7 @@ def test_load_errors(tmp_path, content, problem):
 def test_load_unreadable(tmp_path):
     with pytest.raises(MistralError, match="does not exist"):
         load_messages(tmp_path / "missing.json")
-    with pytest.raises(MistralError, match="Cannot read messages file"):
+    with pytest.raises(MistralError, match="is a folder"):
         load_messages(tmp_path)
 
 

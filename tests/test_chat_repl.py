@@ -165,7 +165,7 @@ def test_piped_input_answers_each_line(hf_model_dir, tmp_path):
     reply = greedy_reply(hf_model_dir, "Hello there", 8)
     reply += "" if reply.endswith("\n") else "\n"
     assert out == reply * 3  # stdout carries only the replies
-    assert "Unknown command /bogus" in err and "--top-p must be in (0, 1]" in err  # errors do not end the session
+    assert "Unknown command /bogus" in err and "top_p must be in (0, 1]" in err  # errors do not end the session
     assert "[max tokens reached]" in err
     assert proc.returncode == 1 and "2 inputs failed" in err
     assert [m["content"] for m in json.loads(saved.read_text(encoding="utf-8"))] == ["Hello there", reply.rstrip("\n")]
@@ -259,8 +259,10 @@ def test_parse_option():
         parse_option("heat", "1", opts)
     with pytest.raises(UsageError, match="top_k needs a whole number"):
         parse_option("top_k", "1.5", opts)
-    with pytest.raises(UsageError, match="--top-p must be in"):
+    with pytest.raises(UsageError, match=r"^top_p must be in \(0, 1\], not 2.0\.$"):  # /set's names, not flags
         parse_option("top_p", "2", opts)
+    with pytest.raises(UsageError, match=r"^temperature must be 0 \(greedy\) or more, not -1.0\.$"):
+        parse_option("temperature", "-1", opts)
 
 
 def test_kilo():

@@ -151,3 +151,29 @@ def test_zsh_completes_from_the_first_tab(tmp_path, how):
         assert {"auto", "cpu", "cuda", "mps"} <= set(screen.split())
     finally:
         t.close()
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="needs zsh")
+def test_zsh_descriptions_keep_their_apostrophes():
+    """zsh evals what the completion hook prints; Typer's '' for an apostrophe vanished there ("a models weights")."""
+    if shutil.which("mistral", path=str(BIN)) is None:
+        pytest.skip("the mistral console script is not installed next to this interpreter")
+    program = '_arguments() { print -r -- "$@" }; eval $(mistral)'
+    env = _env(_MISTRAL_COMPLETE="complete_zsh", _TYPER_COMPLETE_ARGS="mistral ")
+    r = subprocess.run(["zsh", "-f", "-c", program], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert '"info":"Show a model\'s architecture' in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="needs fish")
+def test_fish_install_follows_xdg_config_home(tmp_path):
+    mistral = shutil.which("mistral", path=str(BIN))
+    if mistral is None:
+        pytest.skip("the mistral console script is not installed next to this interpreter")
+    env = _env(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    r = subprocess.run(["fish", "--no-config", "-c", f"'{mistral}' --install-completion; true"], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "fish completion installed" in r.stdout, r.stderr
+    script = tmp_path / "config" / "fish" / "completions" / "mistral.fish"
+    assert "_MISTRAL_COMPLETE=complete_fish" in script.read_text(encoding="utf-8")
+    assert not (tmp_path / "home" / ".config").exists()

@@ -94,6 +94,12 @@ def test_save_on_a_full_disk_keeps_the_previous_conversation(env, hf_model_dir, 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".talk")) == []
 
 
+def test_one_message_is_one_message(env, hf_model_dir, tmp_path):
+    out = tmp_path / "system.json"
+    r = mistral(env, "chat", "-m", str(hf_model_dir), input=f"/system Be brief.\n/save {out}\n", cwd=tmp_path)
+    assert r.returncode == 0 and f"Saved 1 message to {out}." in r.stderr, r.stderr  # not "1 messages"
+
+
 def test_save_does_not_overwrite_a_file_it_did_not_write(env, hf_model_dir, tmp_path):
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": true}\n', encoding="utf-8")
@@ -409,3 +415,111 @@ def test_a_models_folder_that_is_a_file_is_one_sentence(env, tmp_path, variable)
         line = one_sentence(mistral(env, *command))
         assert f"{plain} is a file, not a folder" in line and f"set {variable} to a folder" in line
     assert plain.read_text() == "not a folder"
+
+
+# ------------------------------------------------------------------------------------------------------ numbers
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_infinity_are_one_sentence(env, tmp_path, tiny_spec, tiny_sd, value):
+    from tiny import write_hf
+
+    sd = {k: v.clone() for k, v in tiny_sd.items()}
+    sd["model.layers.0.mlp.down_proj.weight"][0, 0] = value  # one bad value in one matrix spoils every score
+    folder = write_hf(tmp_path / "m", tiny_spec, sd)
+    for temperature in ("0", "0.8"):
+        r = mistral(env, "complete", "Hi", "-n", "4", "-t", temperature, "-m", str(folder))
+        assert "The model computed scores that are not numbers (NaN or infinity)" in one_sentence(r)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"num_hidden_layers": 10**9}, "describes 36,992,004,096,064 parameters, but the weight files hold only"),
+        ({"vocab_size": 31999}, "has 32000 tokens but the model expects 31999"),
+        ("tokenizer", "is not a SentencePiece model"),
+    ],
+)
+def test_info_names_what_loading_would_refuse(env, hf_model_dir, tmp_path, change, needle):
+    """`info` reads headers only, but says what `complete` would refuse (before, it described a 281 TB model from a
+    16 MB file without a word), in the table and in --json, and exits 1."""
+    folder = _copy_model(hf_model_dir, tmp_path / "m")
+    if change == "tokenizer":
+        (folder / "tokenizer.model").write_bytes(b"garbage" * 100)
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(change)
+        (folder / "config.json").write_text(json.dumps(config))
+    r = mistral(env, "info", str(folder))
+    assert re.search(f"{folder} cannot be loaded; see the problems? above.", one_sentence(r))
+    assert needle in r.stdout.replace("\n", " ")
+    r = mistral(env, "info", "--json", str(folder))
+    assert r.returncode == 1
+    problems = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"info --json printed {c}"))["problems"]
+    assert any(needle in p for p in problems)
+    assert needle in one_sentence(mistral(env, "complete", "Hi", "-n", "2", "-m", str(folder)))
+
+
+def test_info_on_a_sound_model_has_no_problems(env, hf_model_dir):
+    r = mistral(env, "info", "--json", str(hf_model_dir))
+    assert r.returncode == 0 and json.loads(r.stdout)["problems"] == []
+
+
+# ----------------------------------------------------------------------------------------------- other messages
+
+
+def test_a_switch_variable_that_is_neither_on_nor_off_is_refused(env, hf_model_dir):
+    for variable in ("MISTRAL_KERNELS", "MISTRAL_CUDA_GRAPHS"):
+        r = mistral({**env, variable: "banana"}, "info", str(hf_model_dir))
+        assert f"{variable} must be on or off (or 1, 0), not 'banana'." in one_sentence(r, code=2)
+
+
+def test_a_bad_huge_pages_value_is_our_warning_not_torchs(env, hf_model_dir):
+    r = mistral({**env, "THP_MEM_ALLOC_ENABLE": "banana"}, "complete", "Hi", "-n", "2", "-m", str(hf_model_dir))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "mistral: warning: THP_MEM_ALLOC_ENABLE must be 0 or 1, not 'banana'; using 1.\n"
+
+
+def test_a_config_file_that_sets_a_key_twice_is_refused(env, hf_model_dir, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("top_p = 0.5\ntop-p = 0.9\n")
+    r = mistral({**env, "MISTRAL_CONFIG": str(config)}, "complete", "Hi", "-m", str(hf_model_dir))
+    assert f"The config file {config} sets top_p twice, as 'top_p' and 'top-p'; keep one." in one_sentence(r, code=2)
+
+
+def test_compile_on_a_cpu_is_refused_at_once(env, hf_model_dir):
+    r = mistral(env, "complete", "Hi", "-n", "2", "--device", "cpu", "--compile", "-m", str(hf_model_dir))
+    assert "--compile is for cuda" in one_sentence(r, code=2)
+
+
+def test_info_names_a_device_that_is_not_here(env, hf_model_dir):
+    from mistral_cli.cli.info import detect_device
+
+    if detect_device()[0] == "cuda":
+        pytest.skip("this machine has a CUDA GPU")
+    r = mistral(env, "info", "--device", "cuda", str(hf_model_dir))
+    one_sentence(r)
+    assert "--device cuda was asked for, but PyTorch would see no CUDA GPU here" in r.stdout
+
+
+def test_help_shows_a_default_for_every_option():
+    r = subprocess.run([sys.executable, "-m", "mistral_cli", "complete", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"}, timeout=60)  # fmt: skip
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│ --")}
+    for option in ("--json", "--echo", "--truncate", "--verbose", "--compile", "--instruct"):
+        assert "[default: off]" in lines[option], lines[option]
+    for option in ("--stop", "--system", "--messages"):
+        assert "[default: none]" in lines[option], lines[option]
+    assert "among the last 64" in lines["--repeat-penalty"]
+
+
+def test_verbose_shows_the_traceback_of_an_unexpected_error(env):
+    plant = (
+        "import sys; from mistral_cli.cli import complete, app\n"
+        "def broken(**kw): raise ValueError('planted')\n"
+        "complete.run_complete = broken\n"
+        "sys.argv = ['mistral', 'complete', '--verbose', 'Hi']; app.main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", plant], env=env, capture_output=True, text=True, timeout=60)
+    assert "Traceback" in r.stderr and "ValueError: planted" in r.stderr
+    assert r.stderr.rstrip().splitlines()[-1].startswith("mistral: error: Internal error: ValueError: planted.")

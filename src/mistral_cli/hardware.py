@@ -13,6 +13,18 @@ KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours
 GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
 
 
+SWITCH_VALUES = ("", "0", "1", "on", "off", "yes", "no", "true", "false")
+
+
+def bad_switch() -> str | None:
+    """A sentence for a switch variable set to something that is not on or off, which would be ignored silently."""
+    for env in (KERNELS_ENV, GRAPHS_ENV):
+        raw = os.environ.get(env)
+        if raw is not None and raw.strip().lower() not in SWITCH_VALUES:
+            return f"{env} must be on or off (or 1, 0), not {raw!r}."
+    return None
+
+
 def switched_off(env: str) -> bool:
     """Whether the variable `env` switches a feature off: 0, off, no or false."""
     return os.environ.get(env, "").strip().lower() in ("0", "off", "no", "false")

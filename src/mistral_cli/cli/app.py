@@ -17,6 +17,7 @@ import typer
 from mistral_cli import __version__
 from mistral_cli.cli import completion, settings
 from mistral_cli.errors import MistralError
+from mistral_cli.hardware import bad_switch
 from mistral_cli.options import DEVICES, DTYPES, QUANTIZATIONS, GenerationOptions, LoadOptions
 
 DEFAULTS = {name: spec.default for name, spec in settings.SPECS.items()}
@@ -122,7 +123,7 @@ RepeatPenalty = Annotated[
     float,
     typer.Option(
         "--repeat-penalty",
-        help="Penalty for tokens already in the context (1 = off). \\[env var: MISTRAL_REPEAT_PENALTY]",
+        help="Penalty for the tokens among the last 64 of the context (1 = off). \\[env var: MISTRAL_REPEAT_PENALTY]",
         rich_help_panel=GEN,
     ),
 ]
@@ -140,7 +141,8 @@ Stop = Annotated[
     list[str] | None,
     typer.Option(
         "--stop",
-        help="Stop when this text appears (repeatable); it is not printed. \\[env var: MISTRAL_STOP, one text]",
+        help="Stop when this text appears (repeatable); it is not printed \\[default: none]. "
+        "\\[env var: MISTRAL_STOP, one text]",
         rich_help_panel=GEN,
     ),
 ]
@@ -190,10 +192,12 @@ Threads = Annotated[
 Compile = Annotated[
     bool,
     typer.Option(
-        "--compile", help="torch.compile the decode step (cuda; slow first token).", rich_help_panel="Hardware"
+        "--compile",
+        help="torch.compile the decode step (cuda only; slow first token) \\[default: off].",
+        rich_help_panel="Hardware",
     ),
 ]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds on stderr.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds on stderr \\[default: off].")]
 
 
 @app.command(epilog=SETTINGS_EPILOG)
@@ -217,28 +221,37 @@ def complete(
     compile: Compile = False,
     verbose: Verbose = False,
     instruct: Annotated[
-        bool, typer.Option("--instruct", "-i", help="Wrap the prompt as a user turn of the instruct format.")
+        bool,
+        typer.Option(
+            "--instruct", "-i", help="Wrap the prompt as a user turn of the instruct format \\[default: off]."
+        ),
     ] = False,
     system: Annotated[
-        str | None, typer.Option("--system", help="System prompt (with --instruct or --messages).")
+        str | None, typer.Option("--system", help="System prompt (with --instruct or --messages) \\[default: none].")
     ] = None,
     messages: Annotated[
         Path | None,
         typer.Option(
             "--messages",
-            help="A conversation as JSON: a list of {role, content}; the next assistant message is generated.",
+            help="A conversation as JSON (a list of {role, content}; '-' reads stdin); the next assistant message is "
+            "generated \\[default: none].",
         ),
     ] = None,
     json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with the text, finish reason, usage and timings.")
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object with the text, finish reason, usage and timings \\[default: off]."
+        ),
     ] = False,
-    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion.")] = False,
+    echo: Annotated[
+        bool, typer.Option("--echo", help="Print the prompt before the completion \\[default: off].")
+    ] = False,
     truncate: Annotated[
         bool,
         typer.Option(
             "--truncate",
             help="If the prompt does not fit the context, drop its beginning (oldest messages with --messages) "
-            "instead of failing.",
+            "instead of failing \\[default: off].",
         ),
     ] = False,
 ) -> None:
@@ -285,8 +298,12 @@ def chat(
     threads: Threads = DEFAULTS["threads"],
     compile: Compile = False,
     verbose: Verbose = False,
-    system: Annotated[str | None, typer.Option("--system", help="System prompt for the conversation.")] = None,
-    load: Annotated[Path | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt for the conversation \\[default: none].")
+    ] = None,
+    load: Annotated[
+        Path | None, typer.Option("--load", help="Start from a conversation saved with /save \\[default: none].")
+    ] = None,
 ) -> None:
     """Talk with the model in an interactive session (type /help inside)."""
     from mistral_cli.cli.chat import run_chat
@@ -327,14 +344,20 @@ def download(
         Source, typer.Option("--source", help="hub: the Hugging Face Hub; tar: the vendor's archive.")
     ] = Source.hub,
     url: Annotated[
-        str | None, typer.Option("--url", help="Download this tar archive instead (implies --source tar).")
+        str | None,
+        typer.Option("--url", help="Download this tar archive instead (implies --source tar) \\[default: none]."),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show the files and bytes that would be fetched, fetch nothing.")
+        bool,
+        typer.Option(
+            "--dry-run", help="Show the files and bytes that would be fetched, fetch nothing \\[default: off]."
+        ),
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Download again even if the files are there.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Download again even if the files are there \\[default: off].")
+    ] = False,
 ) -> None:
-    """Download a model's weights and tokenizer; prints the local folder on success.
+    """Download the weights and tokenizer of a model; prints the local folder on success.
 
     Hub (the default): only what inference needs, into the Hugging Face cache (HF_HOME), shared with other tools.
     Tar (--source tar or --url): the vendor's archive, unpacked into $MISTRAL_HOME (default: your data folder); an
@@ -356,7 +379,9 @@ def info(
     model: Annotated[
         str | None, typer.Argument(help="Alias, repo id or folder \\[default: list local models].")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object instead of a table \\[default: off].")
+    ] = False,
     device: DeviceOpt = DEFAULT_DEVICE,
     dtype: DTypeOpt = DEFAULT_DTYPE,
     quantize: QuantizeOpt = DEFAULT_QUANTIZE,
@@ -467,6 +492,9 @@ def main() -> None:
         sys.exit(1)
     huge_pages()
     completion.use_ours()
+    if (problem := bad_switch()) and not any(k.startswith("_MISTRAL_COMPLETE") for k in os.environ):
+        _error(problem)
+        sys.exit(2)
     try:
         # not standalone: click's usage errors come back here to be one line, not Typer's boxed panel
         status = app(standalone_mode=False)
@@ -479,9 +507,13 @@ def main() -> None:
         if type(exc).__name__ == "Abort":  # Ctrl-C or Ctrl-D at one of click's own prompts
             _error("Interrupted.")
             sys.exit(130)
-        # a bug: one sentence and the traceback in a file, unless asked for it here
+        # a bug: one sentence and the traceback in a file; --verbose prints it too, MISTRAL_DEBUG=1 only raises it
         if os.environ.get("MISTRAL_DEBUG", "") not in ("", "0"):
             raise
+        if {"--verbose", "-v"} & set(sys.argv[1:]):
+            import traceback
+
+            traceback.print_exception(exc)
         _error(_crash_report(exc))
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)
@@ -503,4 +535,7 @@ def huge_pages() -> None:
     CPU allocator madvises them when THP_MEM_ALLOC_ENABLE is set before its first allocation, that is, before torch is
     imported. One page fault per 2 MiB instead of per 4 KiB: on the 2-core benchmark machine the 7B model loaded
     1.2-2.1x faster (bf16, int8) and read prompts about 1.1x faster. A user's THP_MEM_ALLOC_ENABLE=0 turns it off."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    value = os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if value not in ("0", "1"):  # torch would print its own raw warning and ignore it
+        sys.stderr.write(f"mistral: warning: THP_MEM_ALLOC_ENABLE must be 0 or 1, not {value!r}; using 1.\n")
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"

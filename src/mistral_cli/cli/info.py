@@ -19,6 +19,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral_cli.errors import MistralError
 from mistral_cli.hardware import c_compiler, dtype_name, kernels_blocker
 from mistral_cli.hub.models import (
     SOURCE_FILE,
@@ -57,9 +58,12 @@ def run_info(
         if loading.device != "auto":
             data["device"]["reason"] = f"asked for: {settings.values['device'].source}"
     if json_out:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
         _print_table(data)
+    if data["problems"]:
+        n = len(data["problems"])
+        raise MistralError(f"{model} cannot be loaded; see the {'problems' if n > 1 else 'problem'} above.")
 
 
 def gather(paths: ModelPaths, loading: LoadOptions) -> dict[str, Any]:
@@ -103,10 +107,17 @@ def gather(paths: ModelPaths, loading: LoadOptions) -> dict[str, Any]:
                 for f in files
             ],
         },
-        "tokenizer": _tokenizer(paths.tokenizer),
+        "tokenizer": _tokenizer(paths.tokenizer, config),
         "memory": memory_needed(config, compute, loading.quantize, context, ours=bool(kernels and kernels["ours"])),
         "device": {"name": dev_name, "reason": dev_reason, "dtype": compute, "kernels": kernels},
     }
+    problems = [
+        config.size_problem(sum(f.bytes for f in files), paths.folder),
+        data["tokenizer"].pop("problem"),
+        config.context_problem(loading.max_context),
+        device_problem(loading.device),
+    ]
+    data["problems"] = [p for p in problems if p]  # what loading would refuse, found from the headers alone
     record = paths.folder / SOURCE_FILE
     if record.is_file():
         with suppress(ValueError):
@@ -148,6 +159,15 @@ def _kernels(device: str) -> dict[str, Any] | None:
     return {"ours": False, "reason": blocker}
 
 
+def device_problem(requested: str) -> str | None:
+    """Why a device asked for by name cannot be used here (guessed as `detect_device` does), or None."""
+    if requested in ("auto", "cpu") or detect_device()[0] == requested:
+        return None
+    if requested == "cuda":
+        return f"--device cuda was asked for, but PyTorch would see no CUDA GPU here ({detect_device()[1]})."
+    return f"--device {requested} was asked for, but this machine has no Apple Metal GPU."
+
+
 def detect_device(requested: str = "auto") -> tuple[str, str]:
     """The device `auto` would pick, guessed without importing torch: a CUDA build of torch plus a GPU driver, else
     Apple silicon, else the CPU."""
@@ -174,16 +194,26 @@ def _torch_lib() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "lib"
 
 
-def _tokenizer(path: Path) -> dict[str, Any]:
+def _tokenizer(path: Path, config: ModelConfig) -> dict[str, Any]:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()  # half a megabyte: a millisecond
-    kind = "v1 SentencePiece, 32000 pieces" if digest == V1_TOKENIZER_SHA256 else "SentencePiece (not the v1 file)"
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest, "kind": kind}
+    if digest == V1_TOKENIZER_SHA256:
+        kind, problem = "v1 SentencePiece, 32000 pieces", config.vocab_problem(32000, path)
+    else:
+        from mistral_cli.text.tokenizer import Tokenizer  # SentencePiece: a small library, and only for other files
+
+        try:
+            pieces = Tokenizer(path).vocab_size
+            kind, problem = f"SentencePiece, {pieces} pieces (not the v1 file)", config.vocab_problem(pieces, path)
+        except MistralError as e:
+            kind, problem = "unreadable", str(e)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest, "kind": kind, "problem": problem}
 
 
 # ---------------------------------------------------------------------------------------------------------- printing
 
 
 def _print_table(d: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     a, w, m, dev = d["architecture"], d["weights"], d["memory"], d["device"]
@@ -207,7 +237,9 @@ def _print_table(d: dict[str, Any]) -> None:
     table.add_row("attention", f"rope theta {a['rope_theta']:g}, sliding window {window}, context {a['max_context']}")
     table.add_row("parameters", f"{d['parameters'] / 1e9:.2f} B ({d['parameters']:,})")
     dtype = w["dtype"] or "unknown (.pth: not read)"
-    table.add_row("weights", f"{dtype}, {human_bytes(w['bytes'])} in {len(w['files'])} file(s)")
+    table.add_row(
+        "weights", f"{dtype}, {human_bytes(w['bytes'])} in {len(w['files'])} file" + "s" * (len(w["files"]) != 1)
+    )
     for f in w["files"]:
         stored = f" -> {f['stored_at']}" if f["stored_at"] != f["path"] else ""
         table.add_row("", f"{f['name']}  {human_bytes(f['bytes'])}{stored}")
@@ -224,6 +256,8 @@ def _print_table(d: dict[str, Any]) -> None:
         k = dev["kernels"]
         table.add_row("kernels", f"ours ({k['reason']})" if k["ours"] else f"torch's ({k['reason']})")
     _settings_rows(table, d)
+    for i, problem in enumerate(d.get("problems", [])):
+        table.add_row("problem" if i == 0 else "", f"[red]{escape(problem)}[/]")
     _emit(table)
 
 

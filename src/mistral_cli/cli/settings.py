@@ -198,12 +198,16 @@ def read_config(path: Path, *, required: bool = False) -> dict[str, Any] | None:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"The config file {path} is not valid TOML: {exc}.") from None
     values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
     for key, value in data.items():
         name = key.replace("-", "_")  # `max-tokens` like the option, or `max_tokens`
         if name not in SPECS:
             close = difflib.get_close_matches(name, SPECS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(SPECS)}."
             raise UsageError(f"Unknown key '{key}' in the config file {path}; {hint}")
+        if name in keys:
+            raise UsageError(f"The config file {path} sets {name} twice, as '{keys[name]}' and '{key}'; keep one.")
+        keys[name] = key
         values[name] = _check(SPECS[name], value, f"'{key}' in the config file {path}")
     return values
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mistral_cli.engine.cuda import GraphedDecode, TokenReader, compile_decode, graphs_wanted
-from mistral_cli.engine.sampling import Sampler
+from mistral_cli.engine.sampling import Sampler, check_finite
 from mistral_cli.errors import MistralError
 from mistral_cli.model.cache import KVCache
 from mistral_cli.model.config import ModelConfig
@@ -206,6 +206,7 @@ class Engine:
         eos = self.tokenizer.eos_id
         t0 = time.perf_counter()
         logits, fed = self.prefill(prompt)
+        check_finite(logits)  # once: the greedy steps queued ahead do not go through the sampler
         if on_prefill:
             on_prefill(fed)
         self._sync()

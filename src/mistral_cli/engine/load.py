@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mistral_cli.engine.engine import Engine
-from mistral_cli.errors import MistralError
+from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.model import quant
 from mistral_cli.model.checkpoint import check_size, find_weights, load_state
 from mistral_cli.model.config import ModelConfig
@@ -34,16 +34,15 @@ def load_engine(folder: Path, options: LoadOptions) -> Engine:
         torch.set_num_threads(options.threads)
     cfg = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer(folder / "tokenizer.model")
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise MistralError(
-            f"{folder / 'tokenizer.model'} has {tokenizer.vocab_size} tokens but the model expects "
-            f"{cfg.vocab_size}: the tokenizer does not belong to this model."
-        )
-    if options.max_context is not None and options.max_context > cfg.max_context:
-        raise MistralError(
-            f"--max-context must be between 1 and the model's {cfg.max_context}, not {options.max_context}."
-        )
+    problem = cfg.vocab_problem(tokenizer.vocab_size, tokenizer.path) or cfg.context_problem(options.max_context)
+    if problem:
+        raise MistralError(problem)
     placement = pick(options.device, options.dtype, cfg.n_params)
+    if options.compile and placement.device.type != "cuda":
+        raise UsageError(
+            f"--compile is for cuda (it compiles the GPU's decode step), not {placement.device.type}: there it would "
+            "take half a minute to build a step slower than ours; leave it out."
+        )
     # our decode kernels on the CPU (compiled graphs keep torch's: dynamo cannot trace a ctypes call)
     ops = kernels.native() if placement.device.type == "cpu" and not options.compile else None
     # quantized tensor by tensor as it loads

@@ -6,9 +6,20 @@ import math
 
 import torch
 
+from mistral_cli.errors import MistralError
 from mistral_cli.options import GenerationOptions
 
 REPEAT_LAST_N = 64  # the repetition penalty looks at this many recent tokens, as llama.cpp does
+NOT_FINITE = (
+    "The model computed scores that are not numbers (NaN or infinity): its weight files hold such values or are "
+    "corrupt, or the dtype overflows; download the model again, or try --dtype fp32."
+)
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Refuse logits with NaN or infinity: sampling would fail, and the argmax of NaN is a meaningless token."""
+    if not bool(torch.isfinite(logits).all()):
+        raise MistralError(NOT_FINITE)
 
 
 class Sampler:
@@ -21,6 +32,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
         logits = logits.float()
+        check_finite(logits)
         opt = self.opt
         if opt.repeat_penalty != 1.0 and recent:
             ids = torch.tensor(sorted(set(recent[-REPEAT_LAST_N:])), device=logits.device)

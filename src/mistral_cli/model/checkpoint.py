@@ -65,15 +65,10 @@ def find_weights(folder: Path) -> WeightFiles:
 
 
 def check_size(weights: WeightFiles, cfg: ModelConfig) -> None:
-    """Refuse a config that claims more parameters than its weight files could hold (a byte each at the very least),
-    before a model of that size is built: an absurd config must fail at once, not after allocating for minutes."""
-    stored = sum(path.stat().st_size for path in weights.files)
-    if cfg.n_params > stored:
-        raise MistralError(
-            f"The config in {weights.files[0].parent} describes {cfg.n_params:,} parameters, but the weight files "
-            f"hold only {stored:,} bytes: they are truncated or corrupt, or the config does not match them; "
-            "download the model again."
-        )
+    """Refuse a config that claims more parameters than its weight files could hold (ModelConfig.size_problem)."""
+    problem = cfg.size_problem(sum(path.stat().st_size for path in weights.files), weights.files[0].parent)
+    if problem:
+        raise MistralError(problem)
 
 
 def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]:

@@ -54,6 +54,31 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * self.dim
         return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
 
+    def size_problem(self, stored_bytes: int, folder: Path) -> str | None:
+        """Why the weight files (`stored_bytes` in all) cannot hold this config's parameters (a byte each at the very
+        least), or None: an absurd config is refused before a model of its size is built."""
+        if self.n_params <= stored_bytes:
+            return None
+        return (
+            f"The config in {folder} describes {self.n_params:,} parameters, but the weight files hold only "
+            f"{stored_bytes:,} bytes: they are truncated or corrupt, or the config does not match them; download "
+            "the model again."
+        )
+
+    def vocab_problem(self, tokens: int, tokenizer: Path) -> str | None:
+        """Why a tokenizer of `tokens` pieces cannot go with this model, or None."""
+        if tokens == self.vocab_size:
+            return None
+        return (
+            f"{tokenizer} has {tokens} tokens but the model expects {self.vocab_size}: the tokenizer does not belong "
+            "to this model."
+        )
+
+    def context_problem(self, max_context: int | None) -> str | None:
+        if max_context is None or 1 <= max_context <= self.max_context:
+            return None
+        return f"--max-context must be between 1 and the model's {self.max_context}, not {max_context}."
+
     def kv_bytes_per_token(self, element_size: int) -> int:
         return self.n_layers * 2 * self.n_kv_heads * self.head_dim * element_size
 

@@ -4,6 +4,7 @@ and the prompt's completion are made."""
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mistral_cli import __version__
 from mistral_cli.cli import banner
 from mistral_cli.errors import MistralError, UsageError
-from mistral_cli.options import GENERATION, GenerationOptions
+from mistral_cli.options import GENERATION, GenerationOptions, OptionError
 
 if TYPE_CHECKING:
     from mistral_cli.cli.chat.session import Session
@@ -113,7 +114,7 @@ def _save(s: Session, arg: str) -> None:
         "saved": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     n = s.conv.save(path, metadata)
-    s.note(f"Saved {n} messages to {path}.")
+    s.note(f"Saved {count(n, 'message')} to {path}.")
 
 
 def _saved_by_us(path: Path) -> bool:
@@ -205,7 +206,10 @@ def parse_option(name: str, value: str, current: GenerationOptions) -> Generatio
         except ValueError:
             kind = "a whole number" if whole else "a number"
             raise UsageError(f"{key} needs {kind}, not {text!r}.") from None
-    return GenerationOptions(**{**current.to_dict(), key: parsed})
+    try:
+        return GenerationOptions(**{**current.to_dict(), key: parsed})
+    except OptionError as e:  # its sentence names the command-line flag; here the option is /set's name for it
+        raise UsageError(re.sub(r"--([a-z-]+)", lambda m: m[1].replace("-", "_"), str(e))) from None
 
 
 def count(n: int, noun: str) -> str:
