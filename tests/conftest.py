@@ -1,7 +1,16 @@
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The cache folder (our kernels' library, prepared weights, crash reports) is the session's own, in-process and in
+# every command the tests run: a test never reads or fills the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mistral-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # bench.py, for its smoke test

@@ -84,6 +84,7 @@ class LoadOptions:
     max_context: int | None = None
     threads: int | None = None
     compile: bool = False  # torch.compile the decode step
+    prepare: bool = True  # map prepared weights, writing them on the first load (engine/prepared.py)
 
     def __post_init__(self) -> None:
         _check([
@@ -98,4 +99,4 @@ class LoadOptions:
 
 
 GENERATION = tuple(f.name for f in fields(GenerationOptions))
-LOADING = tuple(f.name for f in fields(LoadOptions) if f.name != "compile")  # compile: the command line only
+LOADING = tuple(f.name for f in fields(LoadOptions) if f.name not in ("compile", "prepare"))  # the command line only

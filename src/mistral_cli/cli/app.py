@@ -197,6 +197,15 @@ Compile = Annotated[
         rich_help_panel="Hardware",
     ),
 ]
+NoPrepare = Annotated[
+    bool,
+    typer.Option(
+        "--no-prepare",
+        help="Read the checkpoint on every load instead of mapping prepared weights from the cache folder (for a "
+        "read-only or full disk; MISTRAL_PREPARE=off does the same) \\[default: off].",
+        rich_help_panel="Hardware",
+    ),
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds on stderr \\[default: off].")]
 
 
@@ -219,6 +228,7 @@ def complete(
     max_context: MaxContext = DEFAULTS["max_context"],
     threads: Threads = DEFAULTS["threads"],
     compile: Compile = False,
+    no_prepare: NoPrepare = False,
     verbose: Verbose = False,
     instruct: Annotated[
         bool,
@@ -263,7 +273,8 @@ def complete(
         generation = s.checked(GenerationOptions, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])  # fmt: skip
         loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
-                            max_context=max_context, threads=threads, compile=compile)  # fmt: skip
+                            max_context=max_context, threads=threads, compile=compile,
+                            prepare=not no_prepare)  # fmt: skip
         run_complete(
             prompt=prompt,
             model=model,
@@ -297,6 +308,7 @@ def chat(
     max_context: MaxContext = DEFAULTS["max_context"],
     threads: Threads = DEFAULTS["threads"],
     compile: Compile = False,
+    no_prepare: NoPrepare = False,
     verbose: Verbose = False,
     system: Annotated[
         str | None, typer.Option("--system", help="System prompt for the conversation \\[default: none].")
@@ -313,7 +325,8 @@ def chat(
         generation = s.checked(GenerationOptions, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])  # fmt: skip
         loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
-                            max_context=max_context, threads=threads, compile=compile)  # fmt: skip
+                            max_context=max_context, threads=threads, compile=compile,
+                            prepare=not no_prepare)  # fmt: skip
         run_chat(
             model=model,
             generation=generation,
@@ -386,6 +399,12 @@ def info(
     dtype: DTypeOpt = DEFAULT_DTYPE,
     quantize: QuantizeOpt = DEFAULT_QUANTIZE,
     max_context: MaxContext = DEFAULTS["max_context"],
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune", help="Remove the prepared weights (of MODEL, or all) from the cache folder \\[default: off]."
+        ),
+    ] = False,
 ) -> None:
     """Show a model's architecture, files and memory needs, or list the models on disk; with the settings in effect
     and where each comes from."""
@@ -395,7 +414,7 @@ def info(
         s = settings.of(ctx)
         loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
                             max_context=max_context)  # fmt: skip
-        run_info(model=model, json_out=json_out, loading=loading, settings=s)
+        run_info(model=model, json_out=json_out, loading=loading, settings=s, prune=prune)
 
 
 @contextmanager

@@ -181,14 +181,19 @@ def run_complete(
             raise UsageError("The prompt is empty.")
         instruct = instruct or system is not None  # a system prompt only makes sense in the instruct format
 
+    from rich.console import Console
+
+    from mistral_cli.cli.loading import load
     from mistral_cli.engine.engine import Done
-    from mistral_cli.engine.load import load_engine
     from mistral_cli.hub.models import resolve_model
 
     paths = resolve_model(model)
-    engine = load_engine(paths.folder, loading)
+    engine = load(paths, loading, Console(stderr=True, highlight=False))
     if verbose:
-        sys.stderr.write(f"mistral: loaded {paths.folder} on {banner.hardware(engine)} in {engine.load_s:.2f} s\n")
+        sys.stderr.write(
+            f"mistral: loaded {paths.folder} on {banner.hardware(engine)} in {engine.load_s:.2f} s "
+            f"({engine.weights_note})\n"
+        )
     tok = engine.tokenizer
     if truncate:
         ids, note = truncate_prompt(tok, text, engine.max_context, opts.max_tokens, instruct=instruct, system=system,

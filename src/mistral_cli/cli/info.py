@@ -33,6 +33,7 @@ from mistral_cli.hub.models import (
 )
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.layout import layer_mode, linear_bytes
+from mistral_cli.model.prepared_files import list_prepared
 
 if TYPE_CHECKING:
     from mistral_cli.cli.settings import Settings
@@ -47,7 +48,11 @@ def run_info(
     json_out: bool,
     loading: LoadOptions,
     settings: Settings | None = None,
+    prune: bool = False,
 ) -> None:
+    if prune:
+        _prune(model)
+        return
     if model is None:
         _print_list(json_out)
         return
@@ -118,11 +123,43 @@ def gather(paths: ModelPaths, loading: LoadOptions) -> dict[str, Any]:
         device_problem(loading.device),
     ]
     data["problems"] = [p for p in problems if p]  # what loading would refuse, found from the headers alone
+    data["prepared"] = [
+        {
+            "path": str(f.path),
+            "bytes": f.size,
+            "dtype": f.made_of.get("dtype"),
+            "quantize": f.made_of.get("quantize"),
+            "layout": f.made_of.get("layout"),
+        }
+        for f in list_prepared(str(paths.folder.resolve()))
+    ]
     record = paths.folder / SOURCE_FILE
     if record.is_file():
         with suppress(ValueError):
             data["downloaded_from"] = json.loads(record.read_text(encoding="utf-8"))
     return data
+
+
+def _prune(model: str | None) -> None:
+    """Remove the prepared weights of one model (by its folder), or all of them."""
+    from mistral_cli.model.prepared_files import folder
+
+    source = None if model is None else str(resolve_model(model).folder.resolve())
+    files = list_prepared(source)
+    freed = 0
+    for f in files:
+        try:
+            f.path.unlink()
+        except FileNotFoundError:
+            continue
+        freed += f.size
+    for tmp in folder().glob(".*.tmp") if model is None and folder().is_dir() else []:
+        with suppress(OSError):  # left by a preparation that was killed
+            freed += tmp.stat().st_blocks * 512
+            tmp.unlink()
+    whose = f"of {model} " if model else ""
+    n = len(files)
+    print(f"Removed {n} prepared weight file{'s' * (n != 1)} {whose}({human_bytes(freed)}) from {folder()}.")
 
 
 def memory_needed(config: ModelConfig, dtype: str, quantize: str, context: int, ours: bool = False) -> dict[str, Any]:
@@ -252,6 +289,12 @@ def _print_table(d: dict[str, Any]) -> None:
         f"({m['context']} tokens)",
     )
     table.add_row("device", f"{dev['name']} {dev['dtype']} ({dev['reason']})")
+    for i, p in enumerate(d["prepared"]):
+        dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(p["dtype"], p["dtype"])
+        what = f"{dtype}, quantize {p['quantize']}, {p['layout']}"
+        table.add_row("prepared" if i == 0 else "", f"{what}: {human_bytes(p['bytes'])}, {p['path']}")
+    if not d["prepared"]:
+        table.add_row("prepared", "none yet (the first load writes them; `mistral info --prune` removes them)")
     if dev["kernels"]:
         k = dev["kernels"]
         table.add_row("kernels", f"ours ({k['reason']})" if k["ours"] else f"torch's ({k['reason']})")

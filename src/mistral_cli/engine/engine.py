@@ -124,6 +124,8 @@ class Engine:
         self.cfg: ModelConfig = model.cfg
         self.max_context = max_context
         self.load_s = load_s
+        self.weights_note = "read the checkpoint"  # how load_engine got the weights (--verbose says it)
+        self.weights_warning: str | None = None  # why the prepared weights could not be written, if so
         # --compile: a static cache of the whole context and one compiled graph for every decode step
         self.cache: KVCache = model.new_cache(max_context, static=compile)
         self._decode = compile_decode(model, self.cache, placement.device) if compile else None

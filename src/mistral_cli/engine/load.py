@@ -8,13 +8,15 @@ weights, converted and quantized tensor by tensor as they are read.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from mistral_cli.engine import prepared
 from mistral_cli.engine.engine import Engine
-from mistral_cli.errors import MistralError, UsageError
+from mistral_cli.errors import MistralError
 from mistral_cli.model import quant
 from mistral_cli.model.checkpoint import check_size, find_weights, load_state
 from mistral_cli.model.config import ModelConfig
@@ -27,8 +29,12 @@ from mistral_cli.native.kernels import Kernels
 from mistral_cli.options import LoadOptions
 from mistral_cli.text.tokenizer import Tokenizer
 
+Progress = Callable[[float], None]
 
-def load_engine(folder: Path, options: LoadOptions) -> Engine:
+
+def load_engine(folder: Path, options: LoadOptions, progress: Progress | None = None) -> Engine:
+    """The engine for a model folder. `progress(fraction)` is called as the checkpoint is read (not when the
+    prepared weights are mapped, which takes no time to speak of)."""
     t0 = time.perf_counter()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
@@ -38,21 +44,26 @@ def load_engine(folder: Path, options: LoadOptions) -> Engine:
     if problem:
         raise MistralError(problem)
     placement = pick(options.device, options.dtype, cfg.n_params)
-    if options.compile and placement.device.type != "cuda":
-        raise UsageError(
-            f"--compile is for cuda (it compiles the GPU's decode step), not {placement.device.type}: there it would "
-            "take half a minute to build a step slower than ours; leave it out."
-        )
     # our decode kernels on the CPU (compiled graphs keep torch's: dynamo cannot trace a ctypes call)
     ops = kernels.native() if placement.device.type == "cpu" and not options.compile else None
-    # quantized tensor by tensor as it loads
-    model = load_model(folder, placement, cfg, quantize=options.quantize, kernels=ops)
+    weights = find_weights(folder)
+    check_size(weights, cfg)
+    # mapped from the prepared file, or built from the checkpoint (quantized tensor by tensor as it loads) and then
+    # prepared for the next load
+    outcome = prepared.load_or_prepare(
+        weights.files, cfg, placement.device, placement.dtype, options.quantize, ops,
+        partial(load_model, folder, placement, cfg, quantize=options.quantize, kernels=ops, progress=progress),
+        enabled=options.prepare,
+    )  # fmt: skip
+    model = outcome.model
     fused = use_kernels(model, ops) if ops is not None else None
     context = options.max_context or cfg.max_context
     load_s = time.perf_counter() - t0
-    return Engine(
+    engine = Engine(
         model, tokenizer, placement, context, load_s, quantize=options.quantize, compile=options.compile, fused=fused
     )
+    engine.weights_note, engine.weights_warning = outcome.note, outcome.warning
+    return engine
 
 
 def load_model(
@@ -62,6 +73,7 @@ def load_model(
     *,
     quantize: str = "none",
     kernels: Kernels | None = None,
+    progress: Progress | None = None,
 ) -> Transformer:
     """Build the network on the meta device and fill it straight from the checkpoint, one tensor at a time.
 
@@ -78,8 +90,12 @@ def load_model(
         model = Transformer(cfg)
     upcast = slow_half_matmul(placement)
     state = {}
+    done = 0
     # quantizing: the parts of q/k/v and gate/up are quantized where they lie, with no float concatenation
     for name, tensor in load_state(weights, cfg, placement, fuse=quantize == "none"):
+        if progress is not None:
+            done += sum(t.numel() for t in (tensor if isinstance(tensor, list) else [tensor]))
+            progress(min(done / cfg.n_params, 1.0))
         if quantize != "none" and quant.is_quantized_layer(name):
             layer = name.removesuffix(".weight")
             quant.replace_module(model, layer, quantized(layer, tensor, quantize, upcast=upcast))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from mistral_cli.cli import banner
+from mistral_cli.cli import loading as loading_
 from mistral_cli.cli.chat import commands
 from mistral_cli.cli.chat.prompt import stdin_reader, terminal_reader
 from mistral_cli.cli.chat.session import Session, kilo
@@ -23,7 +24,6 @@ from mistral_cli.options import GenerationOptions, LoadOptions
 from mistral_cli.text.conversation import Conversation
 
 if TYPE_CHECKING:
-    from mistral_cli.engine.engine import Engine
     from mistral_cli.hub.models import ModelPaths
 
 
@@ -47,22 +47,6 @@ def _resolve(model: str, err: Console, interactive: bool) -> ModelPaths:
         return resolve_model(model)
 
 
-def _load_engine(paths: ModelPaths, err: Console, options: LoadOptions) -> Engine:
-    """Load the model, with a spinner and the time spent on a terminal (loading 14 GB takes a while)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from mistral_cli.engine.load import load_engine
-    from mistral_cli.hub.models import human_bytes
-
-    if not err.is_terminal:
-        return load_engine(paths.folder, options)
-    size = sum(p.stat().st_size for p in paths.weights if p.exists())
-    columns = SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
-    with Progress(*columns, console=err, transient=True) as bar:
-        bar.add_task(f"Loading {paths.name} ({human_bytes(size)})", total=None)
-        return load_engine(paths.folder, options)
-
-
 def run_chat(
     *,
     model: str,
@@ -78,7 +62,7 @@ def run_chat(
     err = Console(stderr=True, highlight=False)
     err.soft_wrap = not err.is_terminal
     paths = _resolve(model, err, interactive)
-    engine = _load_engine(paths, err, loading)
+    engine = loading_.load(paths, loading, err)
     name = paths.folder.name if paths.source == "local" else paths.name
     chat = Session(
         engine,
@@ -96,6 +80,8 @@ def run_chat(
             f"{name} · {banner.hardware(engine)} · {kilo(engine.max_context)} context · loaded in {engine.load_s:.1f} s. "
             "/help lists the commands; Ctrl-D leaves."
         )
+    if verbose:
+        chat.note(f"Weights: {engine.weights_note}.")
     if load is not None:
         chat.load(load, system)
     chat.conv.check_system(engine.max_context, chat.room())

@@ -151,7 +151,7 @@ def _info(s: Session, arg: str) -> None:
         ("history", count(len(conv.exchanges), "exchange") + (f", {dropped} dropped" if dropped else "")),
         ("system", repr(conv.system) if conv.system else "none"),
         ("options", ", ".join(f"{k}={v}" for k, v in s.opts.to_dict().items())),
-        ("load", f"{e.load_s:.2f} s"),
+        ("load", f"{e.load_s:.2f} s; {e.weights_note}"),
     ]
     d = s.last_done
     if d is not None:

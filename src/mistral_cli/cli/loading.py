@@ -1,0 +1,47 @@
+"""Loading a model as both `chat` and `complete` show it: on a terminal, a bar with the bytes read and a percentage
+while the checkpoint is read (mapping prepared weights is too quick to show); then the warning, when the prepared
+weights could not be written, on every run until that is fixed or switched off."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from mistral_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from mistral_cli.engine.engine import Engine
+    from mistral_cli.hub.models import ModelPaths
+    from mistral_cli.options import LoadOptions
+
+
+def load(paths: ModelPaths, options: LoadOptions, err: Console) -> Engine:
+    from mistral_cli.engine.load import load_engine
+
+    if options.compile:
+        from mistral_cli.cli.info import detect_device
+
+        device = detect_device(options.device)[0]
+        if device != "cuda":  # refused before the load: the compiling would come at the first token
+            raise UsageError(
+                f"--compile is for cuda (it compiles the GPU's decode step), not {device}: there it would take half "
+                "a minute to build a step slower than ours; leave it out."
+            )
+
+    if not err.is_terminal:
+        engine = load_engine(paths.folder, options)
+    else:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        size = sum(p.stat().st_size for p in paths.weights if p.exists())
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TaskProgressColumn(), TimeElapsedColumn()
+        )  # fmt: skip
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(f"Loading {paths.name}", total=size)
+            engine = load_engine(paths.folder, options, lambda done: bar.update(task, completed=done * size))
+    if engine.weights_warning:
+        err.print(f"mistral: warning: {engine.weights_warning}", style="yellow", markup=False, highlight=False,
+                  soft_wrap=True)  # fmt: skip
+    return engine

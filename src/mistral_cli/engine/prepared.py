@@ -1,0 +1,342 @@
+"""Prepared weights: the model exactly as the engine holds it, in one file that later loads map in place.
+
+Building a model from a checkpoint converts every tensor (dtype, the fused q/k/v and gate/up rows, quantized values
+and scales in our kernels' layouts) into fresh memory: 15-20 s for the 7B model on a small machine, on every call of
+`mistral complete`. The first load writes the result to a prepared file under the cache folder; later loads map that
+file and use its tensors where they lie, so a warm call costs little more than starting Python, and two processes on
+one model share one copy in the page cache.
+
+The file is a valid safetensors file (docs/FORMAT.md section 8), written here rather than by the safetensors library
+because the library packs tensors end to end: ours starts every large tensor on a 2 MiB boundary (with the header
+padded to one), so the kernel can map it with huge pages where the filesystem allows (ext4 and XFS on recent
+kernels, tmpfs), and every other tensor on 64 bytes. The gaps are named padding entries, left as holes in the file.
+Its `__metadata__` holds what the model is made of: the config, and for each quantized layer its class and plain
+attributes, so a load rebuilds the same modules around the mapped tensors without computing anything.
+
+A prepared file is named by a key of everything that shapes it: the source files (name, size, modification time and
+a hash of their first and last bytes), the dtype, the quantization, the layout (our kernels' or torch's, on which
+device type), LAYOUT_VERSION and torch's version. A changed checkpoint or a new layout gets a new key, so a stale file
+is never loaded; the previous file for the same model and settings is removed when its successor is written.
+Preparation is skipped, with a reason the command line prints, when it is switched off (`--no-prepare`,
+MISTRAL_PREPARE=off), when the disk has no room or the cache folder cannot be written; loading then reads the
+checkpoint as before. The file is written to a temporary name, flushed and renamed: an interrupted preparation
+leaves nothing that a load would take for a prepared file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mistral_cli.errors import MistralError
+from mistral_cli.hardware import switched_off
+from mistral_cli.model import quant
+from mistral_cli.model.config import ModelConfig
+from mistral_cli.model.prepared_files import SUFFIX, folder, list_prepared
+from mistral_cli.model.safetensors import CorruptFile, read_header
+from mistral_cli.model.transformer import Transformer
+from mistral_cli.native import quant as native_quant
+from mistral_cli.native.kernels import Kernels
+
+LAYOUT_VERSION = 1  # raise when what a prepared file holds changes meaning: older files are then never loaded
+PREPARE_ENV = "MISTRAL_PREPARE"  # "off": never write or map prepared files
+ALIGN = 2 << 20  # where tensors of at least BIG bytes start: a huge page
+BIG = 1 << 20
+SMALL_ALIGN = 64  # where the others start: the widest vector load
+_EDGE = 1 << 16  # bytes hashed at each end of a source file for its identity
+
+# The module classes a prepared file may name, by name: nothing else is ever built from one.
+CLASSES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (
+        quant.WeightOnlyInt8Linear,
+        quant.WeightOnlyInt4Linear,
+        quant.TorchInt4Linear,
+        native_quant.NativeInt8Linear,
+        native_quant.NativeInt4Linear,
+    )
+}
+DTYPES = {
+    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+}  # fmt: skip
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+
+
+@dataclass
+class Outcome:
+    """How the weights were loaded, for --verbose, and a warning for every run when preparing failed."""
+
+    model: Transformer
+    note: str
+    warning: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------ keys
+
+
+def source_identity(files: tuple[Path, ...]) -> list[list[Any]]:
+    """What identifies each source file cheaply: name, size, modification time and a hash of both ends (the
+    safetensors header is at the start; a rewrite in place changes the time)."""
+    out = []
+    for path in files:
+        st = path.stat()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(_EDGE))
+            if st.st_size > 2 * _EDGE:
+                f.seek(st.st_size - _EDGE)
+                digest.update(f.read(_EDGE))
+        out.append([path.name, st.st_size, st.st_mtime_ns, digest.hexdigest()])
+    return out
+
+
+def describe(
+    files: tuple[Path, ...], cfg: ModelConfig, dtype: torch.dtype, quantize: str, layout: str
+) -> dict[str, Any]:
+    """Everything the prepared file depends on; its hash names the file."""
+    return {
+        "version": LAYOUT_VERSION,
+        "torch": torch.__version__,
+        "folder": str(files[0].parent.resolve()),
+        "sources": source_identity(files),
+        "config": cfg.to_dict(),
+        "dtype": DTYPES[dtype],
+        "quantize": quantize,
+        "layout": layout,
+    }
+
+
+def file_for(made_of: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:20]
+    name = Path(made_of["folder"]).name or "model"
+    return folder() / f"{name}-{made_of['dtype'].lower()}-{made_of['quantize']}-{key}{SUFFIX}"
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+
+
+def load_or_prepare(
+    files: tuple[Path, ...],
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str,
+    kernels: Kernels | None,
+    build: Callable[[], Transformer],
+    *,
+    enabled: bool = True,
+) -> Outcome:
+    """The model from its prepared file, mapped; else `build()` it from the checkpoint and write the prepared file
+    for the next load (skipped, with a warning, where it cannot be written)."""
+    if not enabled or switched_off(PREPARE_ENV):
+        why = "--no-prepare" if not enabled else f"{PREPARE_ENV}=off"
+        return Outcome(build(), f"read the checkpoint (prepared weights are off: {why})")
+    layout = f"{'ours' if kernels is not None else 'torch'}-{device.type}"
+    made_of = describe(files, cfg, dtype, quantize, layout)
+    path = file_for(made_of)
+    if path.is_file():
+        try:
+            return Outcome(restore(path, cfg, device, kernels), f"mapped the prepared weights in {path}")
+        except (OSError, MistralError, ValueError, KeyError, TypeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            with contextlib.suppress(OSError):
+                path.unlink()  # corrupt or from a build that wrote it differently: made again below
+            warning = f"the prepared weights in {path} could not be used ({reason}); preparing them again."
+            model = build()
+            return Outcome(model, f"read the checkpoint; {_write_or_why(model, path, made_of)}", warning)
+    model = build()
+    outcome = _write_or_why(model, path, made_of)
+    if outcome.startswith("prepared"):
+        return Outcome(model, f"read the checkpoint and {outcome}")
+    return Outcome(model, "read the checkpoint", f"prepared weights not written: {outcome}; each load reads the "
+                   "checkpoint (--no-prepare or MISTRAL_PREPARE=off says this is meant).")  # fmt: skip
+
+
+def _write_or_why(model: Transformer, path: Path, made_of: dict[str, Any]) -> str:
+    try:
+        size = write(path, model, made_of)
+    except OSError as e:
+        return f"{path.parent}: {e.strerror or e}"
+    except MistralError as e:
+        return str(e).rstrip(".")
+    for tmp in path.parent.glob(".*.tmp"):  # left by a preparation that was killed (Ctrl-C removes its own)
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > 3600:  # not one being written right now
+                tmp.unlink()
+    for old in list_prepared(made_of["folder"]):
+        same = all(old.made_of.get(k) == made_of[k] for k in ("dtype", "quantize", "layout"))
+        if same and old.path != path:
+            with contextlib.suppress(OSError):
+                old.path.unlink()  # made from an older state of the same checkpoint, or an older layout
+    return f"prepared {path} ({size / 1e9:.2f} GB) for the next loads"
+
+
+def restore(path: Path, cfg: ModelConfig, device: torch.device, kernels: Kernels | None) -> Transformer:
+    """Rebuild the model around the tensors of a prepared file, mapped (on a GPU: copied there from the mapping)."""
+    tensors, meta = read(path)
+    if meta.get("config") != cfg.to_dict():
+        raise ValueError("it was made for another config")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for name, spec in meta["modules"].items():
+        cls = CLASSES[spec["class"]]
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.__dict__.update(spec["attrs"])
+        if spec.get("kernels"):
+            if kernels is None:
+                raise ValueError("it was made for our kernels, which are not in use")
+            module.kernels = kernels  # type: ignore[assignment]
+        for buffer in spec["buffers"]:
+            module.register_buffer(buffer, _to(tensors.pop(f"{name}.{buffer}"), device))
+        quant.replace_module(model, name, module)
+    state = {k: _to(v, device) for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # the layers above hold the rest
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unexpected or left:
+        raise ValueError(f"its tensors do not fit the model ({(unexpected or left)[0]})")
+    model.set_upcast(bool(meta["upcast"]))
+    return model.eval().requires_grad_(False)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor if device.type == "cpu" else tensor.to(device)  # one copy, from the mapping to the GPU
+
+
+# --------------------------------------------------------------------------------------------------------- the file
+
+
+def modules_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The quantized layers of a model as a prepared file records them: class, plain attributes, buffer names."""
+    out = {}
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if CLASSES.get(cls) is not type(module):
+            if cls in CLASSES or hasattr(module, "scales") or hasattr(module, "scales_and_lows"):
+                raise MistralError(f"the layer {name} ({cls}) is not one a prepared file can hold")
+            continue
+        attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in ("training", "kernels")}
+        for key, value in attrs.items():
+            if not isinstance(value, (bool, int, float, str, type(None))):
+                raise MistralError(f"the layer {name} has an attribute {key} a prepared file cannot hold")
+        out[name] = {
+            "class": cls,
+            "attrs": attrs,
+            "kernels": hasattr(module, "kernels"),
+            "buffers": [b for b, _ in module.named_buffers(recurse=False)],
+        }
+    return out
+
+
+def write(path: Path, model: Transformer, made_of: dict[str, Any]) -> int:
+    """Write the model's tensors and structure to `path` (a temporary file, then a rename); returns its size."""
+    state = model.state_dict()
+    meta = {
+        "made_of": made_of,
+        "config": model.cfg.to_dict(),
+        "modules": modules_of(model),
+        "upcast": any(getattr(m, "upcast", False) for m in model.modules()),
+    }
+    header: dict[str, Any] = {"__metadata__": {"mistral-cli": json.dumps(meta)}}
+    places: list[tuple[int, torch.Tensor]] = []
+    end = 0
+    for name, tensor in state.items():
+        if tensor.dtype not in DTYPES:
+            raise MistralError(f"the tensor {name} has dtype {tensor.dtype}, which a prepared file cannot hold")
+        nbytes = tensor.numel() * tensor.element_size()
+        align = ALIGN if nbytes >= BIG else SMALL_ALIGN
+        start = -(-end // align) * align
+        if start > end:  # safetensors wants the data packed: the gap is a named padding entry
+            header[f"__padding_{len(places)}__"] = {"dtype": "U8", "shape": [start - end], "data_offsets": [end, start]}
+        header[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [start, start + nbytes],
+        }
+        places.append((start, tensor))
+        end = start + nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    data_start = -(-(8 + len(text)) // ALIGN) * ALIGN
+    text += b" " * (data_start - 8 - len(text))  # the format allows trailing spaces in the header
+    total = data_start + end
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < total + (1 << 30):
+        raise MistralError(
+            f"{path.parent} has {free / 1e9:.1f} GB free and the prepared weights need {total / 1e9:.1f} GB "
+            "(and 1 GB to spare)"
+        )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for start, tensor in places:
+                f.seek(data_start + start)  # padding stays a hole
+                _write_tensor(f, tensor)
+            f.truncate(total)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return total
+
+
+def _write_tensor(f: Any, tensor: torch.Tensor) -> None:
+    """The tensor's bytes, straight from its memory (no numpy, no copy on the CPU)."""
+    t = tensor.detach()
+    t = t.cpu() if t.device.type != "cpu" else t
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    step = 1 << 28
+    for offset in range(0, nbytes, step):
+        n = min(step, nbytes - offset)
+        f.write((ctypes.c_char * n).from_address(t.data_ptr() + offset))
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a prepared file as views of one read-only shared mapping, and its metadata."""
+    with open(path, "rb") as f:
+        entries = read_header(f, path)  # checked: every tensor inside the file, packed with the padding
+        f.seek(0)
+        length = int.from_bytes(f.read(8), "little")
+        meta = json.loads(json.loads(f.read(length))["__metadata__"]["mistral-cli"])
+        mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            mapping.madvise(mmap.MADV_HUGEPAGE)  # 2 MiB pages where the filesystem can: fewer TLB misses
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")  # never written: the model is read-only
+        for e in entries:
+            if e.name.startswith("__padding_"):
+                continue
+            if e.dtype not in TORCH_DTYPES:
+                raise CorruptFile(path, f"tensor {e.name} has dtype {e.dtype}")
+            dtype = TORCH_DTYPES[e.dtype]
+            if e.nbytes == 0:
+                tensors[e.name] = torch.empty(e.shape, dtype=dtype)
+                continue
+            raw = torch.frombuffer(mapping, dtype=torch.uint8, count=e.nbytes, offset=e.begin)
+            tensors[e.name] = raw.view(dtype).view(e.shape)
+    return tensors, meta

@@ -1,0 +1,215 @@
+"""Prepared weights (engine/prepared.py): the same model as from the checkpoint, a valid safetensors file, keyed so
+that nothing stale is ever loaded, and every way of failing to write one leaves the run working and nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mistral_cli.engine import prepared
+from mistral_cli.engine.load import load_engine
+from mistral_cli.model.prepared_files import folder, list_prepared
+from mistral_cli.options import GenerationOptions, LoadOptions
+
+PROMPT = [1, 415, 5565, 302, 4843, 349]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A cache folder of the test's own; returns where prepared files go."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MISTRAL_PREPARE", raising=False)
+    return folder()
+
+
+def run(engine) -> tuple[torch.Tensor, list[int]]:
+    engine.reset()
+    logits, _ = engine.prefill(PROMPT)
+    done = list(engine.generate(PROMPT, GenerationOptions(max_tokens=8, temperature=0)))[-1]
+    return logits, done.tokens
+
+
+@pytest.mark.parametrize("fmt", ["hf", "native"])
+@pytest.mark.parametrize(("dtype", "quantize"), [("bf16", "none"), ("fp32", "none"), ("bf16", "int8"),
+                                                 ("bf16", "int4"), ("fp32", "int4")])  # fmt: skip
+def test_mapped_weights_give_the_same_model(cache, hf_model_dir, native_model_dir, fmt, dtype, quantize):
+    model = hf_model_dir if fmt == "hf" else native_model_dir
+    options = LoadOptions(device="cpu", dtype=dtype, quantize=quantize, max_context=256)
+    plain = load_engine(model, LoadOptions(**{**options.__dict__, "prepare": False}))
+    assert not cache.exists()  # --no-prepare writes nothing
+    first = load_engine(model, options)
+    assert first.weights_note.startswith("read the checkpoint and prepared ")
+    second = load_engine(model, options)
+    assert second.weights_note.startswith("mapped the prepared weights in ")
+    assert second._fused is not None or dtype != "bf16"  # our whole-step kernels run on mapped weights too
+    expected = run(plain)
+    for engine in (first, second):
+        logits, tokens = run(engine)
+        assert torch.equal(logits, expected[0]) and tokens == expected[1]
+    # mapped, not copied: the weights lie in the mapping of the prepared file
+    (path,) = cache.glob(f"*-{quantize}-*.safetensors")
+    weight = second.model.layers[0].feed_forward.w2.weight
+    assert mapped_from(weight.data_ptr()) == str(path)
+
+
+def mapped_from(address: int) -> str | None:
+    """The file mapped at `address` in this process, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5) if len(line.split()) >= 6 else (line.split()[0], "")
+        begin, end = (int(x, 16) for x in span.split("-"))
+        if begin <= address < end:
+            return name.strip()
+    return None
+
+
+def test_the_file_is_safetensors_with_large_tensors_on_huge_page_boundaries(cache, hf_model_dir):
+    from safetensors import safe_open
+
+    engine = load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="bf16", quantize="int4", max_context=64))
+    (path,) = cache.glob("*.safetensors")
+    state = engine.model.state_dict()
+    with safe_open(str(path), framework="pt") as f:  # the library itself reads what we wrote
+        names = [n for n in f.keys() if not n.startswith("__padding_")]  # noqa: SIM118 (not iterable)
+        assert sorted(names) == sorted(state)
+        for name in names:
+            assert torch.equal(f.get_tensor(name), state[name]), name
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + header_length])
+    start = 8 + header_length
+    assert start % prepared.ALIGN == 0
+    for name, info in header.items():
+        if name != "__metadata__" and not name.startswith("__padding_"):
+            begin, end = info["data_offsets"]
+            assert (start + begin) % (prepared.ALIGN if end - begin >= prepared.BIG else prepared.SMALL_ALIGN) == 0
+    assert any(e - b >= prepared.BIG for b, e in (i["data_offsets"] for i in header.values() if "data_offsets" in i))
+
+
+def test_a_changed_checkpoint_or_layout_never_loads_a_stale_file(cache, hf_model_dir, tmp_path, monkeypatch):
+    model = Path(shutil.copytree(hf_model_dir, tmp_path / "m"))
+    options = LoadOptions(device="cpu", dtype="bf16", max_context=64)
+    load_engine(model, options)
+    (old,) = cache.glob("*.safetensors")
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: maybe rewritten
+    engine = load_engine(model, options)
+    assert engine.weights_note.startswith("read the checkpoint and prepared ")
+    (new,) = cache.glob("*.safetensors")  # the stale one was removed when its successor was written
+    assert new != old
+    monkeypatch.setattr(prepared, "LAYOUT_VERSION", prepared.LAYOUT_VERSION + 1)
+    assert load_engine(model, options).weights_note.startswith("read the checkpoint and prepared ")
+    monkeypatch.undo()
+    # another config on the same weights is another model
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-6
+    (model / "config.json").write_text(json.dumps(config))
+    assert load_engine(model, options).weights_note.startswith("read the checkpoint and prepared ")
+
+
+def test_a_corrupt_prepared_file_is_prepared_again(cache, hf_model_dir):
+    options = LoadOptions(device="cpu", dtype="bf16", max_context=64)
+    expected = run(load_engine(hf_model_dir, options))
+    (path,) = cache.glob("*.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    engine = load_engine(hf_model_dir, options)
+    assert engine.weights_warning.startswith(f"the prepared weights in {path} could not be used (")
+    assert run(engine)[1] == expected[1]
+    assert load_engine(hf_model_dir, options).weights_note.startswith("mapped")
+
+
+def mistral(*args: str, env: dict[str, str], shell: str = "") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mistral_cli", *args]
+    if shell:
+        command = ["bash", "-c", shell.replace("CMD", " ".join(f"'{a}'" for a in command))]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("MISTRAL_", "HF_"))}
+    return {**keep, "XDG_CACHE_HOME": str(tmp_path / "cache"), "MISTRAL_CONFIG": os.devnull, "HF_HUB_OFFLINE": "1"}
+
+
+def _unprivileged() -> str:
+    if os.geteuid() != 0:
+        return "CMD"
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be tested")
+    return "setpriv --bounding-set=-all --inh-caps=-all CMD"
+
+
+@pytest.mark.parametrize("fault", ["read-only cache folder", "full disk", "killed while writing"])
+def test_a_preparation_that_cannot_finish_leaves_the_run_working_and_nothing_behind(env, hf_model_dir, tmp_path,
+                                                                                    fault):  # fmt: skip
+    args = ["complete", "-m", str(hf_model_dir), "-n", "4", "-t", "0", "--max-context", "64", "--json", "Hello"]
+    expected = json.loads(mistral(*args, "--no-prepare", env=env).stdout)["text"]
+    target = tmp_path / "cache" / "mistral-cli" / "prepared"
+    assert not target.exists()
+    if fault == "read-only cache folder":
+        target.mkdir(parents=True)
+        target.chmod(0o555)
+        r = mistral(*args, env=env, shell=_unprivileged())
+        target.chmod(0o755)
+        assert "Permission denied" in r.stderr
+    elif fault == "full disk":  # a file-size limit: the write fails as on a full disk
+        r = mistral(*args, env=env, shell="ulimit -f 2048; CMD")
+        assert "File too large" in r.stderr
+    else:  # SIGKILL after the first tensor: no cleanup runs at all
+        plant = (
+            "import os, signal, sys; from mistral_cli.engine import prepared\n"
+            "real = prepared._write_tensor\n"
+            "def dying(f, t): real(f, t); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "prepared._write_tensor = dying\n"
+            f"sys.argv = ['mistral', *{args!r}]\n"
+            "from mistral_cli.cli.app import main; main()\n"
+        )
+        r = subprocess.run([sys.executable, "-c", plant], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == -9
+        assert [p.name for p in target.iterdir() if not p.name.startswith(".")] == []  # only the temporary file
+        r = mistral(*args, env=env)  # the next run prepares anew
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert json.loads(r.stdout)["text"] == expected
+        return
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == expected
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("mistral: warning: prepared weights not written: ") and "MISTRAL_PREPARE=off" in line
+    assert list(target.iterdir()) == []  # no temporary file left
+
+
+def test_switched_off_nothing_is_written(env, hf_model_dir, tmp_path):
+    args = ["complete", "-m", str(hf_model_dir), "-n", "2", "--max-context", "64", "Hello"]
+    assert mistral(*args, env={**env, "MISTRAL_PREPARE": "off"}).returncode == 0
+    assert mistral(*args, "--no-prepare", env=env).returncode == 0
+    assert not (tmp_path / "cache" / "mistral-cli" / "prepared").exists()
+
+
+def test_verbose_says_how_the_weights_were_loaded_and_info_lists_and_prunes_them(env, hf_model_dir):
+    args = ["complete", "-m", str(hf_model_dir), "-n", "2", "--max-context", "64", "-q", "int8", "-v", "Hello"]
+    assert "(read the checkpoint and prepared " in mistral(*args, env=env).stderr
+    assert "(mapped the prepared weights in " in mistral(*args, env=env).stderr
+    data = json.loads(mistral("info", "--json", str(hf_model_dir), env=env).stdout)
+    (entry,) = data["prepared"]
+    assert entry["quantize"] == "int8" and entry["dtype"] == "BF16" and Path(entry["path"]).is_file()
+    table = mistral("info", str(hf_model_dir), env=env).stdout
+    assert "prepared" in table and "bf16, quantize int8" in table
+    r = mistral("info", "--prune", str(hf_model_dir), env=env)
+    assert r.returncode == 0 and r.stdout.startswith(f"Removed 1 prepared weight file of {hf_model_dir} (")
+    assert not Path(entry["path"]).exists()
+    assert json.loads(mistral("info", "--json", str(hf_model_dir), env=env).stdout)["prepared"] == []
+
+
+def test_listing_ignores_other_models(cache, hf_model_dir, native_model_dir):
+    load_engine(hf_model_dir, LoadOptions(device="cpu", max_context=64))
+    load_engine(native_model_dir, LoadOptions(device="cpu", max_context=64))
+    assert len(list_prepared()) == 2
+    (mine,) = list_prepared(str(hf_model_dir.resolve()))
+    assert mine.made_of["folder"] == str(hf_model_dir.resolve())
