@@ -39,6 +39,13 @@ def wall(command: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     return elapsed, r
 
 
+def read_time(path: str) -> float:
+    """Seconds to read a file once, as `cat FILE > /dev/null`."""
+    t0 = time.perf_counter()
+    subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
 def drop_caches() -> bool:
     try:
         subprocess.run(["sync"], check=True)
@@ -75,6 +82,7 @@ def ours(folder: Path, quantize: str, repeats: int, cold: bool) -> dict[str, obj
     hello = [*base, "-n", "4", "Hello"]
     subprocess.run([*MISTRAL, "info", "--prune", str(folder)], capture_output=True, check=True)
     row: dict[str, object] = {"engine": "ours", "quantize": quantize}
+    print(f"# ours {quantize}", flush=True)
     wall([*hello, "--no-prepare"])  # the checkpoint into the page cache, as for "today's" second call
     row["no_prepare_s"] = min(wall([*hello, "--no-prepare"])[0] for _ in range(repeats))
     row["first_s"], r = wall([*hello, "-v"])
@@ -87,7 +95,7 @@ def ours(folder: Path, quantize: str, repeats: int, cold: bool) -> dict[str, obj
     if cold and prepared and drop_caches():
         row["cold_s"] = wall(hello)[0]
         drop_caches()
-        row["cat_prepared_s"] = wall(["cat", prepared[0]])[0]
+        row["cat_prepared_s"] = read_time(prepared[0])
         wall(hello)  # warm again
     decode = [*base, "-n", "32", "--json", "Hello"]
     mapped = max(json.loads(wall(decode)[1].stdout)["timings"]["decode_tokens_per_s"] for _ in range(repeats))
@@ -127,7 +135,7 @@ def llama(folder: Path, quantize: str, convert: list[str], work: Path, repeats: 
     if cold and drop_caches():
         row["cold_s"] = wall(hello)[0]
         drop_caches()
-        row["cat_prepared_s"] = wall(["cat", str(path)])[0]
+        row["cat_prepared_s"] = read_time(str(path))
         wall(hello)
     return row
 

@@ -14,10 +14,12 @@ stdout gets one line, the model folder; everything else (progress, notes) goes t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -28,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from rich.console import Console
 
@@ -394,10 +396,16 @@ def download_hub(
     model: str, revision: str | None, token: str | None, *, console: Console, dry_run: bool, force: bool
 ) -> Path | None:
     repo_id = hub_repo_id(model)
+    if revision is not None:
+        check_revision(revision)  # before any path is built from it or any request made
     hf_hub_cache()  # a cache path that cannot be a folder is refused before anything else
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
+        if force:
+            raise MistralError(
+                "HF_HUB_OFFLINE is set, so --force cannot fetch a fresh copy; unset it, or drop --force."
+            )
         return _offline_copy(model, repo_id, revision, console, "HF_HUB_OFFLINE is set")
     try:
         with _hub_errors(repo_id, revision):
@@ -405,7 +413,12 @@ def download_hub(
 
             info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=True)
     except _NetworkDown as exc:
-        return _offline_copy(model, repo_id, revision, console, str(exc))
+        if force:  # a fresh copy was asked for: the one in the cache is not the answer
+            raise MistralError(
+                f"{exc.reason}, so --force cannot fetch a fresh copy; check your network connection (or HF_ENDPOINT) "
+                "and run again."
+            ) from None
+        return _offline_copy(model, repo_id, revision, console, exc.reason)
     sha = info.sha
     if not sha or info.siblings is None:
         raise MistralError(f"The Hub at {constants.ENDPOINT} sent no file list for {repo_id}; check HF_ENDPOINT.")
@@ -545,15 +558,34 @@ def _offline_copy(model: str, repo_id: str, revision: str | None, console: Conso
         except MistralError:
             paths = None
         if paths is not None and paths.source == "hub-cache":
-            console.print(f"{why}: using the copy in the Hugging Face cache without checking for updates.")
+            console.print(f"{why}; using the copy in the Hugging Face cache without checking for updates.")
             return paths.folder
     if why.startswith("HF_HUB_OFFLINE"):
         raise MistralError(f"HF_HUB_OFFLINE is set and {repo_id} is not in the cache; unset it to download the model.")
-    raise MistralError(why)
+    raise MistralError(f"{why}; check your network connection (or HF_ENDPOINT) and run again.")
 
 
 class _NetworkDown(MistralError):
-    pass
+    """The Hub cannot be reached; `reason` is the fact alone ("Cannot reach the Hugging Face Hub at X (why)"), to
+    build either the error or the note that a cached copy is used instead."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; check your network connection (or HF_ENDPOINT) and run again.")
+        self.reason = reason
+
+
+# What `git check-ref-format` refuses in a branch or tag name (a commit id passes), and a leading "-": nothing that
+# could leave refs/ as a path or pass for an option.
+_BAD_REF = re.compile(r"^[-/]|^@$|\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|[/.]$|\.lock$|\.lock/|(^|/)\.")
+
+
+def check_revision(revision: str) -> None:
+    """Refuse a --revision that is neither a commit id nor a valid git ref name."""
+    if not revision or _BAD_REF.search(revision) or len(revision) > 255:
+        raise MistralError(
+            f"--revision {revision!r} is not a branch, tag or commit name (no '..', spaces, leading '-' or '/', "
+            "or the characters ~^:?*[\\); give one the repository has."
+        )
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -614,15 +646,17 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             ) from None
         raise MistralError(f"The Hub answered HTTP {status} for {repo_id}; try again later.") from None
     except LocalEntryNotFoundError:
-        raise _NetworkDown(
-            f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT}; check your network connection (or "
-            "HF_ENDPOINT) and run again."
-        ) from None
+        raise _NetworkDown(f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT}") from None
     except _transport_errors() as exc:
-        raise _NetworkDown(
-            f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({_reason(exc)}); check your network "
-            "connection (or HF_ENDPOINT) and run again."
-        ) from None
+        raise _NetworkDown(f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({_reason(exc)})") from None
+    except ValueError as exc:
+        # with force_download, huggingface_hub wraps the Hub's answer in "Force download failed due to the above
+        # error": the cause is what to report
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, ValueError):
+            raise
+        with _hub_errors(repo_id, revision):
+            raise cause from None
 
 
 @contextmanager
@@ -663,7 +697,8 @@ def download_tar(model: str, url: str | None, *, console: Console, dry_run: bool
         url = alias.tar_url
     if not name or name.startswith(".") or any(c in name for c in "/\\"):
         raise MistralError(f"{model!r} cannot name a model folder; give a simple name such as my-model.")
-    archive_name = PurePosixPath(urlsplit(url).path).name
+    url, headers = checked_url(url)
+    archive_name = PurePosixPath(urlsplit(url).path).name or f"{name}.tar"
     md5 = TAR_MD5.get(archive_name)
     home = models_home()
     dest = home / name
@@ -671,7 +706,7 @@ def download_tar(model: str, url: str | None, *, console: Console, dry_run: bool
         return dest
     partial = home / ".partial" / f"{name}.tar.part"
     meta_path = partial.with_name(partial.name + ".json")
-    size, validator = _head(url)
+    size, validator = _head(url, headers)
 
     have = partial.stat().st_size if partial.is_file() else 0
     if dry_run:
@@ -697,14 +732,25 @@ def download_tar(model: str, url: str | None, *, console: Console, dry_run: bool
         if size is not None:  # the archive, then as much again unpacked
             _check_disk(2 * size - have, home, "set MISTRAL_HOME to a folder on a larger disk")
 
+        def discard() -> None:  # the archive cannot become usable by resuming: start from zero next time
+            partial.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+
         with Transfer(console, (size or 0) - have) as transfer:
             advance = transfer.start_file(archive_name, size, have)
-            with _transfer_errors(partial, urlsplit(url).hostname or url):
-                digest = fetch(url, partial, size=size, headers=TAR_HEADERS, algo="md5" if md5 else None, advance=advance,
-                               validator=validator)  # fmt: skip
+            try:
+                with _transfer_errors(partial, urlsplit(url).hostname or url):
+                    digest = fetch(url, partial, size=size, headers=headers, algo="md5" if md5 else None,
+                                   advance=advance, validator=validator)  # fmt: skip
+            except MistralError:
+                if not partial.is_file() or partial.stat().st_size == 0:  # nothing to resume: leave nothing behind
+                    discard()
+                raise
+        if not partial.is_file() or partial.stat().st_size == 0:
+            discard()
+            raise MistralError(f"{url} sent an empty file, not a tar archive; check --url.")
         if md5 and digest != md5:
-            partial.unlink()
-            meta_path.unlink(missing_ok=True)
+            discard()
             raise MistralError(
                 f"{archive_name} failed its md5 check (published {md5}, received {digest}) and was removed; run the "
                 "same command to fetch it again."
@@ -713,20 +759,45 @@ def download_tar(model: str, url: str | None, *, console: Console, dry_run: bool
         try:
             _install(partial, dest, url=url, md5=md5, console=console)
         except UnsafeArchive as exc:
-            partial.unlink()  # it would be refused again: no point keeping it
-            meta_path.unlink(missing_ok=True)
+            discard()  # it would be refused again: no point keeping it
             raise MistralError(
                 f"Refused {archive_name}: {exc}; nothing was installed and the archive was removed."
             ) from None
-        partial.unlink()
-        meta_path.unlink(missing_ok=True)
+        discard()
     return dest
 
 
-def _head(url: str) -> tuple[int | None, str | None]:
+def checked_url(url: str) -> tuple[str, dict[str, str]]:
+    """An archive's address as it may be fetched: http(s) with a host, else one sentence (nothing is read from a
+    file:// or any other scheme). Credentials in it (`https://user:secret@host/...`) become HTTP basic auth, sent to
+    that host only, and the address without them is what is requested, printed and recorded."""
+    url = url.strip()
+    shown = re.sub(r"^([^:/?#]*:)?//[^/?#]*@", r"\1//***@", url)  # never print credentials (a user name can be a token)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:  # "Invalid IPv6 URL", a port out of range
+        parts, host = None, None
+    # http.client refuses spaces and control characters only once connected: refuse them here too
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not host or re.search(r"[\x00-\x20\x7f]", url):
+        raise MistralError(
+            f"--url {shown!r} is not an http(s) URL with a host name; give one such as https://host/model.tar."
+        )
+    userinfo, _, netloc = parts.netloc.rpartition("@")
+    headers = dict(TAR_HEADERS)
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        pair = f"{unquote(user)}:{unquote(password)}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return url, headers
+
+
+def _head(url: str, headers: dict[str, str]) -> tuple[int | None, str | None]:
     """Size and validator (ETag or date) of the archive, to check the disk and to resume only the same file."""
     try:
-        with _opener.open(_request(url, TAR_HEADERS, "HEAD"), timeout=TIMEOUT) as resp:
+        with _opener.open(_request(url, headers, "HEAD"), timeout=TIMEOUT) as resp:
             length = resp.headers.get("Content-Length")
             etag = resp.headers.get("ETag")
             # If-Range needs a strong validator; a weak ETag would make every resume start over
@@ -782,7 +853,8 @@ def _install(archive: Path, dest: Path, *, url: str, md5: str | None, console: C
 
 
 class UnsafeArchive(Exception):
-    pass
+    """An archive refused as it is (a member that is a link or leaves the folder, a broken tar): refetching it as it
+    is cannot help, so it is removed."""
 
 
 def check_member(member: tarfile.TarInfo) -> PurePosixPath | None:
@@ -797,11 +869,28 @@ def check_member(member: tarfile.TarInfo) -> PurePosixPath | None:
     return path if path.parts else None
 
 
+def check_tree(members: list[tuple[tarfile.TarInfo, PurePosixPath | None]]) -> None:
+    """UnsafeArchive when a member lies under a file, or a folder and a file share a path: what no folder can hold."""
+    files: set[PurePosixPath] = set()
+    folders: set[PurePosixPath] = set()
+    for member, path in members:
+        if path is None:
+            continue
+        above = next((p for p in path.parents if p in files), None)
+        if above is not None:
+            raise UnsafeArchive(f"member {member.name!r} lies under {str(above)!r}, which is a file")
+        if (path in folders and not member.isdir()) or (path in files and member.isdir()):
+            raise UnsafeArchive(f"member {member.name!r} is both a file and a folder")
+        (folders if member.isdir() else files).add(path)
+        folders.update(path.parents)
+
+
 def extract_safely(archive: Path, target: Path, console: Console) -> None:
     """Regular files and folders only, written by us (no tarfile.extract*): mode 0644/0755, no owners, no links."""
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = [(m, check_member(m)) for m in tar.getmembers()]
+            check_tree(members)
             total = sum(m.size for m, _ in members if m.isreg())
             target.mkdir(parents=True)
             with Transfer(console, total) as transfer:
@@ -822,7 +911,8 @@ def extract_safely(archive: Path, target: Path, console: Console) -> None:
                             advance(len(block))
                     os.chmod(out, 0o644)
     except (tarfile.TarError, EOFError) as exc:
-        raise MistralError(f"{archive} is not a valid tar archive ({exc}); delete it and run again.") from None
+        # resuming cannot mend it: refused like an unsafe one (first line only: tarfile lists every method it tried)
+        raise UnsafeArchive(f"it is not a readable tar archive ({str(exc).splitlines()[0].rstrip(':')})") from None
 
 
 def _model_root(scratch: Path) -> Path:
