@@ -56,24 +56,27 @@ def test_a_closed_stdout_is_one_sentence(env, hf_model_dir, command):
     assert "Standard output is closed" in one_sentence(r)
 
 
+def _with_a_planted_bug(env: dict[str, str], module: str, function: str, *argv: str) -> subprocess.CompletedProcess:
+    """`mistral ARGV` with mistral_cli.cli.MODULE.FUNCTION replaced by one that raises ValueError('planted')."""
+    plant = (
+        f"import sys; from mistral_cli.cli import {module}, app\n"
+        "def broken(**kw): raise ValueError('planted')\n"
+        f"{module}.{function} = broken\n"
+        f"sys.argv = ['mistral', *{list(argv)!r}]; app.main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", plant], env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_an_unexpected_error_is_one_sentence_and_a_saved_traceback(env, tmp_path):
     """A bug (here: one planted in `info`) prints one line that points to the traceback saved under the cache
     folder; MISTRAL_DEBUG=1 shows the traceback itself."""
-    plant = (
-        "import sys; from mistral_cli.cli import info, app\n"
-        "def broken(**kw): raise ValueError('planted')\n"
-        "info.run_info = broken\n"
-        "sys.argv = ['mistral', 'info']; app.main()\n"
-    )
-    r = subprocess.run([sys.executable, "-c", plant], env=env, capture_output=True, text=True, timeout=60)
+    r = _with_a_planted_bug(env, "info", "run_info", "info")
     line = one_sentence(r)
     assert "Internal error: ValueError: planted. This is a bug in mistral-cli" in line
     (saved,) = (tmp_path / "cache" / "mistral-cli" / "crashes").iterdir()
     assert str(saved) in line
     assert "Traceback" in saved.read_text() and "planted" in saved.read_text()
-    r = subprocess.run(
-        [sys.executable, "-c", plant], env={**env, "MISTRAL_DEBUG": "1"}, capture_output=True, text=True, timeout=60
-    )
+    r = _with_a_planted_bug({**env, "MISTRAL_DEBUG": "1"}, "info", "run_info", "info")
     assert r.returncode != 0 and "Traceback" in r.stderr and "ValueError: planted" in r.stderr
 
 
@@ -514,12 +517,6 @@ def test_help_shows_a_default_for_every_option():
 
 
 def test_verbose_shows_the_traceback_of_an_unexpected_error(env):
-    plant = (
-        "import sys; from mistral_cli.cli import complete, app\n"
-        "def broken(**kw): raise ValueError('planted')\n"
-        "complete.run_complete = broken\n"
-        "sys.argv = ['mistral', 'complete', '--verbose', 'Hi']; app.main()\n"
-    )
-    r = subprocess.run([sys.executable, "-c", plant], env=env, capture_output=True, text=True, timeout=60)
+    r = _with_a_planted_bug(env, "complete", "run_complete", "complete", "--verbose", "Hi")
     assert "Traceback" in r.stderr and "ValueError: planted" in r.stderr
     assert r.stderr.rstrip().splitlines()[-1].startswith("mistral: error: Internal error: ValueError: planted.")

@@ -12,10 +12,12 @@ from functools import partial
 import pytest
 import torch
 
-from mistral_cli.engine.load import load_model
+from mistral_cli.engine.engine import ROW_BY_ROW
+from mistral_cli.engine.load import load_engine, load_model
 from mistral_cli.model.placement import Placement
 from mistral_cli.native import kernels
 from mistral_cli.native.decode import use_kernels
+from mistral_cli.options import LoadOptions
 from tiny import write_hf
 
 BF16 = Placement(torch.device("cpu"), torch.bfloat16)
@@ -211,7 +213,9 @@ ASAN_SCRIPT = """
 import torch
 from mistral_cli.native import kernels
 from mistral_cli.native.decode import use_kernels
-from mistral_cli.engine.load import load_model
+from mistral_cli.options import LoadOptions
+from mistral_cli.engine.engine import ROW_BY_ROW
+from mistral_cli.engine.load import load_engine, load_model
 from mistral_cli.model.placement import Placement
 from tiny import TinySpec, random_state_dict, write_hf
 ops = kernels.native()
@@ -444,6 +448,32 @@ def test_one_call_per_step_after_rewinding(ops, wide_model):
         model(tokens, fresh)
         once = fused(int(tokens[0, 5]), fresh, 12)
     assert torch.equal(again, once)
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_a_short_prompt_is_fed_as_decode_steps(ops, wide_model, mode):
+    """A prompt of up to ROW_BY_ROW[mode] new tokens goes through the whole-step call one token at a time (a batch
+    would dequantize every weight for two rows): its logits are the steps' bit for bit, and within bf16 rounding of
+    the batched forward; one token more is a batch again."""
+    engine = load_engine(wide_model, LoadOptions(dtype="bf16", quantize=mode, prepare=False))
+    assert engine._fused is not None
+    n = ROW_BY_ROW[mode]
+    prompt = [1] + torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(13)).tolist()
+    with torch.inference_mode():
+        cache = engine.model.new_cache()
+        steps = [engine._fused(t, cache, i) for i, t in enumerate(prompt)]
+        batched = [engine.model(torch.tensor([prompt[: m + 1]]), engine.model.new_cache(), last_only=True)[0, -1]
+                   for m in (n - 1, n)]  # fmt: skip
+    for m in (n - 1, n):
+        engine.reset()
+        logits, fed = engine.prefill(prompt[: m + 1])
+        assert fed == m + 1
+        batch = batched[m - n + 1]
+        assert (logits.float() - batch.float()).norm() <= 0.05 * batch.float().norm()
+        if m < n:
+            assert torch.equal(logits, steps[m])
+        else:
+            assert torch.equal(logits, batch)
 
 
 def test_one_call_per_step_only_where_it_fits(ops, tmp_path, tiny_spec):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -269,12 +269,13 @@ def complete(
     from mistral_cli.cli.complete import run_complete
 
     with _reported():
-        s = settings.of(ctx)
-        generation = s.checked(GenerationOptions, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])  # fmt: skip
-        loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
-                            max_context=max_context, threads=threads, compile=compile,
-                            prepare=not no_prepare)  # fmt: skip
+        generation, loading = _run_options(
+            ctx,
+            dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                 repeat_penalty=repeat_penalty, seed=seed, stop=stop or []),
+            dict(device=device.value, dtype=dtype.value, quantize=quantize.value, max_context=max_context,
+                 threads=threads, compile=compile, prepare=not no_prepare),
+        )  # fmt: skip
         run_complete(
             prompt=prompt,
             model=model,
@@ -321,12 +322,13 @@ def chat(
     from mistral_cli.cli.chat import run_chat
 
     with _reported():
-        s = settings.of(ctx)
-        generation = s.checked(GenerationOptions, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])  # fmt: skip
-        loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
-                            max_context=max_context, threads=threads, compile=compile,
-                            prepare=not no_prepare)  # fmt: skip
+        generation, loading = _run_options(
+            ctx,
+            dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                 repeat_penalty=repeat_penalty, seed=seed, stop=stop or []),
+            dict(device=device.value, dtype=dtype.value, quantize=quantize.value, max_context=max_context,
+                 threads=threads, compile=compile, prepare=not no_prepare),
+        )  # fmt: skip
         run_chat(
             model=model,
             generation=generation,
@@ -415,6 +417,15 @@ def info(
         loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
                             max_context=max_context)  # fmt: skip
         run_info(model=model, json_out=json_out, loading=loading, settings=s, prune=prune)
+
+
+def _run_options(
+    ctx: typer.Context, generation: dict[str, Any], loading: dict[str, Any]
+) -> tuple[GenerationOptions, LoadOptions]:
+    """The options a command that runs the model was given, each completed from the environment and the config
+    file where the command line left it at its default, and checked."""
+    s = settings.of(ctx)
+    return s.checked(GenerationOptions, **generation), s.checked(LoadOptions, **loading)
 
 
 @contextmanager

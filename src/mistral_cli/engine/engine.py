@@ -96,6 +96,13 @@ class StopMatcher:
         return s
 
 
+# The most new prompt tokens fed one at a time through the whole-step kernels (FusedStep) rather than as one batch.
+# A batch dequantizes every int8/int4 weight into a float GEMM, a fixed cost of several decode steps (more in a fresh
+# process, which faults in the buffers): measured per 7B layer (BENCHMARKS.md, "Short prompts"), row by row is
+# ahead up to about 32 rows for int4, 8 for int8 and 2 for bf16. A pipeline's `complete "Hello"` is 2 tokens.
+ROW_BY_ROW = {"int4": 16, "int8": 6, "none": 2}
+
+
 class Engine:
     def __init__(
         self,
@@ -166,8 +173,9 @@ class Engine:
         self.cache.truncate(common)
         self.tokens = self.tokens[:common]
         new = prompt[common:]
-        if self._fused is not None and len(new) == 1:
-            logits = self._fused(new[0], self.cache, common)
+        if self._fused is not None and len(new) <= ROW_BY_ROW.get(self.quantize, 1):
+            for i, token in enumerate(new):  # a few rows: decode steps, which read each weight as it is stored
+                logits = self._fused(token, self.cache, common + i)
         else:
             x = torch.tensor([new], dtype=torch.long, device=self.placement.device)
             logits = self.model(x, self.cache, common, last_only=True)[0, -1]

@@ -207,7 +207,8 @@ def restore(path: Path, cfg: ModelConfig, device: torch.device, kernels: Kernels
             module.register_buffer(buffer, _to(tensors.pop(f"{name}.{buffer}"), device))
         quant.replace_module(model, name, module)
     state = {k: _to(v, device) for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # the layers above hold the rest
+    # not strict: the quantized layers above hold their own tensors; what is still on "meta" after this is missing
+    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unexpected or left:
         raise ValueError(f"its tensors do not fit the model ({(unexpected or left)[0]})")
