@@ -161,7 +161,7 @@ def main() -> None:
             {
                 f
                 for f in Path("/proc/cpuinfo").read_text().split()
-                if f.startswith(("avx512_bf16", "avx512_vnni", "avx_vnni", "avx2"))
+                if f.startswith(("avx512_bf16", "avx512_vnni", "avx_vnni", "avx2", "amx"))
             }
         )
         if Path("/proc/cpuinfo").exists()

@@ -24,6 +24,8 @@ ALLOWED = {
     "hub": BASE | {"model"},
     "native": BASE | {"model"},
     "engine": BASE | {"model", "native", "text"},
+    "remote": BASE | {"text", "engine"},
+    "serve": BASE | {"engine", "text"},
 }
 NETWORK = ("model/transformer.py", "model/cache.py", "model/config.py")
 
@@ -98,7 +100,8 @@ def _writes(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "layer", ["model", "native", "engine", "text", "options.py", "errors.py", "hardware.py", "atomic.py"]
+    "layer",
+    ["model", "native", "engine", "text", "remote", "serve", "options.py", "errors.py", "hardware.py", "atomic.py"],
 )
 def test_below_the_command_line_nothing_writes_to_the_terminal(layer):
     """The engine yields tokens and never prints; the command line owns all terminal I/O."""

@@ -207,6 +207,27 @@ NoPrepare = Annotated[
     ),
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Timings and speeds on stderr \\[default: off].")]
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="MISTRAL_SERVER",
+        help="Use the model of an OpenAI-compatible server at this URL (with or without /v1) instead of loading one: "
+        "mistral serve, vLLM, llama.cpp's server, Ollama \\[default: none].",
+        rich_help_panel="Remote",
+        show_default=False,
+    ),
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="MISTRAL_API_KEY",
+        help="Bearer key for the server (never printed) \\[default: none].",
+        rich_help_panel="Remote",
+        show_default=False,
+    ),
+]
 
 
 @app.command(epilog=SETTINGS_EPILOG)
@@ -264,9 +285,12 @@ def complete(
             "instead of failing \\[default: off].",
         ),
     ] = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Continue a prompt (argument or stdin) and print only the generated text: made for shell pipelines."""
     from mistral_cli.cli.complete import run_complete
+    from mistral_cli.cli.remote import remote_engine
 
     with _reported():
         generation, loading = _run_options(
@@ -276,6 +300,7 @@ def complete(
             dict(device=device.value, dtype=dtype.value, quantize=quantize.value, max_context=max_context,
                  threads=threads, compile=compile, prepare=not no_prepare),
         )  # fmt: skip
+        remote = remote_engine(ctx, server, api_key)
         run_complete(
             prompt=prompt,
             model=model,
@@ -288,6 +313,7 @@ def complete(
             json_out=json_out,
             echo=echo,
             truncate=truncate,
+            remote=remote,
         )
 
 
@@ -317,9 +343,12 @@ def chat(
     load: Annotated[
         Path | None, typer.Option("--load", help="Start from a conversation saved with /save \\[default: none].")
     ] = None,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Talk with the model in an interactive session (type /help inside)."""
     from mistral_cli.cli.chat import run_chat
+    from mistral_cli.cli.remote import remote_engine
 
     with _reported():
         generation, loading = _run_options(
@@ -329,6 +358,7 @@ def chat(
             dict(device=device.value, dtype=dtype.value, quantize=quantize.value, max_context=max_context,
                  threads=threads, compile=compile, prepare=not no_prepare),
         )  # fmt: skip
+        remote = remote_engine(ctx, server, api_key)
         run_chat(
             model=model,
             generation=generation,
@@ -336,6 +366,7 @@ def chat(
             verbose=verbose,
             system=system,
             load=load,
+            remote=remote,
         )
 
 
@@ -407,16 +438,75 @@ def info(
             "--prune", help="Remove the prepared weights (of MODEL, or all) from the cache folder \\[default: off]."
         ),
     ] = False,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Show a model's architecture, files and memory needs, or list the models on disk; with the settings in effect
-    and where each comes from."""
+    and where each comes from; with --server, the models that server lists."""
     from mistral_cli.cli.info import run_info
+    from mistral_cli.cli.remote import remote_engine
 
     with _reported():
         s = settings.of(ctx)
         loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
                             max_context=max_context)  # fmt: skip
-        run_info(model=model, json_out=json_out, loading=loading, settings=s, prune=prune)
+        remote = remote_engine(ctx, server, api_key)
+        run_info(model=model, json_out=json_out, loading=loading, settings=s, prune=prune, remote=remote)
+
+
+@app.command(epilog=SETTINGS_EPILOG)
+def serve(
+    ctx: typer.Context,
+    model: Annotated[
+        str, typer.Argument(help="Alias, Hugging Face repo id or local folder. \\[env var: MISTRAL_MODEL]")
+    ] = DEFAULT_MODEL,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 is every interface.", rich_help_panel="Server")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option("--port", min=0, max=65535, help="Port to listen on (0: a free one).", rich_help_panel="Server"),
+    ] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="MISTRAL_API_KEY",
+            help="Key every /v1 request must send as `Authorization: Bearer KEY` (never printed) \\[default: none, "
+            "open to all who can connect].",
+            rich_help_panel="Server",
+            show_default=False,
+        ),
+    ] = None,
+    queue: Annotated[
+        int,
+        typer.Option(
+            "--queue",
+            min=0,
+            help="Requests that may wait behind the running one; more get a 503.",
+            rich_help_panel="Server",
+        ),
+    ] = 16,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    dtype: DTypeOpt = DEFAULT_DTYPE,
+    quantize: QuantizeOpt = DEFAULT_QUANTIZE,
+    max_context: MaxContext = DEFAULTS["max_context"],
+    threads: Threads = DEFAULTS["threads"],
+    compile: Compile = False,
+    no_prepare: NoPrepare = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Speeds per request, uvicorn's log, tracebacks \\[default: off].")
+    ] = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), one
+    request at a time."""
+    from mistral_cli.cli.serve import run_serve
+
+    with _reported():
+        s = settings.of(ctx)
+        loading = s.checked(LoadOptions, device=device.value, dtype=dtype.value, quantize=quantize.value,
+                            max_context=max_context, threads=threads, compile=compile, prepare=not no_prepare)  # fmt: skip
+        run_serve(model=model, host=host, port=port, api_key=api_key, waiting=queue, loading=loading, verbose=verbose)
 
 
 def _run_options(
@@ -496,7 +586,9 @@ def _crash_report(exc: BaseException) -> str:
 
     from mistral_cli import atomic
 
-    text = f"mistral-cli {__version__}, {' '.join(sys.argv)}\n\n" + "".join(traceback.format_exception(exc))
+    argv = [("***" if i and sys.argv[i - 1] == "--api-key" else a) for i, a in enumerate(sys.argv)]  # never the key
+    argv = [a.split("=", 1)[0] + "=***" if a.startswith("--api-key=") else a for a in argv]
+    text = f"mistral-cli {__version__}, {' '.join(argv)}\n\n" + "".join(traceback.format_exception(exc))
     try:
         folder = user_cache_path("mistral-cli") / "crashes"
         folder.mkdir(parents=True, exist_ok=True)

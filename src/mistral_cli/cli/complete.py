@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mistral_cli.cli import banner
+from mistral_cli.engine.events import Done
 from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.options import GenerationOptions, LoadOptions
+
+if TYPE_CHECKING:
+    from mistral_cli.remote.client import RemoteEngine
 
 MAX_INPUT_BYTES = 64 << 20  # stdin is read no further: far more text than any context holds (32768 x 25 bytes)
 
@@ -167,6 +171,7 @@ def run_complete(
     json_out: bool,
     echo: bool,
     truncate: bool = False,
+    remote: RemoteEngine | None = None,
 ) -> None:
     opts = generation.with_seed()  # a random run can be repeated: the seed is reported
     conversation = None
@@ -180,11 +185,64 @@ def run_complete(
         if not text.strip():
             raise UsageError("The prompt is empty.")
         instruct = instruct or system is not None  # a system prompt only makes sense in the instruct format
+    raw = conversation is None and not instruct
 
+    engine: Any
+    if remote is None:
+        engine = _load(model, loading, verbose)
+        events = engine.generate(
+            _prompt_ids(engine, text, conversation, opts, instruct=instruct, system=system, truncate=truncate),
+            opts,
+            leading_space=raw,
+        )
+    else:
+        if truncate:
+            sys.stderr.write("mistral: note: --truncate does nothing with --server: the server decides what fits.\n")
+        engine = remote.connect() if remote.model is None else remote
+        model = engine.model
+        if verbose:
+            sys.stderr.write(f"mistral: {model} on {engine.url}\n")
+        if raw:
+            events = engine.complete(text or "", opts)
+        else:
+            from mistral_cli.text.chat_format import Message
+
+            events = engine.chat(conversation or [Message("user", text or "")], opts, system=system)
+
+    out = sys.stdout.buffer
+    if echo and not json_out:
+        _write(out, text if conversation is None else conversation[-1].content)
+        if not raw:
+            _write(out, "\n\n")
+    last = ""
+    try:
+        for event in events:
+            if isinstance(event, Done):
+                done = event
+            elif not json_out and event.text:
+                _write(out, event.text)
+                last = event.text
+    except MistralError:
+        if last and not last.endswith("\n"):
+            _write(out, "\n")  # what came stays, on a line of its own
+        raise
+    if json_out:
+        result = _json_result(done, engine, model, opts)
+        if remote is not None:
+            result["server"] = remote.url
+        _write(out, json.dumps(result, ensure_ascii=False) + "\n")
+    elif not last.endswith("\n"):
+        _write(out, "\n")
+    if verbose and remote is None:
+        _report(done, engine)
+    elif verbose:
+        _report_remote(done)
+
+
+def _load(model: str, loading: LoadOptions, verbose: bool) -> Any:
     from rich.console import Console
 
     from mistral_cli.cli.loading import load
-    from mistral_cli.engine.engine import Done
     from mistral_cli.hub.models import resolve_model
 
     paths = resolve_model(model)
@@ -194,6 +252,20 @@ def run_complete(
             f"mistral: loaded {paths.folder} on {banner.hardware(engine)} in {engine.load_s:.2f} s "
             f"({engine.weights_note})\n"
         )
+    return engine
+
+
+def _prompt_ids(
+    engine: Any,
+    text: str | None,
+    conversation: list | None,
+    opts: GenerationOptions,
+    *,
+    instruct: bool,
+    system: str | None,
+    truncate: bool,
+) -> list[int]:
+    """The prompt's token ids for the local engine, cut to fit with `truncate`, else refused when too long."""
     tok = engine.tokenizer
     if truncate:
         ids, note = truncate_prompt(tok, text, engine.max_context, opts.max_tokens, instruct=instruct, system=system,
@@ -205,26 +277,7 @@ def run_complete(
         ids = build_prompt(tok, text, instruct=instruct, system=system, messages=conversation)
     if len(ids) >= engine.max_context:
         raise too_long(len(ids), engine.max_context)
-
-    out = sys.stdout.buffer
-    if echo and not json_out:
-        _write(out, text if conversation is None else conversation[-1].content)
-        if instruct or conversation is not None:
-            _write(out, "\n\n")
-    raw = conversation is None and not instruct
-    last = ""
-    for event in engine.generate(ids, opts, leading_space=raw):
-        if isinstance(event, Done):
-            done = event
-        elif not json_out and event.text:
-            _write(out, event.text)
-            last = event.text
-    if json_out:
-        _write(out, json.dumps(_json_result(done, engine, model, opts), ensure_ascii=False) + "\n")
-    elif not last.endswith("\n"):
-        _write(out, "\n")
-    if verbose:
-        _report(done, engine)
+    return ids
 
 
 def _write(out: BinaryIO, text: str) -> None:
@@ -248,6 +301,14 @@ def _json_result(done: Any, engine: Any, model: str, opts: GenerationOptions) ->
         "seed": opts.seed,
         "options": opts.to_dict(),
     }
+
+
+def _report_remote(done: Any) -> None:
+    sys.stderr.write(
+        f"mistral: prompt {done.prompt_tokens} tokens, first token after {done.prefill_s:.2f} s; "
+        f"generated {done.completion_tokens} tokens in {done.decode_s:.2f} s ({done.decode_tokens_per_s:.1f} tokens/s); "
+        f"finish: {done.finish_reason}\n"
+    )
 
 
 def _report(done: Any, engine: Any) -> None:

@@ -2,7 +2,7 @@
 
 Never loads weights and never imports torch (nor huggingface_hub): configs and safetensors headers are read by hand,
 and the device that would be used is guessed from the machine (driver files, the torch build on disk), so the
-answer comes in a few tens of milliseconds.
+answer comes in a few tens of milliseconds. With --server: the models that server lists (GET /v1/models).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mistral_cli.errors import MistralError
+from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.hardware import c_compiler, dtype_name, kernels_blocker
 from mistral_cli.hub.models import (
     SOURCE_FILE,
@@ -38,6 +38,7 @@ from mistral_cli.model.prepared_files import list_prepared
 if TYPE_CHECKING:
     from mistral_cli.cli.settings import Settings
     from mistral_cli.options import LoadOptions
+    from mistral_cli.remote.client import RemoteEngine
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -49,7 +50,13 @@ def run_info(
     loading: LoadOptions,
     settings: Settings | None = None,
     prune: bool = False,
+    remote: RemoteEngine | None = None,
 ) -> None:
+    if remote is not None:
+        if prune:
+            raise UsageError("--prune removes prepared weights from this machine; leave it out with --server.")
+        _print_served(remote, json_out)
+        return
     if prune:
         _prune(model)
         return
@@ -346,4 +353,29 @@ def _print_list(json_out: bool) -> None:
         command = " ".join(download_command(m.name, tar=m.source == "tar"))
         name = m.name if m.complete else f"{m.name} (incomplete: run `{command}`)"
         table.add_row(name, human_bytes(m.bytes), m.source, str(m.folder))
+    _emit(table)
+
+
+def _print_served(remote: RemoteEngine, json_out: bool) -> None:
+    """The models a server lists (MODEL, when given, alone), with the context each has where the server says
+    (vLLM's max_model_len)."""
+    models = remote.models()
+    if remote.model is not None:
+        models = [m for m in models if m["id"] == remote.model]
+        if not models:
+            raise MistralError(f"The server at {remote.url} lists no model {remote.model!r}.")
+    if json_out:
+        print(json.dumps({"server": remote.url, "models": models}, indent=2, ensure_ascii=False))
+        return
+    if not models:
+        sys.stderr.write(f"The server at {remote.url} lists no models.\n")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "context", "owned by"):
+        table.add_column(column, overflow="fold")
+    for m in models:
+        context = m.get("max_model_len")
+        table.add_row(m["id"], f"{context:,}" if isinstance(context, int) else "-", str(m.get("owned_by") or "-"))
     _emit(table)

@@ -73,6 +73,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "chat": tuple(SPECS),
     "download": ("model",),
     "info": ("device", "dtype", "quantize", "max_context"),
+    "serve": ("model", "device", "dtype", "quantize", "max_context", "threads"),  # a request brings its own sampling
 }
 
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a string or a list of strings"}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mistral_cli.engine.cuda import GraphedDecode, TokenReader, compile_decode, graphs_wanted
+from mistral_cli.engine.events import Chunk, Done
 from mistral_cli.engine.sampling import Sampler, check_finite
 from mistral_cli.errors import MistralError
 from mistral_cli.model.cache import KVCache
@@ -30,37 +31,6 @@ from mistral_cli.native import kernels
 from mistral_cli.native.decode import FusedStep
 from mistral_cli.options import GenerationOptions
 from mistral_cli.text.tokenizer import Tokenizer
-
-
-@dataclass
-class Chunk:
-    text: str  # may be "" while a multi-byte character or a possible stop string is pending
-    token: int
-
-
-@dataclass
-class Done:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" | "length" | "stop_sequence" | "context"
-    prompt_tokens: int
-    prefilled_tokens: int  # prompt tokens that were not already in the cache
-    prefill_s: float
-    decode_s: float
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        # the first token comes out of the prefill; the decode steps produce the rest
-        steps = max(len(self.tokens) - 1, 0)
-        return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
 @dataclass

@@ -3,7 +3,8 @@
 On a terminal: a prompt-toolkit prompt (prompt.py) and replies streamed as Markdown with Rich (views.py). When stdin
 or stdout is not a terminal, each input line is one message (slash commands work too) and replies are plain text on
 stdout, notes on stderr. The session's state and turns are in session.py, the slash commands in commands.py, the
-history logic in text/conversation.py; this module starts it all: the model found (or downloaded), loaded, the loop.
+history logic in text/conversation.py; this module starts it all: the model found (or downloaded), loaded, the loop;
+or, with --server, the server asked for its model (remote/client.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from mistral_cli.options import GenerationOptions, LoadOptions
 from mistral_cli.text.conversation import Conversation
 
 if TYPE_CHECKING:
+    from mistral_cli.engine.engine import Engine
     from mistral_cli.hub.models import ModelPaths
+    from mistral_cli.remote.client import RemoteEngine
 
 
 def _resolve(model: str, err: Console, interactive: bool) -> ModelPaths:
@@ -55,32 +58,37 @@ def run_chat(
     verbose: bool,
     system: str | None,
     load: Path | None,
+    remote: RemoteEngine | None = None,
 ) -> None:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     out = Console(highlight=False)
     out.soft_wrap = not out.is_terminal  # lines in a pipe or file stay whole
     err = Console(stderr=True, highlight=False)
     err.soft_wrap = not err.is_terminal
-    paths = _resolve(model, err, interactive)
-    engine = loading_.load(paths, loading, err)
-    name = paths.folder.name if paths.source == "local" else paths.name
+    engine: Engine | RemoteEngine
+    if remote is None:
+        paths = _resolve(model, err, interactive)
+        engine = loading_.load(paths, loading, err)
+        name, folder = (paths.folder.name if paths.source == "local" else paths.name), paths.folder
+        where = f"{banner.hardware(engine)} · {kilo(engine.max_context)} context · loaded in {engine.load_s:.1f} s"
+    else:
+        engine = remote.connect()  # one request: the model, its context, and that the server answers at all
+        name, folder = str(engine.model), None
+        where = f"{engine.url} · {kilo(engine.max_context)} context"
     chat = Session(
         engine,
-        Conversation(engine.tokenizer, system),
+        Conversation(engine.tokenizer, system),  # a server's tokenizer is an estimate
         generation,
         model=name,
         out=out,
         notes=out if interactive else err,
         markdown=out.is_terminal,
         verbose=verbose,
-        folder=paths.folder,
+        folder=folder,
     )
     if verbose or interactive:
-        chat.note(
-            f"{name} · {banner.hardware(engine)} · {kilo(engine.max_context)} context · loaded in {engine.load_s:.1f} s. "
-            "/help lists the commands; Ctrl-D leaves."
-        )
-    if verbose:
+        chat.note(f"{name} · {where}. /help lists the commands; Ctrl-D leaves.")
+    if verbose and remote is None:
         chat.note(f"Weights: {engine.weights_note}.")
     if load is not None:
         chat.load(load, system)

@@ -134,27 +134,47 @@ def _load(s: Session, arg: str) -> None:
     s.load(Path(arg).expanduser())
 
 
-def _context_row(used: int, max_context: int) -> str:
+def _context_row(used: int, max_context: int, about: str = "") -> str:
     if used <= max_context:
-        return f"{used:,} of {max_context:,} tokens used"
-    return f"full: the history is {used:,} tokens of {max_context:,}; the next message drops the oldest exchanges"
+        return f"{about}{used:,} of {max_context:,} tokens used"
+    return (
+        f"full: the history is {about}{used:,} tokens of {max_context:,}; the next message drops the oldest exchanges"
+    )
 
 
 def _info(s: Session, arg: str) -> None:
     e, conv = s.engine, s.conv
     dropped = len(conv.archived)
-    rows = [
-        ("model", f"{s.model}" + (f" ({s.folder})" if s.folder else "")),
-        ("device", banner.hardware(s.engine)),
-        ("context", _context_row(conv.tokens_used(), e.max_context)),
-        ("cache", f"{len(e.tokens):,} tokens held"),
-        ("history", count(len(conv.exchanges), "exchange") + (f", {dropped} dropped" if dropped else "")),
+    history = count(len(conv.exchanges), "exchange") + (f", {dropped} dropped" if dropped else "")
+    if s.remote:
+        rows = [
+            ("model", f"{s.model}, remote: served by {e.url}"),
+            ("context", _context_row(conv.tokens_used(), e.max_context, "~") + " (estimated: 3 bytes a token)"),
+        ]
+    else:
+        rows = [
+            ("model", f"{s.model}" + (f" ({s.folder})" if s.folder else "")),
+            ("device", banner.hardware(e)),
+            ("context", _context_row(conv.tokens_used(), e.max_context)),
+            ("cache", f"{len(e.tokens):,} tokens held"),
+        ]
+    rows += [
+        ("history", history),
         ("system", repr(conv.system) if conv.system else "none"),
         ("options", ", ".join(f"{k}={v}" for k, v in s.opts.to_dict().items())),
-        ("load", f"{e.load_s:.2f} s; {e.weights_note}"),
     ]
+    if not s.remote:
+        rows.append(("load", f"{e.load_s:.2f} s; {e.weights_note}"))
     d = s.last_done
-    if d is not None:
+    if d is not None and s.remote:
+        rows.append(
+            (
+                "last reply",
+                f"{d.completion_tokens} tokens at {d.decode_tokens_per_s:.1f} tokens/s; first token after "
+                f"{d.prefill_s:.2f} s ({d.prompt_tokens} prompt tokens); seed {s.last_seed}; finish: {d.finish_reason}",
+            )
+        )
+    elif d is not None:
         rows.append(
             (
                 "last reply",
@@ -181,7 +201,7 @@ COMMANDS: dict[str, Command] = {
     "/retry": Command("", "answer the last message again", _retry),
     "/save": Command("[FILE]", "write the conversation as JSON (the `complete --messages` format)", _save),
     "/load": Command("FILE", "continue a saved conversation", _load),
-    "/info": Command("", "model, device, context used, speeds", _info),
+    "/info": Command("", "model, device (or server), context used, speeds", _info),
 }
 ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/reset": "/clear"}
 

@@ -1,10 +1,15 @@
 """One chat session apart from its input: the engine, the conversation, the generation options, and the turns that
-stream replies into a view; errors in one turn are reported and the session goes on."""
+stream replies into a view; errors in one turn are reported and the session goes on.
+
+The engine is a local Engine or a server's RemoteEngine (remote/client.py): both yield Chunks and a Done. They differ
+in one place, `_generate`: the local engine reads the prompt's token ids, so that its cache keeps what it can; a server
+reads the messages those ids encode, and the conversation's token counts are an estimate (shown with "~")."""
 
 from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +20,7 @@ from mistral_cli.cli.chat import commands
 from mistral_cli.cli.chat.views import MarkdownView, PlainView
 from mistral_cli.errors import MistralError
 from mistral_cli.options import GenerationOptions
+from mistral_cli.remote.client import RemoteEngine
 from mistral_cli.text.conversation import CUT_REASONS, Conversation, Prompt, reply_room
 
 if TYPE_CHECKING:
@@ -33,7 +39,7 @@ class Session:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | RemoteEngine,
         conversation: Conversation,
         options: GenerationOptions,
         *,
@@ -45,6 +51,7 @@ class Session:
         folder: Path | None = None,
     ) -> None:
         self.engine, self.conv, self.opts = engine, conversation, options
+        self.remote = isinstance(engine, RemoteEngine)
         self.model, self.folder = model, folder
         self.out, self.notes = out, notes  # command output; incidental notes (stderr when not interactive)
         self.markdown, self.verbose = markdown, verbose
@@ -89,7 +96,8 @@ class Session:
 
     def status_line(self) -> str:
         used = min(self.conv.tokens_used(), self.engine.max_context)  # a reply that filled it counts 2 more
-        parts = [self.model, f"{kilo(used)}/{kilo(self.engine.max_context)} tokens"]
+        about = "~" if self.remote else ""
+        parts = [self.model, f"{about}{kilo(used)}/{kilo(self.engine.max_context)} tokens"]
         if self.last_speed is not None:
             parts.append(f"{self.last_speed:.1f} tok/s")
         return " · ".join(parts)
@@ -104,7 +112,7 @@ class Session:
 
     def reply(self, prompt: Prompt) -> None:
         """Generate the reply to the last message, streaming it; Ctrl-C keeps what came so far, marked as cut."""
-        from mistral_cli.engine.engine import Done
+        from mistral_cli.engine.events import Done
 
         if prompt.dropped:
             n = len(prompt.dropped)
@@ -120,12 +128,13 @@ class Session:
         view: PlainView | MarkdownView = MarkdownView(self.out, waiting) if self.markdown else PlainView(self.notes)
         parts: list[str] = []
         sampled: list[int] = []
-        finish, started = "interrupted", None
-        events = self.engine.generate(prompt.ids, opts)
+        finish, started, done = "interrupted", None, None
+        events = self._generate(prompt, opts)
         try:
             for event in events:
                 if isinstance(event, Done):
-                    self.last_done, finish = event, event.finish_reason
+                    done = self.last_done = event
+                    finish = event.finish_reason
                     continue
                 if started is None:
                     started = time.perf_counter()
@@ -141,7 +150,7 @@ class Session:
             raise
         finally:
             events.close()
-            if finish in ("error", "interrupted") and not sampled:
+            if finish in ("error", "interrupted") and not sampled and not parts:
                 view.end(None)
                 # Stopped before the first token (while reading the prompt): as if the message had not been sent,
                 # so the next one is a turn of its own. The prompt's history (up arrow) still has it.
@@ -153,13 +162,26 @@ class Session:
                 self.conv.answer("".join(parts), finish, sampled)
             if started is not None and len(sampled) > 1:  # the first token comes from the prefill, not a decode step
                 self.last_speed = (len(sampled) - 1) / (time.perf_counter() - started)
-        if self.verbose and finish not in ("interrupted", "error"):
+            elif done is not None and done.completion_tokens > 1:  # a server sends no ids: its own count
+                self.last_speed = done.decode_tokens_per_s
+        if self.verbose and self.remote and done is not None:
+            self.note(
+                f"prompt {done.prompt_tokens} tokens, first token after {done.prefill_s:.2f} s; "
+                f"{done.completion_tokens} tokens in {done.decode_s:.2f} s ({done.decode_tokens_per_s:.1f} tokens/s); "
+                f"finish: {done.finish_reason}"
+            )
+        elif self.verbose and finish not in ("interrupted", "error"):
             d = self.last_done
             self.note(
                 f"prompt {d.prompt_tokens} tokens, {d.prefilled_tokens} new, read in {d.prefill_s:.2f} s "
                 f"({d.prefill_tokens_per_s:.1f} tokens/s); {d.completion_tokens} tokens in {d.decode_s:.2f} s "
                 f"({d.decode_tokens_per_s:.1f} tokens/s); finish: {d.finish_reason}"
             )
+
+    def _generate(self, prompt: Prompt, opts: GenerationOptions) -> Iterator[Any]:
+        if isinstance(self.engine, RemoteEngine):
+            return self.engine.chat(self.conv.messages(), opts, system=self.conv.system)
+        return self.engine.generate(prompt.ids, opts)
 
     def load(self, path: Path, system: str | None = None) -> None:
         """Continue the conversation in `path`; `system`, when given, replaces the file's system prompt."""

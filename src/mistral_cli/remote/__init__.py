@@ -1,0 +1,1 @@
+"""Models on an OpenAI-compatible server (`--server`): mistral serve, vLLM, llama.cpp's server, Ollama, a hosted API."""
