@@ -85,9 +85,12 @@ def mistral(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess
 
 
 def start(env: dict[str, str], *args: str) -> subprocess.Popen:
+    """`mistral ARGS` running, with Ctrl-C's default handling (a run started in the background ignores SIGINT, and
+    its children would inherit that)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mistral_cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-m", "mistral_cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def ok(r: subprocess.CompletedProcess) -> Path:

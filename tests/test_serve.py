@@ -45,6 +45,7 @@ class Served:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mistral_cli", "serve", *args, "--port", "0"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even when the tests run in the background
         )  # fmt: skip
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
