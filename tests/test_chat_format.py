@@ -250,3 +250,26 @@ def test_save_writes_a_plain_list_that_loads_back(tmp_path):
 def test_save_to_a_missing_folder(tmp_path):
     with pytest.raises(MistralError, match="Cannot write messages file"):
         save_messages(tmp_path / "no" / "such" / "dir.json", conv((U, "q")))
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [conv((U, "Hi"), (A, "The answer is")), conv((S, "sys"), (U, "a"), (A, "b"), (U, "c"), (A, "Once upon a time"))],
+    ids=["one-turn", "history"],
+)
+def test_a_continuation_is_mistral_common_s_prefix_message(tok, messages):
+    from mistral_cli.text.chat_format import encode_continuation
+
+    *history, last = messages
+    request = ChatCompletionRequest(
+        messages=[REFERENCE_CLASSES[m.role](content=m.content) for m in history]
+        + [AssistantMessage(content=last.content, prefix=True)]
+    )
+    assert encode_continuation(tok, messages) == MistralTokenizer.v1().encode_chat_completion(request).tokens
+
+
+def test_only_an_assistant_message_is_continued(tok):
+    from mistral_cli.text.chat_format import encode_continuation
+
+    with pytest.raises(MistralError, match="no assistant message to continue"):
+        encode_continuation(tok, conv((U, "Hi")))

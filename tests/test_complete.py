@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -85,6 +87,46 @@ def test_instruct_and_messages_greedy_equal_transformers(hf_model_dir, tiny_spec
     proc = run("complete", "-m", str(hf_model_dir), "--dtype", "fp32", "-t", "0", "-n", "20", "--messages", str(path))
     assert proc.returncode == 0, proc.err
     assert proc.out.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_continue_extends_the_assistant_message_in_place(hf_model_dir, tiny_spec, tiny_sd, tok, tmp_path):
+    convo = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time"}]
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(convo), encoding="utf-8")
+    # the tokens the model saw while writing the message: no EOS after it, and no new user turn
+    ids = [*encode_chat(tok, [Message("user", "Tell me a story.")]), *tok.encode("Once upon a time")]
+    reply = greedy_reference(tiny_spec, tiny_sd, ids, 16)
+    full, head = tok.decode(ids + reply), tok.decode(ids)
+    proc = run("complete", "-m", str(hf_model_dir), "--dtype", "fp32", "-t", "0", "-n", "16", "--continue",
+               "--messages", str(path))  # fmt: skip
+    assert proc.returncode == 0, proc.err
+    assert proc.out.rstrip("\n") == full[len(head) :].rstrip("\n")  # spaces as they read after "time"
+
+    path.write_text(json.dumps(convo[:1]), encoding="utf-8")
+    proc = run("complete", "-m", str(hf_model_dir), "--continue", "--messages", str(path))
+    assert proc.returncode == 2 and "must be the assistant's" in proc.err
+    proc = run("complete", "-m", str(hf_model_dir), "--continue", "Hi")
+    assert proc.returncode == 2 and "--continue needs --messages" in proc.err
+
+
+def test_ctrl_c_with_json_prints_what_came(hf_model_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mistral_cli", "complete", "-m", str(hf_model_dir), "--dtype", "fp32", "-t", "0",
+         "--json", "--verbose", "--logprobs", "1", "Once upon a time"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even when the tests run in the background
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert "mistral: loaded" in proc.stderr.readline()  # generating now: to the end of a 32K context, minutes
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "interrupted" and "Interrupted." in err
+    n = result["usage"]["completion_tokens"]
+    assert n > 0 and len(result["logprobs"]["content"]) == n
+    assert result["usage"]["prompt_tokens"] == 5  # BOS and "Once upon a time"
 
 
 def test_seed_reproducible_and_json(hf_model_dir, tok):

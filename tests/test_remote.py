@@ -313,6 +313,23 @@ def test_complete_raw_and_instruct(fake, env):
     assert (body["stop"], body["seed"]) == (["END"], 7)
 
 
+def test_output_formats_go_as_response_format_or_vllm_s_fields(fake, env):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    cases = [
+        (["--instruct", "--format", "json"], "response_format", {"type": "json_object"}),
+        (["--instruct", "--json-schema", json.dumps(schema)], "response_format",
+         {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}),
+        (["--json-schema", json.dumps(schema)], "response_format",
+         {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}),
+        (["--regex", "[0-9]+"], "guided_regex", "[0-9]+"),
+    ]  # fmt: skip
+    for args, field, value in cases:
+        fake.requests.clear()
+        r = mistral(env, "complete", "--server", fake.url, "-m", "fake-7b", *args, "Hi", "-n", "3")
+        assert r.returncode == 0, r.stderr
+        assert fake.requests[0]["body"][field] == value, args
+
+
 def test_complete_messages_json_and_verbose(fake, env, tmp_path):
     conversation = [
         {"role": "user", "content": "One"}, {"role": "user", "content": "Two"},

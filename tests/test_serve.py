@@ -341,7 +341,10 @@ def test_a_full_queue_answers_503_with_retry_after(server):
         ({"prompt": "Hi", "max_tokens": "ten"}, "max_tokens", "'max_tokens' must be an integer"),
         ({"prompt": "Hi", "stop": [1]}, "stop", "'stop' must be a string or a list of strings"),
         ({"prompt": "Hi", "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
-        ({"prompt": "Hi", "logprobs": 2}, "logprobs", "logprobs is not supported"),
+        ({"prompt": "Hi", "logprobs": 21}, "logprobs", "logprobs must be between 0 and 20, not 21"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+        ({"prompt": "Hi", "echo": True, "logprobs": 1, "stream": True}, "echo", "leave out stream"),
+        ({"prompt": "Hi", "guided_regex": "a", "guided_grammar": "b"}, "guided_grammar", "Send one of"),
         ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
         ({"prompt": "word " * 5000}, "prompt", "The prompt is 5,002 tokens, but the context holds 4,096"),
         ({"prompt": "word " * 50000}, "prompt", "The prompt is over "),
@@ -360,6 +363,46 @@ def test_bad_requests_are_400s_in_openai_shape(server, body, param, needle):
     error = refusal(post(server.url + ("/chat/completions" if chat else "/completions"), body))
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert needle in error["message"], error["message"]
+
+
+# ---------------------------------------------------------------------------------------------- log-probabilities
+
+
+def _local_json(env, model, *args: str) -> dict[str, Any]:
+    return json.loads(local(env, model, "--json", *args))
+
+
+def test_chat_logprobs_equal_mistral_complete_s(server, env, hf_model_dir, tmp_path):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    expected = _local_json(env, hf_model_dir, "-t", "0", "-n", "6", "--logprobs", "3", "--messages",
+                           str(tmp_path / "m.json"))["logprobs"]["content"]  # fmt: skip
+    api = server.client()
+    whole = api.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                        top_logprobs=3)  # fmt: skip
+    got = whole.choices[0].logprobs.content
+    assert [(t.token, t.bytes) for t in got] == [(e["token"], e["bytes"]) for e in expected]
+    assert [t.logprob for t in got] == pytest.approx([e["logprob"] for e in expected], abs=1e-4)
+    assert [[a.token for a in t.top_logprobs] for t in got] == [
+        [a["token"] for a in e["top_logprobs"]] for e in expected
+    ]
+    streamed = api.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=3, stream=True)  # fmt: skip
+    pieces = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.logprob for t in pieces] == pytest.approx([e["logprob"] for e in expected], abs=1e-4)
+
+
+def test_completions_score_an_echoed_prompt_as_evaluation_harnesses_ask(server, env, hf_model_dir):
+    prompt = "Paris is the capital of France"
+    expected = _local_json(env, hf_model_dir, "-t", "0", "-n", "0", "--echo", "--logprobs", "2", prompt)
+    whole = server.client().completions.create(model="m", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = whole.choices[0]
+    assert choice.text == prompt
+    scored = expected["prompt_logprobs"]
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == len(scored)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([e["logprob"] for e in scored[1:]], abs=1e-4)
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
+    assert "".join(choice.logprobs.tokens) == " " + prompt  # BOS, then the text's pieces with their spaces
 
 
 def test_the_openai_client_raises_the_server_s_sentence(server):
@@ -391,7 +434,7 @@ class Failing:
     def __init__(self, tokenizer: Any, error: Exception) -> None:
         self.tokenizer, self.error, self.resets = tokenizer, error, 0
 
-    def generate(self, prompt: list[int], options: Any, *, leading_space: bool = False):
+    def generate(self, prompt: list[int], options: Any, *, leading_space: bool = False, **_: Any):
         from mistral_cli.engine.events import Chunk
 
         yield Chunk("a", 5)

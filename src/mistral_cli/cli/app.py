@@ -16,7 +16,7 @@ import typer
 
 from mistral_cli import __version__
 from mistral_cli.cli import completion, settings
-from mistral_cli.errors import MistralError
+from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.hardware import bad_switch
 from mistral_cli.options import DEVICES, DTYPES, QUANTIZATIONS, GenerationOptions, LoadOptions
 
@@ -176,6 +176,8 @@ MaxContext = Annotated[
     int | None,
     typer.Option(
         "--max-context",
+        "--ctx-size",
+        "-c",
         help="Context size in tokens \\[default: the model's, 32768 for v0.2]. \\[env var: MISTRAL_MAX_CONTEXT]",
         rich_help_panel="Hardware",
     ),
@@ -285,6 +287,83 @@ def complete(
             "instead of failing \\[default: off].",
         ),
     ] = False,
+    json_schema: Annotated[
+        str | None,
+        typer.Option(
+            "--json-schema",
+            help="Constrain the output to JSON valid against this schema (a file, or the schema itself) "
+            "\\[default: none].",
+            rich_help_panel="Output format",
+            show_default=False,
+        ),
+    ] = None,
+    output_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="'json': constrain the output to one JSON object \\[default: none].",
+            rich_help_panel="Output format",
+            show_default=False,
+        ),
+    ] = None,
+    regex: Annotated[
+        str | None,
+        typer.Option(
+            "--regex",
+            help="Constrain the output to match this regular expression \\[default: none].",
+            rich_help_panel="Output format",
+            show_default=False,
+        ),
+    ] = None,
+    grammar: Annotated[
+        Path | None,
+        typer.Option(
+            "--grammar",
+            help="Constrain the output to this grammar (a Lark or GBNF file) \\[default: none].",
+            rich_help_panel="Output format",
+            show_default=False,
+        ),
+    ] = None,
+    logprobs: Annotated[
+        int | None,
+        typer.Option(
+            "--logprobs",
+            min=0,
+            max=20,
+            help="With --json: each token's log-probability (from the model's raw distribution) and its N likeliest "
+            "alternatives; with --echo, the prompt's tokens too \\[default: off].",
+            rich_help_panel="Output format",
+            show_default=False,
+        ),
+    ] = None,
+    extend: Annotated[
+        bool,
+        typer.Option(
+            "--continue",
+            help="Extend the last message of --messages, the assistant's (cut by --max-tokens or Ctrl-C), in place "
+            "instead of answering it \\[default: off].",
+            show_default=False,
+        ),
+    ] = False,
+    batch: Annotated[
+        Path | None,
+        typer.Option(
+            "--batch",
+            help="Run every line of a JSONL file ('-': stdin) with one model load; JSONL results on stdout "
+            "\\[default: none].",
+            rich_help_panel="Batch",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="With --batch: append results to this file, skipping the ids it already holds \\[default: none].",
+            rich_help_panel="Batch",
+            show_default=False,
+        ),
+    ] = None,
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
 ) -> None:
@@ -300,6 +379,20 @@ def complete(
             dict(device=device.value, dtype=dtype.value, quantize=quantize.value, max_context=max_context,
                  threads=threads, compile=compile, prepare=not no_prepare),
         )  # fmt: skip
+        from mistral_cli.text.output_format import from_options
+
+        fmt = from_options(json_schema, output_format, regex, grammar)
+        if resume is not None and batch is None:
+            raise UsageError("--resume goes with --batch.")
+        if batch is not None:
+            from mistral_cli.cli.batch import run_batch
+
+            if prompt is not None or messages is not None or server:
+                raise UsageError("--batch takes the prompts from its file: give no PROMPT, --messages or --server.")
+            run_batch(source=batch, resume=resume, model=model, generation=generation, loading=loading,
+                      verbose=verbose, instruct=instruct, system=system, output_format=fmt,
+                      logprobs=logprobs)  # fmt: skip
+            return
         remote = remote_engine(ctx, server, api_key)
         run_complete(
             prompt=prompt,
@@ -314,6 +407,9 @@ def complete(
             echo=echo,
             truncate=truncate,
             remote=remote,
+            output_format=fmt,
+            logprobs=logprobs,
+            extend=extend,
         )
 
 

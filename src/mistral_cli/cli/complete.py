@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -19,6 +20,7 @@ from mistral_cli.options import GenerationOptions, LoadOptions
 
 if TYPE_CHECKING:
     from mistral_cli.remote.client import RemoteEngine
+    from mistral_cli.text.output_format import OutputFormat
 
 MAX_INPUT_BYTES = 64 << 20  # stdin is read no further: far more text than any context holds (32768 x 25 bytes)
 
@@ -58,15 +60,19 @@ def _decode(data: bytes, where: str) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def read_messages(path: Path) -> list:
-    """A `--messages` conversation ready for generation; `-` reads it from stdin."""
+def read_messages(path: Path, *, extend: bool = False) -> list:
+    """A `--messages` conversation ready for generation (ending with a user message, or with `extend` an assistant
+    message to continue); `-` reads it from stdin."""
     from mistral_cli.text.chat_format import load_messages, parse_conversation, validate_for_generation
 
     if str(path) == "-":
         conversation = parse_conversation(_read_stdin(False, "The conversation on stdin"), "The JSON on stdin")[0]
     else:
         conversation = load_messages(path)
-    validate_for_generation(conversation)
+    if not extend:
+        validate_for_generation(conversation)
+    elif not conversation or conversation[-1].role != "assistant" or not conversation[-1].content:
+        raise UsageError("--continue extends the last message of --messages, which must be the assistant's.")
     return conversation
 
 
@@ -74,10 +80,16 @@ def warn(message: str) -> None:
     sys.stderr.write(f"mistral: warning: {message}\n")
 
 
-def build_prompt(tokenizer: Any, text: str | None, *, instruct: bool, system: str | None, messages: list | None):
-    """Token ids for the three prompt kinds: raw (BOS + text), one instruct turn, or a conversation."""
-    from mistral_cli.text.chat_format import Message, encode_chat
+def build_prompt(
+    tokenizer: Any, text: str | None, *, instruct: bool, system: str | None, messages: list | None,
+    extend: bool = False,
+) -> list[int]:  # fmt: skip
+    """Token ids for the prompt kinds: raw (BOS + text), one instruct turn, a conversation, or (`extend`) a
+    conversation whose last message, the assistant's, goes on."""
+    from mistral_cli.text.chat_format import Message, encode_chat, encode_continuation
 
+    if extend:
+        return encode_continuation(tokenizer, messages or [], system=system)
     if messages is not None:
         return encode_chat(tokenizer, messages, system=system)
     if instruct:
@@ -172,13 +184,22 @@ def run_complete(
     echo: bool,
     truncate: bool = False,
     remote: RemoteEngine | None = None,
+    output_format: OutputFormat | None = None,
+    logprobs: int | None = None,
+    extend: bool = False,
 ) -> None:
     opts = generation.with_seed()  # a random run can be repeated: the seed is reported
+    if logprobs is not None and not json_out:
+        raise UsageError("--logprobs reports in the --json object: add --json.")
+    if extend and (messages is None or truncate):
+        raise UsageError(
+            "--continue needs --messages (ending with the assistant message to extend), without --truncate."
+        )
     conversation = None
     if messages is not None:
         if prompt is not None:
             raise UsageError("Give either a PROMPT or --messages, not both.")
-        conversation = read_messages(messages)
+        conversation = read_messages(messages, extend=extend)
         text = None
     else:
         text = read_prompt(prompt, keep_end=truncate)
@@ -188,14 +209,23 @@ def run_complete(
     raw = conversation is None and not instruct
 
     engine: Any
+    prompt_tokens = 0  # known here for a local model only
     if remote is None:
         engine = _load(model, loading, verbose)
+        ids = _prompt_ids(engine, text, conversation, opts, instruct=instruct, system=system, truncate=truncate,
+                          extend=extend)  # fmt: skip
+        prompt_tokens = len(ids)
         events = engine.generate(
-            _prompt_ids(engine, text, conversation, opts, instruct=instruct, system=system, truncate=truncate),
+            ids,
             opts,
-            leading_space=raw,
+            leading_space=raw or extend,  # a continuation follows text: its first space is real
+            constraint=constraint_for(engine, output_format),
+            logprobs=logprobs,
+            prompt_logprobs=echo and logprobs is not None,
         )
     else:
+        if logprobs is not None:
+            raise UsageError("--logprobs works with a local model, not yet with --server.")
         if truncate:
             sys.stderr.write("mistral: note: --truncate does nothing with --server: the server decides what fits.\n")
         engine = remote.connect() if remote.model is None else remote
@@ -203,11 +233,14 @@ def run_complete(
         if verbose:
             sys.stderr.write(f"mistral: {model} on {engine.url}\n")
         if raw:
-            events = engine.complete(text or "", opts)
+            events = engine.complete(text or "", opts, output_format=output_format)
         else:
             from mistral_cli.text.chat_format import Message
 
-            events = engine.chat(conversation or [Message("user", text or "")], opts, system=system)
+            events = engine.chat(
+                conversation or [Message("user", text or "")], opts, system=system, output_format=output_format,
+                extend=extend,
+            )  # fmt: skip
 
     out = sys.stdout.buffer
     if echo and not json_out:
@@ -215,17 +248,29 @@ def run_complete(
         if not raw:
             _write(out, "\n\n")
     last = ""
+    came: list[Any] = []  # the chunks so far, for the --json object of an interrupted run
+    started = time.perf_counter()
     try:
         for event in events:
             if isinstance(event, Done):
                 done = event
-            elif not json_out and event.text:
-                _write(out, event.text)
-                last = event.text
+            else:
+                came.append(event)
+                if not json_out and event.text:
+                    _write(out, event.text)
+                    last = event.text
     except MistralError:
         if last and not last.endswith("\n"):
             _write(out, "\n")  # what came stays, on a line of its own
         raise
+    except KeyboardInterrupt:
+        if json_out:  # what was generated, said to be cut, so a script keeps it
+            done = _interrupted(came, prompt_tokens, time.perf_counter() - started)
+            _write(out, json.dumps(_json_result(done, engine, model, opts), ensure_ascii=False) + "\n")
+        raise
+    if done.grammar_complete is False:
+        warn(f"the output ended ({done.finish_reason}) before the format of {output_format.origin} was complete; "
+             "it may not parse. Raise --max-tokens.")  # fmt: skip
     if json_out:
         result = _json_result(done, engine, model, opts)
         if remote is not None:
@@ -237,6 +282,15 @@ def run_complete(
         _report(done, engine)
     elif verbose:
         _report_remote(done)
+
+
+def constraint_for(engine: Any, output_format: OutputFormat | None) -> Any:
+    """A grammar matcher for one generation in `output_format`, compiled for the engine's tokenizer; or None."""
+    if output_format is None:
+        return None
+    from mistral_cli.engine.grammar import Grammar
+
+    return Grammar(engine.tokenizer, output_format).matcher()
 
 
 def _load(model: str, loading: LoadOptions, verbose: bool) -> Any:
@@ -264,6 +318,7 @@ def _prompt_ids(
     instruct: bool,
     system: str | None,
     truncate: bool,
+    extend: bool = False,
 ) -> list[int]:
     """The prompt's token ids for the local engine, cut to fit with `truncate`, else refused when too long."""
     tok = engine.tokenizer
@@ -274,7 +329,7 @@ def _prompt_ids(
             sys.stderr.write(f"mistral: note: --truncate {note}.\n")
     else:
         check_length(tok, text, conversation, engine.max_context)
-        ids = build_prompt(tok, text, instruct=instruct, system=system, messages=conversation)
+        ids = build_prompt(tok, text, instruct=instruct, system=system, messages=conversation, extend=extend)
     if len(ids) >= engine.max_context:
         raise too_long(len(ids), engine.max_context)
     return ids
@@ -283,6 +338,22 @@ def _prompt_ids(
 def _write(out: BinaryIO, text: str) -> None:
     out.write(text.encode("utf-8"))
     out.flush()
+
+
+def _interrupted(chunks: list[Any], prompt_tokens: int, seconds: float) -> Done:
+    """A Done for a run stopped by Ctrl-C: the text and tokens that came, `finish_reason` "interrupted"."""
+    tokens = [c.token for c in chunks if c.token >= 0]
+    scored = [c.logprob for c in chunks if c.logprob is not None]
+    return Done(
+        text="".join(c.text for c in chunks),
+        tokens=tokens,
+        finish_reason="interrupted",
+        prompt_tokens=prompt_tokens,
+        prefilled_tokens=prompt_tokens,
+        prefill_s=0.0,
+        decode_s=seconds,
+        logprobs=scored or None,
+    )
 
 
 def _json_result(done: Any, engine: Any, model: str, opts: GenerationOptions) -> dict[str, Any]:
@@ -300,7 +371,18 @@ def _json_result(done: Any, engine: Any, model: str, opts: GenerationOptions) ->
         "model": model,
         "seed": opts.seed,
         "options": opts.to_dict(),
+        **_logprob_fields(done),
     }
+
+
+def _logprob_fields(done: Any) -> dict[str, Any]:
+    """`logprobs` in OpenAI's chat shape ({"content": [...]}) and, for --echo, `prompt_logprobs` (null first)."""
+    fields: dict[str, Any] = {}
+    if getattr(done, "logprobs", None) is not None:
+        fields["logprobs"] = {"content": [t.to_dict() for t in done.logprobs]}
+    if getattr(done, "prompt_logprobs", None) is not None:
+        fields["prompt_logprobs"] = [None if t is None else t.to_dict() for t in done.prompt_logprobs]
+    return fields
 
 
 def _report_remote(done: Any) -> None:

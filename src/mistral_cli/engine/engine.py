@@ -16,11 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from mistral_cli.engine.cuda import GraphedDecode, TokenReader, compile_decode, graphs_wanted
-from mistral_cli.engine.events import Chunk, Done
+from mistral_cli.engine.events import Chunk, Done, TokenLogprob
 from mistral_cli.engine.sampling import Sampler, check_finite
 from mistral_cli.errors import MistralError
 from mistral_cli.model.cache import KVCache
@@ -65,6 +66,27 @@ class StopMatcher:
         self.text.append(s)
         return s
 
+
+class Constraint(Protocol):
+    """What generation needs of a grammar (engine/grammar.py): which tokens may come next, as a mask on the logits,
+    and the tokens that came. End of sequence is allowed by the mask only where the grammar may end."""
+
+    def mask_(self, logits: torch.Tensor) -> None:
+        """Set the logits (V,) of every token the grammar does not allow next to -inf, in place."""
+
+    def accept(self, token: int) -> None:
+        """Advance past a token the mask allowed."""
+
+    def is_stopped(self) -> bool:
+        """Whether nothing may follow: the text is a complete sentence that no token can extend."""
+
+    def is_accepting(self) -> bool:
+        """Whether the text so far is a complete sentence of the grammar (it may still go on)."""
+
+
+# Prompt positions scored at once by `Engine.score`: their float32 logits over the vocabulary (128 KB each) are what
+# the pass holds, 64 MB at 512, not 4 GB for a whole 32K prompt.
+SCORE_CHUNK = 512
 
 # The most new prompt tokens fed one at a time through the whole-step kernels (FusedStep) rather than as one batch.
 # A batch dequantizes every int8/int4 weight into a float GEMM, a fixed cost of several decode steps (more in a fresh
@@ -153,6 +175,38 @@ class Engine:
         return logits, len(new)
 
     @torch.inference_mode()
+    def score(self, prompt: list[int], top: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first, which has none), with
+        the `top` likeliest alternatives; leaves the cache holding the prompt. What `--echo --logprobs` reports."""
+        if len(prompt) > self.max_context:
+            raise MistralError(
+                f"The prompt is {len(prompt)} tokens, more than the context of {self.max_context} tokens."
+            )
+        self.reset()
+        scored: list[TokenLogprob | None] = [None]
+        for start in range(0, len(prompt), SCORE_CHUNK):
+            chunk = prompt[start : start + SCORE_CHUNK]
+            x = torch.tensor([chunk], dtype=torch.long, device=self.placement.device)
+            logits = self.model(x, self.cache, start)[0]
+            for j, row in enumerate(logits):
+                if start + j + 1 < len(prompt):
+                    scored.append(self.logprob(row, prompt[start + j + 1], top))
+        self.tokens = list(prompt)
+        return scored
+
+    def logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability under the raw logits (V,) of its position, with the `top` likeliest tokens."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        text = self.tokenizer.token_bytes
+        alternatives = []
+        if top > 0:
+            values, ids = torch.topk(lp, top)
+            alternatives = [
+                (int(i), text(int(i)), float(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+            ]
+        return TokenLogprob(token, text(token), float(lp[token]), alternatives)
+
+    @torch.inference_mode()
     def _step(self, token: int | torch.Tensor) -> torch.Tensor:
         """Feed one token (an id, or a 0-d tensor on the device) at the end of the sequence; returns its logits
         (V,). Nothing here waits for the device."""
@@ -178,14 +232,24 @@ class Engine:
         *,
         leading_space: bool = False,
         on_prefill: Callable[[int], None] | None = None,
+        constraint: Constraint | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
     ) -> Iterator[Chunk | Done]:
-        """Yield a Chunk per generated token, then one Done. Ctrl-C (KeyboardInterrupt) leaves the cache consistent."""
+        """Yield a Chunk per generated token, then one Done. Ctrl-C (KeyboardInterrupt) leaves the cache consistent.
+
+        constraint: only tokens the grammar allows are sampled, and the text ends where the grammar says it is
+        complete; logprobs: each Chunk carries its token's log-probability and this many alternatives (0-20);
+        prompt_logprobs: the Done also scores the prompt's tokens (the whole prompt is fed again)."""
         sampler = Sampler(options)
         stops = StopMatcher(options.stop)
         stream = self.tokenizer.stream(leading_space=leading_space)
         eos = self.tokenizer.eos_id
         t0 = time.perf_counter()
+        scored = self.score(prompt, logprobs or 0) if prompt_logprobs else None
         logits, fed = self.prefill(prompt)
+        if scored is not None:
+            fed = len(prompt)
         check_finite(logits)  # once: the greedy steps queued ahead do not go through the sampler
         if on_prefill:
             on_prefill(fed)
@@ -194,9 +258,13 @@ class Engine:
         generated: list[int] = []
         finish = "length"
         limit = options.max_tokens
-        # greedy with no penalty: the next step is queued on the argmax's tensor before the token is read back
+        # greedy with no penalty: the next step is queued on the argmax's tensor before the token is read back (which
+        # a mask or log-probabilities, computed on these logits before the next step overwrites them, rule out)
         ahead = self.lookahead and options.temperature == 0 and options.repeat_penalty == 1.0
+        ahead = ahead and constraint is None and logprobs is None
         queued: torch.Tensor | None = None
+        scores: list[TokenLogprob] | None = [] if logprobs is not None else None
+        scored_token: TokenLogprob | None = None
         try:
             while limit is None or len(generated) < limit:
                 if ahead:
@@ -207,13 +275,27 @@ class Engine:
                         queued = self._step(best)
                     token = self._reader.result()  # waits for the argmax and the copy, not for the queued step
                 else:
-                    token = sampler(logits, self.tokens)
+                    raw = logits
+                    if constraint is not None:
+                        check_finite(raw)
+                        logits = raw.float().clone()
+                        constraint.mask_(logits)
+                    token = sampler(logits, self.tokens, masked=constraint is not None)
+                    if scores is not None:
+                        scored_token = self.logprob(raw, token, logprobs or 0)
                 if token == eos:
                     finish = "stop"
                     break
                 generated.append(token)
+                if scored_token is not None and scores is not None:
+                    scores.append(scored_token)
                 text, hit = stops.feed(stream.push(token))
-                yield Chunk(text, token)
+                yield Chunk(text, token, scored_token)
+                if constraint is not None:
+                    constraint.accept(token)
+                    if constraint.is_stopped():
+                        finish = "stop"
+                        break
                 if hit:
                     finish = "stop_sequence"
                     break
@@ -242,4 +324,7 @@ class Engine:
             prefilled_tokens=fed,
             prefill_s=t1 - t0,
             decode_s=t2 - t1,
+            logprobs=scores,
+            prompt_logprobs=scored,
+            grammar_complete=None if constraint is None else constraint.is_accepting(),
         )

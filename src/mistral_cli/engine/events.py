@@ -3,13 +3,39 @@ the same objects, so the chat and `complete` read both alike and a remote run ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model's raw distribution (before temperature, penalties and grammar
+    masks), with the `top` most likely tokens at that position, most likely first."""
+
+    token: int
+    text: bytes  # the bytes the token stands for (a byte-fallback token is one byte of a character)
+    logprob: float
+    top: list[tuple[int, bytes, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI shape of one entry of `logprobs.content`, plus our `id`."""
+        return {
+            "token": self.text.decode("utf-8", errors="replace"),
+            "id": self.token,
+            "bytes": list(self.text),
+            "logprob": self.logprob,
+            "top_logprobs": [
+                {"token": t.decode("utf-8", errors="replace"), "id": i, "bytes": list(t), "logprob": lp}
+                for i, t, lp in self.top
+            ],
+        }
 
 
 @dataclass
 class Chunk:
     text: str  # may be "" while a multi-byte character or a possible stop string is pending
     token: int  # -1: text with no token id of its own (the held-back tail; a server's stream sends no ids)
+    logprob: TokenLogprob | None = None  # when asked for
 
 
 @dataclass
@@ -21,6 +47,9 @@ class Done:
     prefilled_tokens: int  # prompt tokens that were not already in the cache
     prefill_s: float
     decode_s: float
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
+    grammar_complete: bool | None = None  # with a grammar: whether the text is a complete sentence of it
 
     @property
     def completion_tokens(self) -> int:

@@ -30,9 +30,11 @@ class Sampler:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(options.seed if options.seed is not None else 0)
 
-    def __call__(self, logits: torch.Tensor, recent: list[int]) -> int:
+    def __call__(self, logits: torch.Tensor, recent: list[int], *, masked: bool = False) -> int:
+        """masked: the logits went through a grammar's mask, whose -inf are meant (the caller checked them before)."""
         logits = logits.float()
-        check_finite(logits)
+        if not masked:
+            check_finite(logits)
         opt = self.opt
         if opt.repeat_penalty != 1.0 and recent:
             ids = torch.tensor(sorted(set(recent[-REPEAT_LAST_N:])), device=logits.device)

@@ -18,6 +18,7 @@ per character for CJK). The chat fits its history into the context with it; the 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import time
@@ -32,6 +33,7 @@ from mistral_cli.text.chat_format import Message
 
 if TYPE_CHECKING:
     from mistral_cli.engine.events import Chunk, Done
+    from mistral_cli.text.output_format import OutputFormat
 
 DEFAULT_CONTEXT = 32768  # Mistral 7B v0.2's, when neither --max-context nor the server's model list says
 RETRIES = 2  # of a request the server answered 429 or 5xx, or whose connection failed: 0.5 s, then 1 s apart
@@ -123,37 +125,57 @@ class RemoteEngine:
     # ------------------------------------------------------------------------------------------- generation
 
     def chat(
-        self, messages: Sequence[Message], options: GenerationOptions, *, system: str | None = None
+        self,
+        messages: Sequence[Message],
+        options: GenerationOptions,
+        *,
+        system: str | None = None,
+        output_format: OutputFormat | None = None,
+        extend: bool = False,
     ) -> Iterator[Chunk | Done]:
-        """The next assistant message after `messages` (`system` first), streamed."""
+        """The next assistant message after `messages` (`system` first), streamed; with `extend`, more of the last
+        message, an assistant's (vLLM's `continue_final_message`, which `mistral serve` reads too)."""
         wire = _wire(messages, system)
+        more = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}} if extend else {}
+
+        def create(api: Any, body: dict[str, Any]) -> Any:
+            if more:
+                body = {**body, "extra_body": {**body.get("extra_body", {}), **more["extra_body"]}}
+            return api.chat.completions.create(messages=wire, **body)
+
         return self._stream(
             "/chat/completions",
-            lambda api, body: api.chat.completions.create(messages=wire, **body),
+            create,
             lambda choice: getattr(getattr(choice, "delta", None), "content", None),
             options,
+            output_format,
         )
 
-    def complete(self, text: str, options: GenerationOptions) -> Iterator[Chunk | Done]:
+    def complete(
+        self, text: str, options: GenerationOptions, *, output_format: OutputFormat | None = None
+    ) -> Iterator[Chunk | Done]:
         """The continuation of raw `text`, streamed."""
         return self._stream(
             "/completions",
             lambda api, body: api.completions.create(prompt=text, **body),
             lambda choice: getattr(choice, "text", None),
             options,
+            output_format,
         )
 
     def _stream(
         self, path: str, create: Callable[[Any, dict[str, Any]], Any], piece: Callable[[Any], Any],
-        options: GenerationOptions,
+        options: GenerationOptions, output_format: OutputFormat | None,
     ) -> Iterator[Chunk | Done]:  # fmt: skip
         import openai
 
         from mistral_cli.engine.events import Chunk, Done
 
         t0 = time.perf_counter()
+        body = self._body(options)
+        _ask_format(body, output_format, chat=path.startswith("/chat"))
         try:
-            stream = create(self._api(), self._body(options))
+            stream = create(self._api(), body)
         except openai.NotFoundError as exc:
             raise self._not_found(exc, path) from None
         except openai.OpenAIError as exc:
@@ -317,6 +339,26 @@ class RemoteEngine:
         if self._key:
             text = text.replace(self._key, "***")
         return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _ask_format(body: dict[str, Any], fmt: OutputFormat | None, *, chat: bool) -> None:
+    """Put an output format in a request: JSON and JSON schemas as OpenAI's `response_format` (a top-level field of
+    chat requests; an extra one for completions, which vLLM and ours read), a regex or grammar as vLLM's
+    `guided_regex` / `guided_grammar`, which `mistral serve` reads too."""
+    if fmt is None:
+        return
+    extra = body.setdefault("extra_body", {})
+    if fmt.kind in ("json", "json_schema"):
+        value: dict[str, Any] = {"type": "json_object"}
+        if fmt.kind == "json_schema":
+            schema = json.loads(fmt.source)
+            value = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
+        if chat:
+            body["response_format"] = value
+        else:
+            extra["response_format"] = value
+    else:
+        extra["guided_regex" if fmt.kind == "regex" else "guided_grammar"] = fmt.source
 
 
 def _wire(messages: Sequence[Message], system: str | None) -> list[dict[str, str]]:

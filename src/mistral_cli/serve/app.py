@@ -31,12 +31,14 @@ from mistral_cli.serve.worker import Cancelled, Failed, Job, Worker
 
 if TYPE_CHECKING:
     from mistral_cli.engine.engine import Engine
+    from mistral_cli.text.output_format import OutputFormat
 
 POLL_S = 0.25  # how often a waiting or generating request looks for its client
 MAX_BODY_BYTES = 16 << 20  # twenty times the text of a full 32768-token context
 JOIN_S = 10.0  # the longest a stopping server waits for the engine to finish its step
 LOG = "mistral.request"  # where a handler leaves, in the request's scope, what its log line tells
 GONE = 499  # the status logged for a request whose client went away before its answer (nginx's)
+GRAMMARS_KEPT = 8  # compiled output formats kept for the next request that sends the same
 
 
 class Api:
@@ -51,6 +53,7 @@ class Api:
         self.worker = Worker(engine, waiting)
         self.created = int(time.time())
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._grammars: dict[tuple[str, str], Any] = {}
         engine.tokenizer.max_piece_bytes  # noqa: B018 (computed once now, rather than in a request)
 
         app = FastAPI(lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -163,7 +166,15 @@ class Api:
         except MistralError as e:
             raise ApiError(400, str(e), param="messages" if req.chat else "prompt") from None
         info["prompt"] = len(ids)
-        job = Job(ids, req.options, leading_space=not req.chat)  # a raw prompt reads on as `complete` prints it
+        constraint = None
+        if req.output_format is not None:
+            try:
+                constraint = await asyncio.to_thread(self._matcher, req.output_format)
+            except MistralError as e:
+                raise ApiError(400, str(e), param="response_format") from None
+        job = Job(ids, req.options, leading_space=not req.chat or req.extend,  # text that reads on from text
+                  constraint=constraint, logprobs=req.logprobs,
+                  prompt_logprobs=req.echo and req.logprobs is not None)  # fmt: skip
         self.worker.submit(job)
         answer = Answer(req.chat, self.model)
         if req.stream:
@@ -175,7 +186,12 @@ class Api:
             done = event if isinstance(event, Done) else done
         if done is None:
             return Response(status_code=GONE)  # nobody is there to read it
-        return JSONResponse(answer.whole(done.text, done.finish_reason, self._stop_reason(done, req), _usage(done)))
+        text, scored = done.text, done.logprobs
+        if req.echo:
+            text = (req.prompt or "") + text
+            if scored is not None and done.prompt_logprobs is not None:
+                scored = [*done.prompt_logprobs, *scored]
+        return JSONResponse(answer.whole(text, done.finish_reason, self._stop_reason(done, req), _usage(done), scored))
 
     async def _stream(
         self, request: Request, job: Job, req: protocol.Request, answer: Answer, info: dict[str, Any]
@@ -185,10 +201,13 @@ class Api:
             async for event in self._events(request, job, info):
                 if req.chat and not opened:
                     yield answer.chunk(role=True)
+                if req.echo and not opened:
+                    yield answer.chunk(req.prompt or "")
                 opened = True
                 if isinstance(event, Chunk):
-                    if event.text:
-                        yield answer.chunk(event.text)
+                    scored = None if event.logprob is None else [event.logprob]
+                    if event.text or scored:
+                        yield answer.chunk(event.text, logprobs=scored)
                     continue
                 yield answer.chunk(finish=event.finish_reason, stop_reason=self._stop_reason(event, req))
                 if req.include_usage:
@@ -232,6 +251,17 @@ class Api:
                     raise event.error
         finally:
             job.cancel()  # nothing once it is done; else the worker stops it at the next token
+
+    def _matcher(self, fmt: OutputFormat) -> Any:
+        """A grammar matcher for one request; each format is compiled once (the last few are kept)."""
+        from mistral_cli.engine.grammar import Grammar
+
+        key = (fmt.kind, fmt.source)
+        grammar = self._grammars.pop(key, None) or Grammar(self.engine.tokenizer, fmt)
+        self._grammars[key] = grammar  # most recently used last
+        while len(self._grammars) > GRAMMARS_KEPT:
+            del self._grammars[next(iter(self._grammars))]
+        return grammar.matcher()
 
     def _stop_reason(self, done: Done, req: protocol.Request) -> str | None:
         return protocol.stop_reason(self.engine.tokenizer, done.tokens, done.finish_reason, req.options.stop)

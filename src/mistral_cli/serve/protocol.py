@@ -15,13 +15,23 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from mistral_cli.engine.events import TokenLogprob
 from mistral_cli.errors import MistralError
 from mistral_cli.options import GenerationOptions, OptionError
-from mistral_cli.text.chat_format import Message, encode_chat, validate_for_generation, validate_messages
+from mistral_cli.text.chat_format import (
+    Message,
+    encode_chat,
+    encode_continuation,
+    validate_for_generation,
+    validate_messages,
+)
+from mistral_cli.text.output_format import OutputFormat, from_response_format
 from mistral_cli.text.tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 # The engine's finish reasons (engine/events.py Done) in OpenAI's two words.
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length", "context": "length"}
@@ -54,6 +64,10 @@ class Request:
     options: GenerationOptions
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+    echo: bool = False  # a completion's prompt comes back before its text (with logprobs: scored)
+    output_format: OutputFormat | None = None
+    extend: bool = False  # a chat's last message, the assistant's, goes on (continue_final_message)
 
     def prompt_ids(self, tok: Tokenizer, max_context: int) -> list[int]:
         """The prompt's token ids, as `mistral complete` builds them; refused when it leaves no room for a reply.
@@ -63,7 +77,9 @@ class Request:
             n = tok.count_at_least(text or "", max_context)
             if n is not None:
                 raise too_long(n, max_context, self.chat, exact=False)
-        if self.messages is not None:
+        if self.messages is not None and self.extend:
+            ids = encode_continuation(tok, self.messages)
+        elif self.messages is not None:
             ids = encode_chat(tok, self.messages)
         else:
             ids = [tok.bos_id, *tok.encode(self.prompt or "")]
@@ -107,7 +123,15 @@ def parse_chat(body: dict[str, Any]) -> Request:
     max_tokens = _field(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = _field(body, "max_tokens", int)
-    return _request(body, chat=True, messages=_messages(body.get("messages")), prompt=None, max_tokens=max_tokens)
+    extend = bool(_field(body, "continue_final_message", bool))  # vLLM's: more of a last, assistant message
+    messages = _messages(body.get("messages"), extend=extend)
+    request = _with(_request(body, chat=True, messages=messages, prompt=None, max_tokens=max_tokens), extend=extend)
+    top = _field(body, "top_logprobs", int)
+    if _field(body, "logprobs", bool):
+        return _with(request, logprobs=_top(top or 0, "top_logprobs"))
+    if top:
+        raise ApiError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+    return request
 
 
 def parse_completion(body: dict[str, Any]) -> Request:
@@ -124,7 +148,44 @@ def parse_completion(body: dict[str, Any]) -> Request:
                        code="unsupported_value")  # fmt: skip
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string.", param="prompt")
-    return _request(body, chat=False, messages=None, prompt=prompt, max_tokens=_field(body, "max_tokens", int))
+    request = _request(body, chat=False, messages=None, prompt=prompt, max_tokens=_field(body, "max_tokens", int))
+    top = _field(body, "logprobs", int)  # the completions API's: how many alternatives, 0 for the token's own only
+    return _with(
+        request, logprobs=None if top is None else _top(top, "logprobs"), echo=bool(_field(body, "echo", bool))
+    )
+
+
+def _top(n: int, name: str) -> int:
+    if not 0 <= n <= MAX_LOGPROBS:
+        raise ApiError(400, f"{name} must be between 0 and {MAX_LOGPROBS}, not {n}.", param=name)
+    return n
+
+
+def _with(request: Request, **changes: Any) -> Request:
+    request = replace(request, **changes)
+    if request.echo and request.stream and request.logprobs is not None:
+        raise ApiError(400, "A scored echo (echo with logprobs) is sent whole: leave out stream.", param="echo")
+    return request
+
+
+def _output_format(body: dict[str, Any]) -> OutputFormat | None:
+    """OpenAI's `response_format`, or vLLM's `guided_json` / `guided_regex` / `guided_grammar` extra fields."""
+    given = [name for name in ("response_format", "guided_json", "guided_regex", "guided_grammar")
+             if body.get(name) is not None]  # fmt: skip
+    if len(given) > 1:
+        raise ApiError(400, f"Send one of {' and '.join(given)}.", param=given[1])
+    try:
+        if "guided_json" in given:
+            schema = body["guided_json"]
+            return from_response_format({"type": "json_schema", "json_schema": {"name": "guided_json", "schema":
+                                         json.loads(schema) if isinstance(schema, str) else schema}})  # fmt: skip
+        if "guided_regex" in given or "guided_grammar" in given:
+            name = given[0]
+            value = _field(body, name, str)
+            return OutputFormat("regex" if name == "guided_regex" else "grammar", value, name)
+        return from_response_format(body.get("response_format"))
+    except (ValueError, TypeError) as e:
+        raise ApiError(400, str(e), param=given[0] if given else None) from None
 
 
 def _request(
@@ -164,7 +225,7 @@ def _request(
     except OptionError as e:
         # the sentence names the command-line option; here the field is meant
         raise ApiError(400, str(e).replace(f"--{e.option.replace('_', '-')}", e.option, 1), param=e.option) from None
-    return Request(chat, messages, prompt, options, stream, bool(include_usage))
+    return Request(chat, messages, prompt, options, stream, bool(include_usage), output_format=_output_format(body))
 
 
 def _field(body: dict[str, Any], name: str, kind: type, shown: str | None = None) -> Any:
@@ -181,7 +242,7 @@ def _field(body: dict[str, Any], name: str, kind: type, shown: str | None = None
     raise ApiError(400, f"'{shown}' must be {_KINDS[kind]}, not {json.dumps(value)[:60]}.", param=shown)
 
 
-def _messages(value: Any) -> list[Message]:
+def _messages(value: Any, *, extend: bool = False) -> list[Message]:
     """The `messages` of a chat request as `--messages` takes them: system, user and assistant turns (OpenAI's
     "developer" is a system turn), ending with a user turn; content as a string or a list of text parts."""
     if not isinstance(value, list) or not value:
@@ -196,7 +257,10 @@ def _messages(value: Any) -> list[Message]:
         messages.append(Message("system" if role == "developer" else role, content))
     try:
         validate_messages(messages)
-        validate_for_generation(messages)
+        if not extend:
+            validate_for_generation(messages)
+        elif messages[-1].role != "assistant" or not messages[-1].content:
+            raise MistralError("With continue_final_message the last message must be the assistant's, to go on with.")
     except MistralError as e:
         raise ApiError(400, str(e), param="messages") from None
     return messages
@@ -215,16 +279,13 @@ def _text_parts(parts: list[Any], i: int) -> str:
 
 # Fields this server does not implement, with the values that leave them off (many clients send those).
 _OFF: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
     "logit_bias": ({},),
     "tools": ([],),
     "functions": ([],),
-    "response_format": ({"type": "text"},),
 }
-_OFF_COMPLETION = {"echo": (False,), "suffix": ("",), "best_of": (1,)}  # in a chat request, unknown and ignored
+_OFF_COMPLETION = {"suffix": ("",), "best_of": (1,)}  # in a chat request, unknown and ignored
 _INSTEAD = {
     "presence_penalty": "; repeat_penalty (an extra field) penalizes repeated tokens instead",
     "frequency_penalty": "; repeat_penalty (an extra field) penalizes repeated tokens instead",
@@ -249,17 +310,20 @@ class Answer:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
-    def whole(self, text: str, finish: str, stop_reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+    def whole(
+        self, text: str, finish: str, stop_reason: str | None, usage: dict[str, Any],
+        logprobs: list[TokenLogprob | None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        choice.update(logprobs=None, finish_reason=FINISH[finish], stop_reason=stop_reason)
+        choice.update(logprobs=self.logprobs(logprobs), finish_reason=FINISH[finish], stop_reason=stop_reason)
         return {**self._head(False), "choices": [choice], "usage": usage}
 
     def chunk(self, text: str | None = None, *, role: bool = False, finish: str | None = None,
-              stop_reason: str | None = None) -> bytes:  # fmt: skip
+              stop_reason: str | None = None, logprobs: list[TokenLogprob | None] | None = None) -> bytes:  # fmt: skip
         """One event of the stream: a piece of text, the opening role (chat), or the finish reason."""
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
@@ -269,10 +333,32 @@ class Answer:
             choice["delta"] = delta
         else:
             choice["text"] = text or ""
-        choice.update(logprobs=None, finish_reason=FINISH[finish] if finish else None)
+        choice.update(logprobs=self.logprobs(logprobs), finish_reason=FINISH[finish] if finish else None)
         if finish:
             choice["stop_reason"] = stop_reason
         return event({**self._head(True), "choices": [choice]})
+
+    def logprobs(self, scored: list[TokenLogprob | None] | None) -> dict[str, Any] | None:
+        """Log-probabilities in the endpoint's shape: a chat's `{"content": [...]}`, or the completions API's four
+        parallel lists (where an echoed prompt's first token has null)."""
+        if scored is None:
+            return None
+        if self.chat:
+            return {"content": [t.to_dict() for t in scored if t is not None]}
+        tokens, offsets, offset = [], [], 0
+        for t in scored:
+            text = "" if t is None else t.text.decode("utf-8", errors="replace")
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None if t is None else t.logprob for t in scored],
+            "top_logprobs": [
+                None if t is None else {b.decode("utf-8", errors="replace"): lp for _, b, lp in t.top} for t in scored
+            ],
+            "text_offset": offsets,
+        }
 
     def usage_chunk(self, usage: dict[str, Any]) -> bytes:
         """The last event before [DONE] with stream_options.include_usage: no choices, the usage."""

@@ -40,8 +40,12 @@ Event = Chunk | Done | Cancelled | Failed
 class Job:
     """One request's generation, made on the event loop that reads its events."""
 
-    def __init__(self, prompt: list[int], options: GenerationOptions, *, leading_space: bool) -> None:
+    def __init__(
+        self, prompt: list[int], options: GenerationOptions, *, leading_space: bool, constraint: Any = None,
+        logprobs: int | None = None, prompt_logprobs: bool = False,
+    ) -> None:  # fmt: skip
         self.prompt, self.options, self.leading_space = prompt, options, leading_space
+        self.constraint, self.logprobs, self.prompt_logprobs = constraint, logprobs, prompt_logprobs
         self._loop = asyncio.get_running_loop()
         self._events: collections.deque[Event] = collections.deque()
         self._ready = asyncio.Event()
@@ -133,7 +137,10 @@ class Worker:
         if job.cancelled:
             job.put(Cancelled())
             return
-        events = self.engine.generate(job.prompt, job.options, leading_space=job.leading_space)
+        events = self.engine.generate(
+            job.prompt, job.options, leading_space=job.leading_space, constraint=job.constraint,
+            logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs,
+        )  # fmt: skip
         try:
             for event in events:
                 job.put(event)

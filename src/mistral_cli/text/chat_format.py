@@ -93,6 +93,16 @@ def encode_chat(tok: Tokenizer, messages: Sequence[Message], system: str | None 
     return ids
 
 
+def encode_continuation(tok: Tokenizer, messages: Sequence[Message], system: str | None = None) -> list[int]:
+    """The prompt that extends the last message, an assistant's cut short, in place: the conversation's tokens up to
+    that turn's EOS, without it. These are the tokens the model saw while it wrote the message, so what it writes
+    next is what it would have written had it not stopped (up to sampling)."""
+    if not messages or messages[-1].role != "assistant" or not messages[-1].content:
+        raise MistralError("There is no assistant message to continue: the conversation must end with one.")
+    ids = encode_chat(tok, messages, system)
+    return ids[:-1]  # the EOS that ends a finished turn
+
+
 def load_messages(path: Path) -> list[Message]:
     """Read a `--messages` file; MistralError with one sentence naming the file and the problem."""
     return load_conversation(path)[0]

@@ -122,6 +122,14 @@ class Tokenizer:
         """The raw piece of an id (`"▁Paris"`, `"<0x0A>"`, `"</s>"`), for diagnostics."""
         return self._sp.id_to_piece(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for in running text: a text piece with its ▁ as a space, a byte-fallback piece
+        its one byte, BOS/EOS nothing. (For log-probabilities and grammar engines, which work on bytes.)"""
+        kind, text, byte = self._piece_info(token_id)
+        if kind == _BYTE:
+            return bytes([byte])
+        return text.replace(_SPACE, " ").encode("utf-8")
+
     def _piece_info(self, token_id: int) -> tuple[int, str, int]:
         """(kind, surface, byte) of an id, cached: a text piece keeps its ▁, a byte piece has its value."""
         info = self._pieces.get(token_id)
