@@ -326,12 +326,6 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             mapping.madvise(mmap.MADV_HUGEPAGE)  # 2 MiB pages where the filesystem can: fewer TLB misses
-    if hasattr(mmap, "MADV_WILLNEED"):
-        # From a cold page cache, the first step would fault the file in a page-sized read at a time, in the order
-        # the layers are used; this has the kernel read all of it ahead, in large sequential requests, while the
-        # rest of the load and the prompt run. A warm file costs nothing more.
-        with contextlib.suppress(OSError):
-            mapping.madvise(mmap.MADV_WILLNEED)
     tensors = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")  # never written: the model is read-only
