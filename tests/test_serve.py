@@ -345,6 +345,8 @@ def test_a_full_queue_answers_503_with_retry_after(server):
         ({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
         ({"prompt": "Hi", "echo": True, "logprobs": 1, "stream": True}, "echo", "leave out stream"),
         ({"prompt": "Hi", "guided_regex": "a", "guided_grammar": "b"}, "guided_grammar", "Send one of"),
+        ({"prompt": "Hi", "response_format": {"type": "xml"}}, "response_format", "response_format type must be"),
+        ({"prompt": "Hi", "guided_grammar": "start: nothing_defined\n"}, "response_format", "cannot be used"),
         ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
         ({"prompt": "word " * 5000}, "prompt", "The prompt is 5,002 tokens, but the context holds 4,096"),
         ({"prompt": "word " * 50000}, "prompt", "The prompt is over "),
@@ -403,6 +405,23 @@ def test_completions_score_an_echoed_prompt_as_evaluation_harnesses_ask(server, 
     assert choice.logprobs.token_logprobs[1:] == pytest.approx([e["logprob"] for e in scored[1:]], abs=1e-4)
     assert all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
     assert "".join(choice.logprobs.tokens) == " " + prompt  # BOS, then the text's pieces with their spaces
+
+
+def test_response_format_json_schema_and_regex(server):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+              "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": False}  # fmt: skip
+    api = server.client()
+    for seed in range(3):
+        answer = api.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "JSON please"}], max_tokens=40, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}},
+        )  # fmt: skip
+        jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+        assert answer.choices[0].finish_reason == "stop"
+    text = api.completions.create(model="m", prompt="Count:", max_tokens=20, extra_body={"guided_regex": "[0-9]{3}"})
+    assert re.fullmatch("[0-9]{3}", text.choices[0].text)
 
 
 def test_the_openai_client_raises_the_server_s_sentence(server):
