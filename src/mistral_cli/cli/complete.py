@@ -76,6 +76,15 @@ def read_messages(path: Path, *, extend: bool = False) -> list:
     return conversation
 
 
+def read_line_messages(value: Any, where: str) -> list:
+    """A conversation given as JSON data (a batch line's `messages`), ready for generation."""
+    from mistral_cli.text.chat_format import parse_conversation, validate_for_generation
+
+    conversation = parse_conversation(json.dumps(value).encode("utf-8"), where)[0]
+    validate_for_generation(conversation)
+    return conversation
+
+
 def warn(message: str) -> None:
     sys.stderr.write(f"mistral: warning: {message}\n")
 

@@ -1,0 +1,134 @@
+"""`mistral complete --batch`: one load, one output line per input line in order, each equal to `complete --json`'s
+for the same prompt and options; bad lines answered with an error object; `--resume` continuing a cut run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+from inprocess import mistral
+
+OPTIONS = ["--dtype", "fp32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("batch-env")
+    return {"PATH": "/usr/bin:/bin", "MISTRAL_PREPARE": "off", "MISTRAL_CONFIG": "/dev/null",
+            "MISTRAL_HOME": str(home), "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+
+
+def batch(env, model, path, *args: str) -> tuple[int, list[dict], str]:
+    r = mistral(env, "complete", "-m", str(model), *OPTIONS, "--batch", str(path), *args)
+    return r.returncode, [json.loads(line) for line in r.stdout.splitlines()], r.stderr
+
+
+def write(path, items) -> None:
+    path.write_text("".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in items))
+
+
+LINES = [
+    {"id": "greeting", "prompt": "Hello", "max_tokens": 6, "temperature": 0},
+    {"prompt": "Roses are", "max_tokens": 5, "seed": 11, "temperature": 0.9},
+    {"id": 7, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4, "temperature": 0},
+    {"prompt": "Write a word.", "instruct": True, "system": "Be brief.", "max_tokens": 3, "seed": 5},
+]
+
+
+def test_every_line_equals_its_own_complete_json(env, hf_model_dir, tmp_path):
+    path = tmp_path / "in.jsonl"
+    write(path, LINES)
+    code, out, err = batch(env, hf_model_dir, path, "--top-k", "40")
+    assert code == 0, err
+    assert [o["id"] for o in out] == ["greeting", 2, 7, 4]
+    messages = tmp_path / "m.json"
+    messages.write_text(json.dumps(LINES[2]["messages"]))
+    single = [
+        ["-n", "6", "-t", "0", "Hello"],
+        ["-n", "5", "--seed", "11", "-t", "0.9", "Roses are"],
+        ["-n", "4", "-t", "0", "--messages", str(messages)],
+        ["-n", "3", "--seed", "5", "--instruct", "--system", "Be brief.", "Write a word."],
+    ]
+    for got, args in zip(out, single, strict=True):
+        r = mistral(env, "complete", "-m", str(hf_model_dir), *OPTIONS, "--top-k", "40", "--json", *args)
+        expected = json.loads(r.stdout)
+        assert (got["text"], got["finish_reason"], got["usage"]) == (
+            expected["text"], expected["finish_reason"], expected["usage"]
+        )  # fmt: skip
+        drawn = "--seed" not in args  # greedy lines leave the seed to chance: it differs, and does not matter
+        assert {**got["options"], "seed": 0} == {**expected["options"], "seed": 0}
+        assert drawn or got["seed"] == expected["seed"]
+    # one load for the whole file: every line reports the same one
+    assert len({o["timings"]["load_s"] for o in out}) == 1
+
+
+def test_bad_lines_get_error_objects_and_the_rest_runs(env, hf_model_dir, tmp_path):
+    path = tmp_path / "in.jsonl"
+    write(path, [
+        "{not json", {"prompt": "Hi", "max_tokens": 2}, {"prompt": "Hi", "colour": "red"}, {"id": "x"},
+        {"prompt": "Hi", "temperature": -1}, {"prompt": "Hi", "max_tokens": "ten"}, "",
+        {"messages": [{"role": "assistant", "content": "x"}]}, {"prompt": "word " * 40000}, [1, 2],
+        {"prompt": "Hi", "logprobs": 99}, {"prompt": "Hi", "response_format": {"type": "xml"}},
+    ])  # fmt: skip
+    code, out, err = batch(env, hf_model_dir, path)
+    assert code == 1 and "10 of 11 lines failed" in err
+    assert [o["id"] for o in out] == [1, 2, 3, "x", 5, 6, 8, 9, 10, 11, 12]  # the empty line 7 is no line
+    errors = [o.get("error", "") for o in out]
+    assert "text" in out[1] and errors[1] == ""
+    for needle, e in zip(
+        ["not valid JSON", "", "unknown field 'colour'", "needs a prompt or messages", "temperature must be 0",
+         "max_tokens must be a whole number", "must end with a user message", "The prompt is", "must be a JSON object",
+         "logprobs must be an integer from 0 to 20", "response_format type must be"],
+        errors, strict=True,
+    ):  # fmt: skip
+        assert needle in e, (needle, e)
+
+
+def test_resume_skips_what_was_answered(env, hf_model_dir, tmp_path):
+    path, out_file = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write(path, [{"id": i, "prompt": f"Line {i}", "max_tokens": 3, "temperature": 0} for i in range(1, 6)])
+    # an earlier run: line 1 done, line 2 failed, and a crash in the middle of writing line 3
+    write(out_file, [{"id": 1, "text": "kept as it was"}, {"id": 2, "error": "it failed"}])
+    with open(out_file, "a") as f:
+        f.write('{"id": 3, "te')
+    r = mistral(env, "complete", "-m", str(hf_model_dir), *OPTIONS, "--batch", str(path), "--resume", str(out_file))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and "torn last line" in r.stderr and "1 already answered" in r.stderr
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [o["id"] for o in lines] == [1, 2, 2, 3, 4, 5]  # 2 again: its error is redone
+    assert lines[0]["text"] == "kept as it was" and "text" in lines[2]
+    # all answered now: nothing more is run or written
+    before = out_file.read_text()
+    r = mistral(env, "complete", "-m", str(hf_model_dir), *OPTIONS, "--batch", str(path), "--resume", str(out_file))
+    assert r.returncode == 0 and out_file.read_text() == before and "5 already answered" in r.stderr
+
+
+def test_stdin_formats_and_logprobs_per_line(env, hf_model_dir):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    lines = [
+        {"prompt": "JSON:", "max_tokens": 20, "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}},
+        {"prompt": "Plain:", "max_tokens": 3, "logprobs": 2},
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_cli", "complete", "-m", str(hf_model_dir), *OPTIONS, "--batch", "-"],
+        input="\n".join(json.dumps(x) for x in lines), capture_output=True, text=True, env={**env, "PATH": ""},
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    first, second = (json.loads(line) for line in proc.stdout.splitlines())
+    jsonschema.validate(json.loads(first["text"]), schema)
+    assert "logprobs" not in first and len(second["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+def test_batch_usage_errors(env, hf_model_dir, tmp_path):
+    r = mistral(env, "complete", "-m", str(hf_model_dir), "--batch", str(tmp_path / "none.jsonl"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = mistral(env, "complete", "-m", str(hf_model_dir), "--batch", str(tmp_path), "Hi")
+    assert r.returncode == 2 and "give no PROMPT" in r.stderr
+    r = mistral(env, "complete", "-m", str(hf_model_dir), "--resume", str(tmp_path / "o.jsonl"), "Hi")
+    assert r.returncode == 2 and "--resume goes with --batch" in r.stderr
