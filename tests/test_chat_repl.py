@@ -171,6 +171,31 @@ def test_piped_input_answers_each_line(hf_model_dir, tmp_path):
     assert [m["content"] for m in json.loads(saved.read_text(encoding="utf-8"))] == ["Hello there", reply.rstrip("\n")]
 
 
+def test_piped_continue_format_verbose_and_model_switch(hf_model_dir, native_model_dir, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    script = (f"/set temperature 0\nHello there\n/set verbose on\n/continue\n/set schema {tmp_path / 'schema.json'}\n"
+              f"Give me JSON\n/set format off\n/set verbose off\n/models\n/model {native_model_dir}\nHello again\n"
+              f"/info\n/set format yaml\n")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mistral_cli", "chat", "-m", str(hf_model_dir), "-n", "8", "--max-context", CONTEXT],
+        input=script.encode(), capture_output=True, env=chat_env(tmp_path), timeout=120,
+    )  # fmt: skip
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    lines = out.splitlines()
+    # /continue goes on where the reply stopped, as if it had never stopped: 8 + 8 tokens are the 16-token reply
+    assert lines[0] + lines[1] == greedy_reply(hf_model_dir, "Hello there", 16).replace("\n", "")
+    assert "1 new, read in" in err  # the continued reply fed only the reply's last token
+    jsonschema.validate(json.loads(lines[2]), schema)  # the reply under /set schema
+    assert re.search(r"format = /set schema .*schema\.json", err) and "format = off" in err
+    assert "Now using tiny-native" in err and re.search(r"model +tiny-native", out)
+    assert "/set format takes json or off" in err
+    assert proc.returncode == 1 and "1 input failed" in err
+
+
 def test_piped_input_with_a_missing_model_prints_the_download_command(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mistral_cli", "chat", "-m", "mistral-7b-instruct-v0.2"],

@@ -197,6 +197,26 @@ class Conversation:
         last.reply, last.finish = text, finish
         last.reply_ids = tuple(ids) if ids and self.tok.inner.decode(ids) == text else None
 
+    def extend(self, max_context: int, room: int) -> Prompt:
+        """The prompt that goes on with the last reply where it stopped: the history up to that reply's end, without
+        the EOS that would close it, so the model sees what it saw while writing it (old exchanges dropped if
+        needed)."""
+        if not self.exchanges or not self.exchanges[-1].reply:
+            raise MistralError("There is no reply to continue yet.")
+        prompt = self._fit(max_context, room)
+        return Prompt(prompt.ids[:-1], prompt.dropped, prompt.dropped_tokens)
+
+    def answer_more(self, text: str, finish: str, ids: Sequence[int] = ()) -> None:
+        """Add `text` (sampled as `ids`) to the end of the last reply, which `extend` went on with."""
+        last = self.exchanges[-1]
+        last.finish = finish
+        if not text and not ids:
+            return
+        before = last.reply_ids if last.reply_ids is not None else tuple(self.tok.encode(last.reply or ""))
+        last.reply = (last.reply or "") + text
+        whole = (*before, *ids)
+        last.reply_ids = whole if ids and self.tok.inner.decode(list(whole)) == last.reply else None
+
     def undo(self) -> Exchange | None:
         """Drop the last exchange; None when there is none."""
         return self.exchanges.pop() if self.exchanges else None

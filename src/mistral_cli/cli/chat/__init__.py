@@ -85,6 +85,7 @@ def run_chat(
         markdown=out.is_terminal,
         verbose=verbose,
         folder=folder,
+        loading=loading,
     )
     if verbose or interactive:
         chat.note(f"{name} · {where}. /help lists the commands; Ctrl-D leaves.")

@@ -56,6 +56,8 @@ def _help(s: Session, arg: str) -> None:
     lines = [f"  {(n + ' ' + c.args).ljust(width)}  {c.help}" for n, c in COMMANDS.items()]
     s.out.print("\n".join(lines), markup=False, highlight=False)
     s.out.print(f"  OPTION is one of {', '.join(OPTIONS)}; 'none' unsets max_tokens, seed, stop.", style="dim")
+    s.out.print("  /set format json|off, /set schema FILE: replies in JSON; /set verbose on|off: speeds after each "
+                "reply.", style="dim")  # fmt: skip
     s.out.print(f"  {KEYS}", style="dim", markup=False, highlight=False)
 
 
@@ -80,15 +82,70 @@ def _system(s: Session, arg: str) -> None:
     s.note(f"System prompt {what}{after}.")
 
 
+SWITCHES = ("format", "schema", "verbose")  # what /set changes besides the generation options
+_ON, _OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0", "none")
+
+
 def _set(s: Session, arg: str) -> None:
     name, _, value = arg.partition(" ")
     if not name:
         shown = ", ".join(f"{k}={v!r}" if k == "stop" else f"{k}={v}" for k, v in s.opts.to_dict().items())
-        s.out.print(shown, markup=False, highlight=False)
+        fmt = s.format.origin if s.format else "off"
+        s.out.print(f"{shown}, format={fmt}, verbose={'on' if s.verbose else 'off'}", markup=False, highlight=False)
+        return
+    key, value = name.lower(), value.strip()
+    if key == "verbose":
+        if value.lower() not in (*_ON, *_OFF):
+            raise UsageError("/set verbose takes on or off.")
+        s.verbose = value.lower() in _ON
+        s.note(f"verbose = {'on' if s.verbose else 'off'}")
+        return
+    if key in ("format", "schema"):
+        _set_format(s, key, value)
         return
     s.opts = parse_option(name, value, s.opts)
     key = name.lstrip("-").replace("-", "_").lower()
     s.note(f"{key} = {getattr(s.opts, key)!r}")
+
+
+def _set_format(s: Session, key: str, value: str) -> None:
+    from mistral_cli.text.output_format import from_options, schema_format
+
+    if key == "format" and value.lower() in _OFF:
+        s.set_format(None)
+        s.note("format = off: replies are free text again.")
+        return
+    if key == "format" and value.lower() != "json":
+        raise UsageError("/set format takes json or off; /set schema FILE gives a JSON schema.")
+    if key == "schema" and not value:
+        raise UsageError("/set schema needs a FILE (or the schema itself, starting with '{').")
+    fmt = from_options(None, "json", None, None) if key == "format" else schema_format(value, "/set schema")
+    s.set_format(fmt)
+    s.note(f"format = {fmt.origin}: every reply is {'a JSON object' if key == 'format' else 'JSON valid against it'}.")
+
+
+def _continue(s: Session, arg: str) -> None:
+    s.reply(s.conv.extend(s.engine.max_context, s.room()), extend=True)
+
+
+def _models(s: Session, arg: str) -> None:
+    from mistral_cli.hub.models import human_bytes, list_local_models
+
+    found = list_local_models()
+    if not found:
+        s.note("No models on disk; `mistral download` gets one.")
+        return
+    width = max(len(m.name) for m in found)
+    lines = [f"  {'*' if m.folder == s.folder else ' '} {m.name.ljust(width)}  {human_bytes(m.bytes):>9}  {m.folder}"
+             for m in found]  # fmt: skip
+    s.out.print("\n".join(lines), markup=False, highlight=False)
+
+
+def _model(s: Session, arg: str) -> None:
+    if not arg:
+        s.note(f"The model is {s.model}; /models lists those on disk, /model NAME switches.")
+        return
+    s.switch(arg)
 
 
 def _undo(s: Session, arg: str) -> None:
@@ -199,9 +256,12 @@ COMMANDS: dict[str, Command] = {
     "/set": Command("[OPTION VALUE]", "change a generation option; alone it shows them all", _set),
     "/undo": Command("", "drop the last exchange", _undo),
     "/retry": Command("", "answer the last message again", _retry),
+    "/continue": Command("", "go on with the last reply where it stopped (max tokens, Ctrl-C)", _continue),
     "/save": Command("[FILE]", "write the conversation as JSON (the `complete --messages` format)", _save),
     "/load": Command("FILE", "continue a saved conversation", _load),
     "/info": Command("", "model, device (or server), context used, speeds", _info),
+    "/models": Command("", "list the models on disk", _models),
+    "/model": Command("[NAME]", "switch to another model; the conversation goes on", _model),
 }
 ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/reset": "/clear"}
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mistral_cli.cli.chat.commands import COMMANDS, OPTIONS
+from mistral_cli.cli.chat.commands import COMMANDS, OPTIONS, SWITCHES
 
 if TYPE_CHECKING:
     from mistral_cli.cli.chat.session import Session
@@ -50,13 +50,19 @@ def terminal_reader(chat: Session) -> Callable[[], str | None]:
                 return
             name, _, arg = text.partition(" ")
             if name == "/set" and " " not in arg:
-                for option in OPTIONS:
+                for option in (*OPTIONS, *SWITCHES):
                     if option.startswith(arg.replace("-", "_")):
-                        yield Completion(
-                            option + " ", -len(arg), display=option, display_meta=repr(getattr(chat.opts, option))
-                        )
-            elif name in ("/save", "/load"):
-                yield from self.paths.get_completions(Document(arg, len(arg)), complete_event)
+                        meta = repr(getattr(chat.opts, option)) if option in OPTIONS else ""
+                        yield Completion(option + " ", -len(arg), display=option, display_meta=meta)
+            elif name in ("/save", "/load") or (name == "/set" and arg.startswith("schema ")):
+                path = arg.removeprefix("schema ") if name == "/set" else arg
+                yield from self.paths.get_completions(Document(path, len(path)), complete_event)
+            elif name == "/model":
+                from mistral_cli.hub.models import list_local_models
+
+                for model in list_local_models():
+                    if model.name.startswith(arg):
+                        yield Completion(model.name, -len(arg), display_meta=str(model.folder))
 
     history: History = InMemoryHistory()
     path = history_path()

@@ -19,12 +19,13 @@ from rich.markdown import Markdown
 from mistral_cli.cli.chat import commands
 from mistral_cli.cli.chat.views import MarkdownView, PlainView
 from mistral_cli.errors import MistralError
-from mistral_cli.options import GenerationOptions
+from mistral_cli.options import GenerationOptions, LoadOptions
 from mistral_cli.remote.client import RemoteEngine
 from mistral_cli.text.conversation import CUT_REASONS, Conversation, Prompt, reply_room
 
 if TYPE_CHECKING:
     from mistral_cli.engine.engine import Engine
+    from mistral_cli.text.output_format import OutputFormat
 
 
 def kilo(n: int) -> str:
@@ -49,8 +50,12 @@ class Session:
         markdown: bool,
         verbose: bool = False,
         folder: Path | None = None,
+        loading: LoadOptions | None = None,
     ) -> None:
         self.engine, self.conv, self.opts = engine, conversation, options
+        self.loading = loading  # how /model loads another model
+        self.format: OutputFormat | None = None  # /set format, /set schema
+        self._grammar: Any = None  # self.format compiled for the engine's tokenizer, made at the first reply
         self.remote = isinstance(engine, RemoteEngine)
         self.model, self.folder = model, folder
         self.out, self.notes = out, notes  # command output; incidental notes (stderr when not interactive)
@@ -110,8 +115,18 @@ class Session:
     def room(self) -> int:
         return reply_room(self.opts.max_tokens, self.engine.max_context)
 
-    def reply(self, prompt: Prompt) -> None:
-        """Generate the reply to the last message, streaming it; Ctrl-C keeps what came so far, marked as cut."""
+    def set_format(self, fmt: OutputFormat | None) -> None:
+        if fmt is not None and not self.remote:
+            from mistral_cli.engine.grammar import Grammar
+
+            self._grammar = Grammar(self.engine.tokenizer, fmt)  # a bad schema is refused now, not at the next reply
+        else:
+            self._grammar = None
+        self.format = fmt
+
+    def reply(self, prompt: Prompt, *, extend: bool = False) -> None:
+        """Generate the reply to the last message, streaming it; Ctrl-C keeps what came so far, marked as cut.
+        `extend`: go on with the last reply instead (`prompt` from Conversation.extend)."""
         from mistral_cli.engine.events import Done
 
         if prompt.dropped:
@@ -129,7 +144,7 @@ class Session:
         parts: list[str] = []
         sampled: list[int] = []
         finish, started, done = "interrupted", None, None
-        events = self._generate(prompt, opts)
+        events = self._generate(prompt, opts, extend)
         try:
             for event in events:
                 if isinstance(event, Done):
@@ -150,7 +165,10 @@ class Session:
             raise
         finally:
             events.close()
-            if finish in ("error", "interrupted") and not sampled and not parts:
+            if finish in ("error", "interrupted") and not sampled and not parts and extend:
+                view.end(None)
+                self.conv.answer_more("", self.conv.exchanges[-1].finish or "interrupted")
+            elif finish in ("error", "interrupted") and not sampled and not parts:
                 view.end(None)
                 # Stopped before the first token (while reading the prompt): as if the message had not been sent,
                 # so the next one is a turn of its own. The prompt's history (up arrow) still has it.
@@ -159,7 +177,7 @@ class Session:
                     self.note("Interrupted before the reply began; the message was not sent.")
             else:
                 view.end(CUT_REASONS.get(finish))
-                self.conv.answer("".join(parts), finish, sampled)
+                (self.conv.answer_more if extend else self.conv.answer)("".join(parts), finish, sampled)
             if started is not None and len(sampled) > 1:  # the first token comes from the prefill, not a decode step
                 self.last_speed = (len(sampled) - 1) / (time.perf_counter() - started)
             elif done is not None and done.completion_tokens > 1:  # a server sends no ids: its own count
@@ -178,10 +196,51 @@ class Session:
                 f"({d.decode_tokens_per_s:.1f} tokens/s); finish: {d.finish_reason}"
             )
 
-    def _generate(self, prompt: Prompt, opts: GenerationOptions) -> Iterator[Any]:
+    def _generate(self, prompt: Prompt, opts: GenerationOptions, extend: bool = False) -> Iterator[Any]:
         if isinstance(self.engine, RemoteEngine):
-            return self.engine.chat(self.conv.messages(), opts, system=self.conv.system)
-        return self.engine.generate(prompt.ids, opts)
+            return self.engine.chat(self.conv.messages(), opts, system=self.conv.system, output_format=self.format,
+                                    extend=extend)  # fmt: skip
+        # a continued reply follows text: its first space is a real one
+        return self.engine.generate(prompt.ids, opts, leading_space=extend, constraint=self._constraint(extend))
+
+    def _constraint(self, extend: bool) -> Any:
+        """A matcher of the format for this reply; a continued reply's text so far is fed to it first."""
+        if self._grammar is None:
+            return None
+        matcher = self._grammar.matcher()
+        if extend:
+            last = self.conv.exchanges[-1]
+            for token in last.reply_ids or self.conv.tok.encode(last.reply or ""):
+                matcher.accept(token)
+        return matcher
+
+    def switch(self, name: str) -> None:
+        """/model: the conversation goes on with another model, read again into its cache at the next reply."""
+        if isinstance(self.engine, RemoteEngine):
+            served = [m["id"] for m in self.engine.models()]
+            if name not in served:
+                raise MistralError(
+                    f"The server at {self.engine.url} has no model {name!r}; it lists: {', '.join(served)}."
+                )
+            self.engine.model = self.model = name
+            self.note(f"Now talking to {name} on {self.engine.url}.")
+            return
+        from mistral_cli.cli.loading import load
+        from mistral_cli.hub.models import resolve_model
+
+        paths = resolve_model(name)
+        engine = load(paths, self.loading or LoadOptions(), self.notes)
+        if engine.tokenizer.vocab_size != self.engine.tokenizer.vocab_size:
+            for ex in self.conv.exchanges:
+                ex.reply_ids = None  # ids of another vocabulary: the replies' text is encoded again
+        self.engine = engine  # the old model's memory goes with the last reference to it
+        self.conv.tok = type(self.conv.tok)(engine.tokenizer)
+        self.model = paths.folder.name if paths.source == "local" else paths.name
+        self.folder = paths.folder
+        if self.format is not None:
+            self.set_format(self.format)
+        self.note(f"Now using {self.model} ({engine.weights_note}, {engine.load_s:.1f} s); the conversation "
+                  f"({self.conv.tokens_used()} tokens) is read again at the next reply.")  # fmt: skip
 
     def load(self, path: Path, system: str | None = None) -> None:
         """Continue the conversation in `path`; `system`, when given, replaces the file's system prompt."""
