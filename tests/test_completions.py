@@ -70,6 +70,12 @@ def test_zsh_and_fish_requests():
         _MISTRAL_COMPLETE="complete_fish", _TYPER_COMPLETE_FISH_ACTION="get-args", _TYPER_COMPLETE_ARGS="mistral do"
     )
     assert [line.split("\t")[0] for line in fish] == ["download"]
+    # MODEL names: the aliases (and the models on disk) for the argument of info and for --model
+    zsh = "\n".join(complete(_MISTRAL_COMPLETE="complete_zsh", _TYPER_COMPLETE_ARGS="mistral info mistral-7b-v"))
+    assert "mistral-7b-v0.2" in zsh and "instruct" not in zsh
+    fish = complete(_MISTRAL_COMPLETE="complete_fish", _TYPER_COMPLETE_FISH_ACTION="get-args",
+                    _TYPER_COMPLETE_ARGS="mistral chat --model mistral-7b-i")  # fmt: skip
+    assert [line.split("\t")[0] for line in fish] == ["mistral-7b-instruct-v0.2"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -48,8 +48,10 @@ SCHEMAS = {
     },
     "pattern": {
         "type": "object",
-        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}, "n": {"type": "integer",
-                                                                                           "minimum": 1, "maximum": 9}},
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+            "n": {"type": "integer", "minimum": 1, "maximum": 9},
+        },
         "required": ["code", "n"],
         "additionalProperties": False,
     },  # fmt: skip
@@ -171,7 +173,9 @@ def test_formats_from_the_command_line_and_requests(tmp_path):
             from_options(*args)
     assert from_response_format({"type": "text"}) is None
     assert from_response_format({"type": "json_object"}).kind == "json"
-    assert from_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}).kind == "json_schema"
+    assert (
+        from_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}).kind == "json_schema"
+    )
     with pytest.raises(ValueError, match="must be"):
         from_response_format({"type": "xml"})
 

@@ -68,6 +68,17 @@ def _root(
     settings.attach(ctx)  # MISTRAL_* variables and the config file, as the defaults of the command that runs
 
 
+def _model_names(incomplete: str) -> list[str]:
+    """Tab completion of MODEL: the aliases and the models on disk (read from the folders alone: no torch)."""
+    from mistral_cli.hub.models import ALIASES, list_local_models
+
+    try:
+        names = [*ALIASES, *(m.name for m in list_local_models()), *(m.repo_id or "" for m in list_local_models())]
+    except (OSError, MistralError):
+        names = list(ALIASES)
+    return sorted({n for n in names if n and n.startswith(incomplete)})
+
+
 ModelOpt = Annotated[
     str,
     typer.Option(
@@ -75,6 +86,7 @@ ModelOpt = Annotated[
         "-m",
         help="Alias, Hugging Face repo id or local folder. \\[env var: MISTRAL_MODEL]",
         show_default=True,
+        autocompletion=_model_names,
     ),
 ]
 GEN = "Generation"
@@ -471,7 +483,10 @@ def download(
     ctx: typer.Context,
     model: Annotated[
         str,
-        typer.Argument(help="Alias or Hugging Face repo id (with --url: any folder name). \\[env var: MISTRAL_MODEL]"),
+        typer.Argument(
+            help="Alias or Hugging Face repo id (with --url: any folder name). \\[env var: MISTRAL_MODEL]",
+            autocompletion=_model_names,
+        ),
     ] = DEFAULT_MODEL,
     revision: Annotated[
         str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub \\[default: main].")
@@ -519,7 +534,8 @@ def download(
 def info(
     ctx: typer.Context,
     model: Annotated[
-        str | None, typer.Argument(help="Alias, repo id or folder \\[default: list local models].")
+        str | None,
+        typer.Argument(help="Alias, repo id or folder \\[default: list local models].", autocompletion=_model_names),
     ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object instead of a table \\[default: off].")
@@ -550,11 +566,35 @@ def info(
         run_info(model=model, json_out=json_out, loading=loading, settings=s, prune=prune, remote=remote)
 
 
+@app.command()
+def rm(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Alias, Hugging Face repo id, or a folder `mistral download` made.",
+            autocompletion=_model_names,
+            show_default=False,
+        ),
+    ],
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Remove without asking (needed when stdin is not a terminal).")
+    ] = False,
+) -> None:
+    """Remove a downloaded model: its Hugging Face cache entry or its folder, and its prepared weights."""
+    from mistral_cli.cli.rm import run_rm
+
+    with _reported():
+        run_rm(model, yes=yes)
+
+
 @app.command(epilog=SETTINGS_EPILOG)
 def serve(
     ctx: typer.Context,
     model: Annotated[
-        str, typer.Argument(help="Alias, Hugging Face repo id or local folder. \\[env var: MISTRAL_MODEL]")
+        str,
+        typer.Argument(
+            help="Alias, Hugging Face repo id or local folder. \\[env var: MISTRAL_MODEL]", autocompletion=_model_names
+        ),
     ] = DEFAULT_MODEL,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on; 0.0.0.0 is every interface.", rich_help_panel="Server")
