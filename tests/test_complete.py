@@ -129,6 +129,12 @@ def test_ctrl_c_with_json_prints_what_came(hf_model_dir):
     assert result["usage"]["prompt_tokens"] == 5  # BOS and "Once upon a time"
 
 
+def test_ctx_size_is_max_context_for_llama_cpp_users(hf_model_dir):
+    for flag in ("-c", "--ctx-size"):
+        proc = run("complete", "-m", str(hf_model_dir), flag, "8", "one two three four five six seven eight nine")
+        assert proc.returncode != 0 and "the context holds 8" in proc.err, proc.err
+
+
 def test_seed_reproducible_and_json(hf_model_dir, tok):
     args = ["complete", "-m", str(hf_model_dir), "-n", "16", "--temperature", "1.0", "--top-k", "50", "--json"]
     a = json.loads(run(*args, "--seed", "7", "Once upon a time").out)
