@@ -207,6 +207,51 @@ def test_every_thread_count_gives_the_same_bits(ops):
     assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
 
 
+@pytest.fixture(scope="module")
+def avx2_ops(ops) -> kernels.Kernels:
+    """The AVX2 build of the same source (MISTRAL_KERNELS=avx2), beside this CPU's own."""
+    import ctypes
+
+    before = os.environ.get(kernels.KERNELS_ENV)
+    os.environ[kernels.KERNELS_ENV] = "avx2"
+    try:
+        path = kernels._build(kernels.c_compiler())
+    finally:
+        if before is None:
+            del os.environ[kernels.KERNELS_ENV]
+        else:
+            os.environ[kernels.KERNELS_ENV] = before
+    built = kernels.Kernels(ctypes.CDLL(str(path)), path)
+    assert built.features == 0 and kernels.label(built) == "AVX2 kernels"
+    return built
+
+
+def _needs(ops, bit: int, flags: str) -> None:
+    if not ops.features & bit:
+        pytest.skip(f"this CPU has no {flags}: the path is not built here (it runs on CPUs with {flags})")
+
+
+@pytest.mark.parametrize("N, K", [*SHAPES, (4096, 4096), (36, 14336)])
+def test_the_avx512_bf16_product_is_within_the_bound_and_near_avx2(ops, avx2_ops, N, K):
+    _needs(ops, 1, "AVX512-BF16")
+    w = _rand(N, K, seed=N).to(torch.bfloat16)
+    x = _rand(1, K, seed=K).to(torch.bfloat16)
+    y, old = ops.linear_bf16(x, w), avx2_ops.linear_bf16(x, w)
+    ref = x.double() @ w.double().T
+    _check(y, ref, _sum_error(x, w))
+    _check(old, ref, _sum_error(x, w))
+    # two float32 sums in different orders, each rounded to bf16: at most a bf16 step or two apart
+    assert ((y.double() - old.double()).abs() <= ref.abs() * 2.0**-7 + _sum_error(x, w) * 2).all()
+    # a float32 row keeps the widening path of the AVX2 build: the same bits
+    assert torch.equal(ops.linear_bf16(x.float(), w), avx2_ops.linear_bf16(x.float(), w))
+
+
+def test_the_label_says_which_paths_run(ops):
+    label = kernels.label(ops)
+    assert label.startswith("AVX2") and label.endswith("kernels")
+    assert ("AVX512-BF16" in label) == bool(ops.features & 1)
+
+
 # The C code trusts the shapes it is given. Built with AddressSanitizer, every product, dequantization, attention and
 # a whole decode step of each kind run on shapes with remainders; a read or write outside a buffer aborts the run.
 ASAN_SCRIPT = """
@@ -324,7 +369,7 @@ def test_without_them_torch_kernels_are_used(ops, tmp_path, hf_model_dir, env, s
     args = ["complete", "-m", str(hf_model_dir), "-n", "5", "-t", "0", "--verbose", "Roses are"]
     run_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
     out = subprocess.run([sys.executable, "-m", "mistral_cli", *args], capture_output=True, text=True, env=run_env)
-    assert out.returncode == 0 and "AVX2 kernels" not in out.stderr and out.stdout, out.stderr
+    assert out.returncode == 0 and " kernels, " not in out.stderr and out.stdout, out.stderr
     assert "Traceback" not in out.stderr
     # a missing compiler is worth saying (the user can install one); a switch the user set is not
     assert ("torch kernels (no C compiler" in out.stderr) == ("CC" in env), out.stderr

@@ -85,7 +85,7 @@ def test_the_installed_wheel_runs_in_a_fresh_virtualenv(wheel, tmp_path, hf_mode
     done = run(mistral, *args, env=env, cwd=tmp_path)
     from mistral_cli.native import kernels
 
-    assert done.stdout and ("AVX2 kernels" in done.stderr) == (kernels.native() is not None), done.stderr
+    assert done.stdout and (" kernels, " in done.stderr) == (kernels.native() is not None), done.stderr
     assert "Warning" not in done.stderr, done.stderr  # e.g. torch's about numpy, which this environment lacks
     share = venv / "share"
     assert (share / "bash-completion" / "completions" / "mistral").is_file()

@@ -9,7 +9,7 @@ import shlex
 import shutil
 from functools import cache
 
-KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours
+KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours; "avx2": ours without AVX-512
 GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
 
 
@@ -20,8 +20,10 @@ def bad_switch() -> str | None:
     """A sentence for a switch variable set to something that is not on or off, which would be ignored silently."""
     for env in (KERNELS_ENV, GRAPHS_ENV):
         raw = os.environ.get(env)
-        if raw is not None and raw.strip().lower() not in SWITCH_VALUES:
-            return f"{env} must be on or off (or 1, 0), not {raw!r}."
+        allowed = (*SWITCH_VALUES, "avx2") if env == KERNELS_ENV else SWITCH_VALUES
+        if raw is not None and raw.strip().lower() not in allowed:
+            more = ", or avx2 for the AVX2 kernels on a CPU with AVX-512" if env == KERNELS_ENV else ""
+            return f"{env} must be on or off (or 1, 0){more}, not {raw!r}."
     return None
 
 

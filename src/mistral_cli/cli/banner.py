@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 
 def hardware(engine: Engine) -> str:
-    """'cpu bf16 int8, AVX2 kernels, 2 threads' or 'cuda bf16, CUDA graphs'."""
+    """'cpu bf16 int8, AVX2 + AVX512-BF16 kernels, 2 threads' or 'cuda bf16, CUDA graphs'."""
     import torch
 
     parts = [str(engine.placement) + ("" if engine.quantize == "none" else f" {engine.quantize}")]
@@ -17,7 +17,9 @@ def hardware(engine: Engine) -> str:
         problem = engine.graph.problem
         parts.append("CUDA graphs" if problem is None else f"no CUDA graphs ({problem})")
     if engine.native:
-        parts.append("AVX2 kernels")
+        from mistral_cli.native import kernels
+
+        parts.append(kernels.label())
     elif engine.native_problem:
         parts.append(f"torch kernels ({engine.native_problem})")
     if engine.placement.device.type == "cpu":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_cli.errors import MistralError, UsageError
-from mistral_cli.hardware import c_compiler, dtype_name, kernels_blocker
+from mistral_cli.hardware import KERNELS_ENV, c_compiler, cpu_flags, dtype_name, kernels_blocker
 from mistral_cli.hub.models import (
     SOURCE_FILE,
     V1_TOKENIZER_SHA256,
@@ -199,7 +199,14 @@ def _kernels(device: str) -> dict[str, Any] | None:
         return None
     blocker = kernels_blocker()
     if blocker is None:
-        return {"ours": True, "reason": f"AVX2, compiled for this CPU on first use with {' '.join(c_compiler() or [])}"}
+        extra = ["AVX512-BF16"] if "avx512_bf16" in cpu_flags() and "avx512f" in cpu_flags() else []
+        if os.environ.get(KERNELS_ENV, "").strip().lower() == "avx2":
+            extra = []  # asked for the AVX2 build
+        paths = " + ".join(["AVX2", *extra])
+        return {
+            "ours": True,
+            "reason": f"{paths}, compiled for this CPU on first use with {' '.join(c_compiler() or [])}",
+        }
     return {"ours": False, "reason": blocker}
 
 

@@ -27,6 +27,18 @@
 
 int mc_version(void) { return 1; }
 
+/* Which instructions past AVX2 this build uses (one library is built per CPU with -march=native, so the compiler's
+   target is the dispatch): 1 = AVX512-BF16 dot products for bf16 weights. A build with MISTRAL_KERNELS=avx2 is made
+   without them, for comparison. VNNI (vpdpbusd) for the int8 product was measured and left out: it gives the same
+   integer sums as the AVX2 maddubs/madd pair, and no speed on the 7B shapes, which are bound by memory
+   (BENCHMARKS.md, "AVX-512 kernels"). */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define MC_BF16_DP 1
+#else
+#define MC_BF16_DP 0
+#endif
+int mc_features(void) { return MC_BF16_DP; }
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -136,7 +148,62 @@ static inline float dot_bf16_1(const uint16_t *w, const float *x, int64_t K) {
     return hsum(_mm256_add_ps(a, b));
 }
 
+#if MC_BF16_DP
+/* With AVX512-BF16, a bf16 activation row multiplies the bf16 weights as they are: vdpbf16ps takes 32 of each and
+   adds the products in pairs into 16 float32 sums, where AVX2 widens every weight to float32 first (the widening,
+   not memory, bounds the AVX2 product on the CPUs that have these instructions). The products are exact in float32;
+   the sums are float32, as on AVX2, in another order. */
+#ifndef BF16X_AHEAD
+#define BF16X_AHEAD 1024
+#endif
+static inline __m512 dp32(__m512 acc, const uint16_t *w, __m512i x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)w), (__m512bh)x);
+}
+
+static inline float dot_bf16x_1(const uint16_t *w, const uint16_t *x, int64_t K) {
+    __m512 a = _mm512_setzero_ps(), b = a;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k) + ROW_AHEAD, _MM_HINT_T0);
+        a = dp32(a, w + k, _mm512_loadu_si512((const void *)(x + k)));
+        b = dp32(b, w + k + 32, _mm512_loadu_si512((const void *)(x + k + 32)));
+    }
+    if (k < K) a = dp32(a, w + k, _mm512_loadu_si512((const void *)(x + k)));
+    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+}
+
+static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype, int64_t N, int64_t K, int threads) {
+    int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n = 4 * blk;
+        const uint16_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K; k += 32) {
+            __m512i xv = _mm512_loadu_si512((const void *)(x + k));
+            PREFETCH4(k + BF16X_AHEAD);
+            a0 = dp32(a0, r0 + k, xv);
+            a1 = dp32(a1, r1 + k, xv);
+            a2 = dp32(a2, r2 + k, xv);
+            a3 = dp32(a3, r3 + k, xv);
+        }
+        store(y, ytype, n, _mm512_reduce_add_ps(a0));
+        store(y, ytype, n + 1, _mm512_reduce_add_ps(a1));
+        store(y, ytype, n + 2, _mm512_reduce_add_ps(a2));
+        store(y, ytype, n + 3, _mm512_reduce_add_ps(a3));
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
+    for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, dot_bf16x_1(w + n * K, x, K));
+}
+#endif
+
 int mc_gemv_bf16(const uint16_t *w, const void *x, int xtype, void *y, int ytype, int64_t N, int64_t K, int threads) {
+#if MC_BF16_DP
+    if (xtype == 1) { /* a float32 row keeps the widening path: rounding it to bf16 would lose precision */
+        gemv_bf16x(w, (const uint16_t *)x, y, ytype, N, K, threads);
+        return 0;
+    }
+#endif
     float *xf = x_as_f32(x, xtype, K);
     if (!xf) return -1;
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
@@ -742,5 +809,6 @@ int mc_decode_token(const mc_model *m, int64_t token, uint16_t *const *kc, uint1
 #else /* no AVX2 + FMA: the library builds, reports version 0, and torch's kernels are used */
 
 int mc_version(void) { return 0; }
+int mc_features(void) { return 0; }
 
 #endif

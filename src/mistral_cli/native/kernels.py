@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mistral_cli.hardware import c_compiler, cpu_flags, kernels_blocker, kernels_not_wanted
+from mistral_cli.hardware import KERNELS_ENV, c_compiler, cpu_flags, kernels_blocker, kernels_not_wanted
 from mistral_cli.model.layout import INT4_GROUP, INT4_SUB_MAX, int4_superblock
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -201,6 +201,7 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
+        self.features = int(lib.mc_features())  # kernels.c: 1 AVX512-BF16
         self._bf16 = lib.mc_gemv_bf16
         self._bf16.argtypes = [_P, _P, _INT, _P, _INT, _I64, _I64, _INT]
         self._int8 = lib.mc_gemv_int8
@@ -423,8 +424,17 @@ def _build(cc: list[str]) -> Path:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise OSError(f"cannot run the C compiler {' '.join(cc)}: {e}") from e
+    flags = _variant_flags()
     key = hashlib.sha256(
-        b"\0".join([source, version.encode(), " ".join(sorted(cpu_flags())).encode(), platform.machine().encode()])
+        b"\0".join(
+            [
+                source,
+                version.encode(),
+                " ".join(sorted(cpu_flags())).encode(),
+                platform.machine().encode(),
+                " ".join(flags).encode(),
+            ]
+        )  # fmt: skip
     ).hexdigest()[:16]
     folders = _cache_folders()
     for folder in folders:
@@ -442,7 +452,7 @@ def _build(cc: list[str]) -> Path:
     path = folder / f"kernels-{key}.so"
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / path.name
-        cmd = [*cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
+        cmd = [*cc, "-O3", "-march=native", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
@@ -452,9 +462,29 @@ def _build(cc: list[str]) -> Path:
             raise OSError(f"{' '.join(cc)} could not build the kernels: {last[:200]}")
         os.replace(out, path)  # atomic: another process building at the same time finds a whole file
     for old in folder.glob("kernels-*.so"):  # builds of other versions (a running process keeps its mapping)
-        if old != path:
+        if old != path and old.name != _kept.get(bool(flags)):
             old.unlink(missing_ok=True)
+    _kept[bool(flags)] = path.name
     return path
+
+
+_kept: dict[bool, str] = {}  # the other variant's build, when this process built both (the tests do)
+
+
+def _variant_flags() -> list[str]:
+    """The compiler flags of the build asked for: MISTRAL_KERNELS=avx2 builds without AVX-512, so the AVX2 paths can
+    be compared with the newer ones on the same CPU."""
+    if os.environ.get(KERNELS_ENV, "").strip().lower() == "avx2":
+        return ["-mno-avx512f"]
+    return []
+
+
+def label(kernels: Kernels | None = None) -> str:
+    """What the decode steps run on, for --verbose, the chat banner and `mistral info`."""
+    k = kernels or native()
+    features = k.features if k is not None else 0
+    names = [name for bit, name in ((1, "AVX512-BF16"),) if features & bit]
+    return f"AVX2 + {' + '.join(names)} kernels" if names else "AVX2 kernels"
 
 
 _status = "not loaded yet"
