@@ -7,6 +7,7 @@ import os
 import platform
 import shlex
 import shutil
+import sys
 from functools import cache
 
 KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours; "avx2": ours without AVX-512
@@ -130,3 +131,46 @@ def kernels_blocker() -> str | None:
     if c_compiler() is None:
         return "no C compiler to build them ($CC, cc, gcc or clang)"
     return None
+
+
+# How a run shares the CPU with other programs, decided before torch starts its OpenMP threads (below).
+SHARED_CPU: str | None = None
+
+
+def share_the_cpu() -> str | None:
+    """When other programs are running on the CPUs as the model loads, have idle OpenMP threads sleep at once
+    (OMP_WAIT_POLICY=PASSIVE) instead of spinning: a decode step waits at a barrier for its slowest thread many times,
+    and a spinning thread takes the core the other program, or our own descheduled thread, needs. Measured on 2 cores
+    with one busy process beside the decode: 55-71% of the idle speed kept, against 25-38% spinning; on an idle
+    machine spinning is a few percent faster on small models (BENCHMARKS.md, "Sharing the machine"), so it stays the
+    default there. Only before torch is imported (libgomp reads the variable when it starts), and never over the
+    user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT. Returns the note for --verbose, or None."""
+    global SHARED_CPU
+    if sys.modules.get("torch") is not None or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return None
+    others = _others_running()
+    if others < 1:
+        return None
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    SHARED_CPU = f"shared CPU: {others} other program{'s' * (others != 1)} running, idle threads sleep"
+    return SHARED_CPU
+
+
+def _others_running(samples: int = 5) -> int:
+    """Programs running on the CPUs besides this one, from the kernel's count of runnable threads (the median of a few
+    samples 10 ms apart: one sample catches short-lived tasks); 0 where /proc/stat does not say."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat", encoding="ascii", errors="replace") as f:
+                line = next((x for x in f if x.startswith("procs_running")), "")
+        except OSError:
+            return 0
+        if not line:
+            return 0
+        counts.append(int(line.split()[1]) - 1)  # this process is one of them
+        if i + 1 < samples:
+            time.sleep(0.01)
+    return max(sorted(counts)[len(counts) // 2], 0)

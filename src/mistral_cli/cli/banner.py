@@ -23,6 +23,8 @@ def hardware(engine: Engine) -> str:
     elif engine.native_problem:
         parts.append(f"torch kernels ({engine.native_problem})")
     if engine.placement.device.type == "cpu":
+        from mistral_cli.hardware import SHARED_CPU
+
         n = torch.get_num_threads()
-        parts.append(f"{n} thread{'s' if n != 1 else ''}")
+        parts.append(f"{n} thread{'s' if n != 1 else ''}" + (f" ({SHARED_CPU})" if SHARED_CPU else ""))
     return ", ".join(parts)

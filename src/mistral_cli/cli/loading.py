@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 
 def load(paths: ModelPaths, options: LoadOptions, err: Console) -> Engine:
+    if options.device in ("auto", "cpu"):
+        from mistral_cli.hardware import share_the_cpu
+
+        share_the_cpu()  # before torch is imported
     from mistral_cli.engine.load import load_engine
 
     if options.compile:
