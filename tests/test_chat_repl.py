@@ -292,3 +292,38 @@ def test_parse_option():
 
 def test_kilo():
     assert [kilo(n) for n in (0, 999, 1229, 2048, 32768)] == ["0", "999", "1.2k", "2k", "32k"]
+
+
+def test_loading_on_a_terminal_shows_bytes_and_a_percentage(hf_model_dir, tmp_path):
+    """The chat's load, read from the checkpoint (--no-prepare), draws a bar with bytes and a percentage: every byte
+    the terminal got is read through a pseudo-terminal, so a bar drawn and cleared in a moment is still seen."""
+    import fcntl
+    import pty
+    import select
+    import signal
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat on the pseudo-terminal
+        os.execve(sys.executable, [sys.executable, "-m", "mistral_cli", "chat", "-m", str(hf_model_dir),
+                                   "--no-prepare", "--max-context", CONTEXT], chat_env(tmp_path))  # fmt: skip
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    seen, text = b"", ""
+    deadline = time.monotonic() + 60
+    try:
+        while "Ctrl-D leaves" not in text and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    break
+                text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", errors="replace"))
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert "Ctrl-D leaves" in text, text
+    bar = re.search(r"Loading \S*tiny-hf .*?(\d+(\.\d+)?)/(\d+(\.\d+)?) MB +(\d+)%", text)
+    assert bar, text
+    assert re.search(r"(\d+\.\d)/\1 MB +100%", text), text  # it ends full
