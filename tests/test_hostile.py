@@ -474,7 +474,8 @@ def test_info_on_a_sound_model_has_no_problems(env, hf_model_dir):
 def test_a_switch_variable_that_is_neither_on_nor_off_is_refused(env, hf_model_dir):
     for variable in ("MISTRAL_KERNELS", "MISTRAL_CUDA_GRAPHS"):
         r = mistral({**env, variable: "banana"}, "info", str(hf_model_dir))
-        assert f"{variable} must be on or off (or 1, 0), not 'banana'." in one_sentence(r, code=2)
+        more = ", or avx2 for the AVX2 kernels on a CPU with AVX-512" if variable == "MISTRAL_KERNELS" else ""
+        assert f"{variable} must be on or off (or 1, 0){more}, not 'banana'." in one_sentence(r, code=2)
 
 
 def test_a_bad_huge_pages_value_is_our_warning_not_torchs(env, hf_model_dir):
