@@ -132,3 +132,31 @@ def test_batch_usage_errors(env, hf_model_dir, tmp_path):
     assert r.returncode == 2 and "give no PROMPT" in r.stderr
     r = mistral(env, "complete", "-m", str(hf_model_dir), "--resume", str(tmp_path / "o.jsonl"), "Hi")
     assert r.returncode == 2 and "--resume goes with --batch" in r.stderr
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sequences_decoded_together_equal_each_decoded_alone(hf_model_dir, dtype):
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.options import GenerationOptions, LoadOptions
+
+    engine = load_engine(hf_model_dir, LoadOptions(device="cpu", dtype=dtype, prepare=False))
+    assert engine.batches()
+    tok = engine.tokenizer
+    texts = ["Hello", "The capital of France is a city that", "Roses are red, violets", "x", "Once upon"]
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
+    options = [
+        GenerationOptions(max_tokens=12, temperature=0),
+        GenerationOptions(max_tokens=20, temperature=0.8, seed=3, top_k=50),
+        GenerationOptions(max_tokens=9, temperature=0, stop=["e"]),
+        GenerationOptions(max_tokens=0),
+        GenerationOptions(max_tokens=6, temperature=1.2, seed=9, repeat_penalty=1.3),
+    ]
+    together = engine.generate_many(prompts, options, leading_space=[True] * len(prompts))
+    for prompt, opts, done in zip(prompts, options, together, strict=True):
+        alone = list(engine.generate(prompt, opts, leading_space=True))[-1]
+        assert (done.tokens, done.text, done.finish_reason) == (alone.tokens, alone.text, alone.finish_reason)
+        assert done.prompt_tokens == len(prompt)
+    # int8/int4 on a CPU decode faster one row at a time (their multi-row path expands the weights)
+    assert not load_engine(
+        hf_model_dir, LoadOptions(device="cpu", dtype=dtype, quantize="int8", prepare=False)
+    ).batches()

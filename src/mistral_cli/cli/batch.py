@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,6 +25,10 @@ from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.options import GENERATION, GenerationOptions, LoadOptions, OptionError
 
 RUN_KEYS = ("instruct", "system", "logprobs", "response_format")
+# Lines decoded together at most: where one product over several rows beats one row at a time (a GPU, bf16 or fp32
+# weights on a CPU), 8 rows cost about what 2 do (BENCHMARKS.md, "Batch decoding"); lines with an output format or
+# log-probabilities run alone.
+BATCH = 8
 MAX_FILE_BYTES = 1 << 30  # the input is read whole (for the progress bar's total): refuse what is surely a mistake
 
 
@@ -55,18 +60,38 @@ def run_batch(
     failures = written = skipped = 0
     grammars: dict[tuple[str, str], Any] = {}
     progress = _Progress(len(todo))
+    group: list[_Job] = []  # lines waiting to be decoded together
+
+    def emit(result: dict[str, Any]) -> None:
+        nonlocal failures, written
+        failures += "error" in result
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")  # one write: a line is whole or absent
+        out.flush()
+        written += 1
+        progress.advance(result.get("usage", {}).get("completion_tokens", 0))
+
+    def flush() -> None:
+        for result in _run_group(engine, model, group):
+            emit(result)
+        group.clear()
+
     try:
         for n, text in todo:
-            result = _run_line(engine, model, n, text, generation, defaults, grammars, done_ids)
-            if result is None:
+            job = _prepare(engine, n, text, generation, defaults, grammars, done_ids)
+            if job is None:
                 skipped += 1
                 progress.advance(0)
-                continue
-            failures += "error" in result
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")  # one write: a line is whole or absent
-            out.flush()
-            written += 1
-            progress.advance(result.get("usage", {}).get("completion_tokens", 0))
+            elif isinstance(job, dict):
+                flush()
+                emit(job)
+            elif engine.batches() and job.constraint is None and job.logprobs is None:
+                group.append(job)
+                if len(group) == BATCH:
+                    flush()
+            else:
+                flush()
+                emit(_run_one(engine, model, job))
+        flush()
     finally:
         progress.close()
         if out is not sys.stdout:
@@ -78,12 +103,24 @@ def run_batch(
         raise MistralError(f"{failures} of {len(todo)} lines failed; their error objects are in the output.")
 
 
-def _run_line(
-    engine: Any, model: str, n: int, text: str, generation: GenerationOptions, defaults: dict[str, Any],
+@dataclass
+class _Job:
+    """A line ready to run."""
+
+    ident: Any
+    ids: list[int]
+    options: GenerationOptions
+    raw: bool  # a raw continuation: its first space is a real one
+    constraint: Any
+    logprobs: int | None
+
+
+def _prepare(
+    engine: Any, n: int, text: str, generation: GenerationOptions, defaults: dict[str, Any],
     grammars: dict[tuple[str, str], Any], done_ids: set[str],
-) -> dict[str, Any] | None:  # fmt: skip
-    """The output object of line `n`, or None when its id is already answered."""
-    from mistral_cli.cli.complete import _json_result, _prompt_ids, read_line_messages
+) -> _Job | dict[str, Any] | None:  # fmt: skip
+    """Line `n` ready to run, or its error object, or None when its id is already answered."""
+    from mistral_cli.cli.complete import _prompt_ids, read_line_messages
 
     ident: Any = n
     try:
@@ -118,7 +155,6 @@ def _run_line(
         instruct = bool(run["instruct"]) or run["system"] is not None
         conversation = read_line_messages(messages, f"line {n}") if messages is not None else None
         ids = _prompt_ids(engine, prompt, conversation, opts, instruct=instruct, system=run["system"], truncate=False)
-        raw = conversation is None and not instruct
         constraint = None
         if fmt is not None:
             key = (fmt.kind, fmt.source)
@@ -127,13 +163,35 @@ def _run_line(
 
                 grammars[key] = Grammar(engine.tokenizer, fmt)  # compiled once for all the lines that use it
             constraint = grammars[key].matcher()
-        done = None
-        for event in engine.generate(ids, opts, leading_space=raw, constraint=constraint, logprobs=top):
-            done = event if not hasattr(event, "token") else done
-        assert done is not None
-        return {"id": ident, **_json_result(done, engine, model, opts)}
+        return _Job(ident, ids, opts, conversation is None and not instruct, constraint, top)
     except (LineError, MistralError) as e:
         return {"id": ident, "error": str(e)}
+
+
+def _run_one(engine: Any, model: str, job: _Job) -> dict[str, Any]:
+    from mistral_cli.cli.complete import _json_result
+
+    try:
+        events = engine.generate(job.ids, job.options, leading_space=job.raw, constraint=job.constraint,
+                                 logprobs=job.logprobs)  # fmt: skip
+        done = [e for e in events if not hasattr(e, "token")][-1]
+    except MistralError as e:
+        return {"id": job.ident, "error": str(e)}
+    return {"id": job.ident, **_json_result(done, engine, model, job.options)}
+
+
+def _run_group(engine: Any, model: str, group: list[_Job]) -> list[dict[str, Any]]:
+    """Lines decoded together, one product over all of them per step (engine.generate_many), in their order."""
+    from mistral_cli.cli.complete import _json_result
+
+    if len(group) < 2:
+        return [_run_one(engine, model, job) for job in group]
+    try:
+        dones = engine.generate_many([j.ids for j in group], [j.options for j in group],
+                                     leading_space=[j.raw for j in group])  # fmt: skip
+    except MistralError as e:
+        return [{"id": j.ident, "error": str(e)} for j in group]
+    return [{"id": j.ident, **_json_result(d, engine, model, j.options)} for j, d in zip(group, dones, strict=True)]
 
 
 def _options(item: dict[str, Any], generation: GenerationOptions, n: int) -> GenerationOptions:

@@ -206,6 +206,103 @@ class Engine:
             ]
         return TokenLogprob(token, text(token), float(lp[token]), alternatives)
 
+    def batches(self) -> bool:
+        """Whether several sequences decode faster together than one after another here: one product over all rows
+        reads each weight once. Not for int8/int4 on a CPU, whose multi-row path expands every weight to float32
+        first, nor with --compile's single-row graph (BENCHMARKS.md, "Batch decoding")."""
+        cpu_quantized = self.placement.device.type == "cpu" and self.quantize != "none"
+        return not cpu_quantized and self._decode is None
+
+    @torch.inference_mode()
+    def generate_many(self, prompts: list[list[int]], options: list[GenerationOptions], *,
+                      leading_space: list[bool]) -> list[Done]:  # fmt: skip
+        """Several sequences decoded together, each with its own options (seed, sampling, stop strings, limit), as
+        `generate` would decode each alone up to float rounding; returns their Done in order. The prompts are
+        left-padded to one length in a cache of their own (the padding masked out), then every step feeds one token
+        per row, until every row has finished; the engine's own cache and sequence are left as they were."""
+        B, width = len(prompts), max(len(p) for p in prompts)
+        longest = max(width + (o.max_tokens if o.max_tokens is not None else self.max_context) for o in options)
+        end = min(longest, self.max_context)
+        if width >= self.max_context:
+            raise MistralError(f"A prompt is {width} tokens, more than the context of {self.max_context} tokens.")
+        device = self.placement.device
+        cache = self.model.new_cache(end, batch=B)
+        keys = torch.zeros(B, end, dtype=torch.bool, device=device)
+        ids = torch.zeros(B, width, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p) :] = torch.tensor(p, device=device)
+            keys[b, width - len(p) : width] = True
+            keys[b, : width - len(p)] = False
+        # a padding query sees only itself, so no row of the attention is all masked (that would be NaN, and
+        # 0 * NaN in the weighted sum would reach the real rows)
+        pad = ~keys[:, :width]
+        samplers = [Sampler(o) for o in options]
+        stops = [StopMatcher(o.stop) for o in options]
+        streams = [self.tokenizer.stream(leading_space=s) for s in leading_space]
+        generated: list[list[int]] = [[] for _ in range(B)]
+        finish: list[str | None] = ["length" if o.max_tokens == 0 else None for o in options]
+        t0 = time.perf_counter()
+        mask = (
+            self.model.position_mask(torch.arange(width, device=device), width)[None, None]
+            & keys[:, None, None, :width]
+        )
+        mask |= torch.diag_embed(pad)[:, None]
+        logits = self._forward_masked(ids, cache, mask)
+        t1 = time.perf_counter()
+        pos = width
+        while True:
+            nxt = []
+            for b in range(B):
+                token = 0
+                if finish[b] is None:
+                    token = samplers[b](logits[b], prompts[b] + generated[b])
+                    if token == self.tokenizer.eos_id:
+                        finish[b] = "stop"
+                    else:
+                        generated[b].append(token)
+                        if stops[b].feed(streams[b].push(token))[1]:
+                            finish[b] = "stop_sequence"
+                        elif options[b].max_tokens is not None and len(generated[b]) >= options[b].max_tokens:
+                            finish[b] = "length"
+                        elif len(prompts[b]) + len(generated[b]) - 1 >= self.max_context:
+                            finish[b] = "context"
+                nxt.append(token)
+            if all(f is not None for f in finish) or pos >= end:
+                break
+            keys[:, pos] = True
+            step = torch.tensor(nxt, device=device).view(B, 1)
+            logits = self.model(step, cache, pos, keys=keys)[:, -1]
+            pos += 1
+        for b in range(B):
+            if finish[b] is None:  # the shared cache ran out before this row did: its context is what ended it
+                finish[b] = "context" if end == self.max_context else "length"
+            if finish[b] != "stop_sequence":
+                stops[b].feed(streams[b].flush())
+                stops[b].flush()
+        self._sync()
+        t2 = time.perf_counter()
+        return [
+            Done(
+                text="".join(stops[b].text),
+                tokens=generated[b],
+                finish_reason=finish[b] or "length",
+                prompt_tokens=len(prompts[b]),
+                prefilled_tokens=len(prompts[b]),
+                prefill_s=t1 - t0,
+                decode_s=t2 - t1,
+            )  # fmt: skip
+            for b in range(B)
+        ]
+
+    def _forward_masked(self, ids: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+        """The prompts' last logits (B, V) under an explicit (B, 1, T, T) mask, from position 0."""
+        B, T = ids.shape
+        cache.reserve(T)
+        cos, sin = (table[:T] for table in self.model.rope_rows(T, ids.device))
+        logits = self.model._run(ids, cache, 0, cos, sin, mask, True)
+        cache.length = T
+        return logits[:, -1]
+
     @torch.inference_mode()
     def _step(self, token: int | torch.Tensor) -> torch.Tensor:
         """Feed one token (an id, or a 0-d tensor on the device) at the end of the sequence; returns its logits

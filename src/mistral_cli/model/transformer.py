@@ -219,11 +219,20 @@ class Transformer(nn.Module):
                 module.upcast = upcast
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache, start: int | None = None, *, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        start: int | None = None,
+        *,
+        last_only: bool = False,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) at positions [start, start+T) -> float32 logits (B, T, V), or (B, 1, V) with last_only.
 
         `start` defaults to the cache's length (continue the sequence); a smaller one overwrites from there.
+        `keys` (B, >= start+T) bool: the positions each row may attend to at all, on top of the causal mask: a batch
+        of sequences of different lengths, left-padded to one, has False at its padding (RoPE depends only on the
+        distance between positions, so a sequence shifted right computes what it computes unshifted).
         """
         B, T = tokens.shape
         start = cache.length if start is None else start
@@ -237,7 +246,12 @@ class Transformer(nn.Module):
             logits = self._run(tokens, cache, positions, *self._rope_at(positions), mask, last_only)
         else:
             cos, sin = (table[start:end] for table in self.rope_rows(end, tokens.device))
-            logits = self._run(tokens, cache, start, cos, sin, self._mask(start, T, end, tokens.device), last_only)
+            mask = self._mask(start, T, end, tokens.device)
+            if keys is not None:
+                if mask is None:
+                    mask = self.position_mask(torch.arange(start, end, device=tokens.device), end)
+                mask = mask[None, None] & keys[:, None, None, :end]  # (B, 1, T, end)
+            logits = self._run(tokens, cache, start, cos, sin, mask, last_only)
         cache.length = end
         return logits
 

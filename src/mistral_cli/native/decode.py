@@ -36,7 +36,9 @@ class KernelAttention(Attention):
     ) -> torch.Tensor:
         B, H, T, D = q.shape
         # a growing cache holds exactly the keys [0, pos]; a sliding window sees the last `window` of them
-        if T == 1 and isinstance(pos, int) and k.shape[2] == pos + 1 and self.kernels.attention_fits(q, k, v):
+        # (a 4-D mask is a batch's padding, which the kernel does not read)
+        one = T == 1 and (mask is None or mask.dim() == 2)
+        if one and isinstance(pos, int) and k.shape[2] == pos + 1 and self.kernels.attention_fits(q, k, v):
             return self.kernels.attention(q, k, v, window_start(k.shape[2], self.window)).view(B, T, H * D)
         return super().attend(q, k, v, mask, pos)
 
