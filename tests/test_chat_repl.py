@@ -319,6 +319,7 @@ def test_loading_on_a_terminal_shows_bytes_and_a_percentage(hf_model_dir, tmp_pa
                 except OSError:
                     break
                 text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", errors="replace"))
+                text = re.sub(r"\s+", " ", text)  # lines the terminal wrapped, joined again
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
