@@ -154,6 +154,36 @@ def test_terminal_offers_to_download_a_missing_model(tmux):
     assert "mistral download mistral-7b-instruct-v0.2" in screen
 
 
+def test_terminal_json_replies_are_shown_as_they_are(tmux, hf_model_dir):
+    t = tmux("-m", str(hf_model_dir), "--max-tokens", "40", "--max-context", CONTEXT)
+    t.wait(r"/help lists the commands")
+    t.type("/set temperature 0")
+    t.keys("Enter")
+    t.type("/set format json")
+    t.keys("Enter")
+    t.wait(r"format = /set format json")
+    t.type("Hello")  # the tiny model's greedy object closes at once here; any other object may run past 40 tokens
+    t.keys("Enter")
+    t.wait(r"(?m)^\{.*\}\s*$")
+    # Markdown would drop the backslashes and turn `*a*` and `_b_` into emphasis: the JSON must stay as it came
+    value = r"*a* _b_ \"c\" # d"
+    schema = {
+        "type": "object",
+        "properties": {"k": {"enum": [value]}},
+        "required": ["k"],
+        "additionalProperties": False,
+    }
+    t.type(f"/set schema {json.dumps(schema)}")
+    t.keys("Enter")
+    t.wait(r"format = the schema of /set schema")
+    t.type("Again")
+    t.keys("Enter")
+    screen = t.wait(r'(?m)^\{"k".*\}\s*$', timeout=60)
+    replies = [line.strip() for line in screen.splitlines() if line.startswith("{")]
+    assert isinstance(json.loads(replies[0]), dict), screen
+    assert json.loads(replies[1]) == {"k": value}, screen
+
+
 def test_piped_input_answers_each_line(hf_model_dir, tmp_path):
     saved = tmp_path / "piped.json"
     script = f"/set temperature 0\nHello there\n/retry\n/undo\n/bogus\n/set top_p 2\nHello there\n/save {saved}\n"

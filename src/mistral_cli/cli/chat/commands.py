@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +109,7 @@ def _set(s: Session, arg: str) -> None:
 
 
 def _set_format(s: Session, key: str, value: str) -> None:
-    from mistral_cli.text.output_format import from_options, schema_format
+    from mistral_cli.text.output_format import ANY_JSON, schema_format
 
     if key == "format" and value.lower() in _OFF:
         s.set_format(None)
@@ -119,7 +119,7 @@ def _set_format(s: Session, key: str, value: str) -> None:
         raise UsageError("/set format takes json or off; /set schema FILE gives a JSON schema.")
     if key == "schema" and not value:
         raise UsageError("/set schema needs a FILE (or the schema itself, starting with '{').")
-    fmt = from_options(None, "json", None, None) if key == "format" else schema_format(value, "/set schema")
+    fmt = replace(ANY_JSON, origin="/set format json") if key == "format" else schema_format(value, "/set schema")
     s.set_format(fmt)
     s.note(f"format = {fmt.origin}: every reply is {'a JSON object' if key == 'format' else 'JSON valid against it'}.")
 

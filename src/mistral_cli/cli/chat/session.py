@@ -140,7 +140,10 @@ class Session:
         self.last_seed = opts.seed
         new = len(prompt.ids) - self.engine.cached_prefix(prompt.ids)
         waiting = f"reading {new:,} tokens…" if new > 256 else "thinking…"
-        view: PlainView | MarkdownView = MarkdownView(self.out, waiting) if self.markdown else PlainView(self.notes)
+        # JSON under /set format is shown as it is: Markdown would eat its backslashes, `*` and `_`
+        view: PlainView | MarkdownView = PlainView(self.notes)
+        if self.markdown:
+            view = MarkdownView(self.out, waiting, plain=self.format is not None)
         parts: list[str] = []
         sampled: list[int] = []
         finish, started, done = "interrupted", None, None

@@ -104,11 +104,11 @@ class MarkdownView:
     disagree on is streamed plainly from there on, as a redraw of it could repeat lines.
     """
 
-    def __init__(self, console: Console, waiting: str) -> None:
+    def __init__(self, console: Console, waiting: str, *, plain: bool = False) -> None:
         self.console = console
         self.tail = ""
         self.live: Live | None = None
-        self.plain = False  # streaming without redraws
+        self.plain = plain  # streaming without redraws (and without Markdown: the text as it is)
         self.ends_line = True
         self.echo = _EchoOff()
         self.status = console.status(waiting, spinner="dots")
