@@ -510,7 +510,7 @@ def test_chat_on_a_terminal_downloads_a_missing_model_when_asked(hub, env, hf_fi
         t.wait(r"Download it now\? \[y/N\]")
         t.type("y")
         t.keys("Enter")
-        t.wait(r"Ctrl-D leaves", timeout=60)
+        t.wait(r"Ctrl-D\s+leaves", timeout=60)  # the banner may wrap there
         assert sorted(p.name for p in next((storage(env, REPO) / "snapshots").iterdir()).iterdir()) == sorted(NEEDED)
         t.type("/exit")
         t.keys("Enter")
