@@ -4,6 +4,7 @@ importing torch."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,60 @@ def test_zsh_and_fish_requests():
     assert [line.split("\t")[0] for line in fish] == ["mistral-7b-instruct-v0.2"]
 
 
+def _models(tmp_path: Path) -> dict[str, str]:
+    """A model of each kind on disk: a repo in the Hugging Face cache, a folder of a tar download; as _env()."""
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--Fine-7B" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "mistral"}')
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    (tmp_path / "models" / "my-model").mkdir(parents=True)
+    (tmp_path / "models" / "my-model" / "params.json").write_text("{}")
+    env = {k: v for k, v in _env().items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), "MISTRAL_HOME": str(tmp_path / "models")}
+
+
+def test_model_names_complete_without_torch(tmp_path):
+    env = _models(tmp_path)
+
+    def bash(line: str) -> list[str]:
+        words = line.split(" ")
+        return complete(**env, _MISTRAL_COMPLETE="complete_bash", COMP_WORDS=line, COMP_CWORD=str(len(words) - 1))
+
+    assert bash("mistral info ") == ["acme/Fine-7B", "mistral-7b-instruct-v0.2", "mistral-7b-v0.2", "my-model"]
+    assert bash("mistral rm a") == ["acme/Fine-7B"]
+    assert bash("mistral serve my") == ["my-model"]
+    assert bash("mistral complete -m mistral-7b-i") == ["mistral-7b-instruct-v0.2"]
+    # download takes the aliases and repo ids (the one in the cache is offered: a newer revision may be out)
+    assert bash("mistral download ") == ["acme/Fine-7B", "mistral-7b-instruct-v0.2", "mistral-7b-v0.2"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_names_in_bash(tmp_path):
+    program = f"source '{ROOT / 'completions' / 'mistral.bash'}'\n"
+    for words, cword in (("mistral info ac", 2), ("mistral info my", 2), ("mistral chat --model mistral-7b-i", 3)):
+        program += f"COMP_WORDS=({words}); COMP_CWORD={cword}; _mistral_completion mistral\n"
+        program += 'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    r = subprocess.run(["bash", "--norc", "-c", program], env=_models(tmp_path), capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["acme/Fine-7B", "my-model", "mistral-7b-instruct-v0.2"]
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="needs fish")
+def test_model_names_in_fish(tmp_path):
+    script = ROOT / "completions" / "mistral.fish"
+    program = f"source '{script}'; " + "; ".join(
+        f"complete -C'{line}'" for line in ("mistral info ac", "mistral info my", "mistral chat --model mistral-7b-i")
+    )
+    r = subprocess.run(["fish", "--no-config", "-c", program], env=_models(tmp_path), capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [
+        "acme/Fine-7B", "my-model", "mistral-7b-instruct-v0.2",
+    ]  # fmt: skip
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_the_bash_script_round_trip():
     # Source the checked-in script and press Tab the way bash does: COMP_WORDS/COMP_CWORD, then the function.
@@ -132,7 +187,7 @@ def test_zsh_completes_from_the_first_tab(tmp_path, how):
         pytest.skip("the mistral console script is not installed next to this interpreter")
     from terminal import Tmux
 
-    env = _env(HOME=str(tmp_path), TERM="xterm-256color")
+    env = {**_models(tmp_path), "HOME": str(tmp_path), "TERM": "xterm-256color"}
     if how == "installed":
         r = subprocess.run(["zsh", "-f", "-c", "mistral --install-completion; true"], env=env, capture_output=True,
                            text=True, timeout=60)  # fmt: skip
@@ -155,6 +210,15 @@ def test_zsh_completes_from_the_first_tab(tmp_path, how):
         t.keys("Tab")
         screen = t.wait(r"cuda")
         assert {"auto", "cpu", "cuda", "mps"} <= set(screen.split())
+        # model names: one on disk, an alias
+        for line, completed in (
+            ("mistral info ac", "mistral info acme/Fine-7B "),
+            ("mistral chat --model mistral-7b-i", "mistral chat --model mistral-7b-instruct-v0.2 "),
+        ):
+            t.keys("C-u")
+            t.type(line)
+            t.keys("Tab")
+            t.wait(f"> {re.escape(completed)}")
     finally:
         t.close()
 

@@ -70,13 +70,16 @@ def _root(
 
 def _model_names(incomplete: str) -> list[str]:
     """Tab completion of MODEL: the aliases and the models on disk (read from the folders alone: no torch)."""
-    from mistral_cli.hub.models import ALIASES, list_local_models
+    from mistral_cli.hub.models import model_names
 
-    try:
-        names = [*ALIASES, *(m.name for m in list_local_models()), *(m.repo_id or "" for m in list_local_models())]
-    except (OSError, MistralError):
-        names = list(ALIASES)
-    return sorted({n for n in names if n and n.startswith(incomplete)})
+    return [n for n in model_names() if n.startswith(incomplete)]
+
+
+def _download_names(incomplete: str) -> list[str]:
+    """Tab completion of what `mistral download` takes: the aliases and the repo ids already in the cache."""
+    from mistral_cli.hub.models import model_names
+
+    return [n for n in model_names(folders=False) if n.startswith(incomplete)]
 
 
 ModelOpt = Annotated[
@@ -485,7 +488,7 @@ def download(
         str,
         typer.Argument(
             help="Alias or Hugging Face repo id (with --url: any folder name). \\[env var: MISTRAL_MODEL]",
-            autocompletion=_model_names,
+            autocompletion=_download_names,
         ),
     ] = DEFAULT_MODEL,
     revision: Annotated[
@@ -577,14 +580,26 @@ def rm(
         ),
     ],
     yes: Annotated[
-        bool, typer.Option("--yes", "-y", help="Remove without asking (needed when stdin is not a terminal).")
+        bool,
+        typer.Option(
+            "--yes", "-y", help="Remove without asking (needed when stdin is not a terminal) \\[default: off]."
+        ),
     ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            help="Only this revision of a Hugging Face cache entry (branch, tag or commit); the files other revisions "
+            "use stay \\[default: every revision].",
+        ),
+    ] = None,
 ) -> None:
-    """Remove a downloaded model: its Hugging Face cache entry or its folder, and its prepared weights."""
+    """Remove a downloaded model (its Hugging Face cache entry, or the folder a tar download made) and its prepared
+    weights; lists them and the space freed first."""
     from mistral_cli.cli.rm import run_rm
 
     with _reported():
-        run_rm(model, yes=yes)
+        run_rm(model, yes=yes, revision=revision)
 
 
 @app.command(epilog=SETTINGS_EPILOG)

@@ -235,6 +235,21 @@ def list_local_models() -> list[LocalModel]:
     return found
 
 
+def model_names(*, folders: bool = True) -> list[str]:
+    """What Tab offers for MODEL: the aliases, the repo ids in the Hugging Face cache and (with `folders`) our tar
+    folders. A folder that cannot be read only leaves its names out: completion never fails."""
+    names = dict.fromkeys(ALIASES)
+    try:
+        for m in list_local_models():
+            if m.repo_id and m.source == "hub-cache":
+                names[m.repo_id] = None
+            if folders or m.name in ALIASES:
+                names[m.name] = None
+    except (OSError, MistralError):
+        pass
+    return sorted(names)
+
+
 def _is_mistral(folder: Path) -> bool:
     if (folder / "params.json").is_file():
         return True
