@@ -4,8 +4,11 @@ for the same prompt and options; bad lines answered with an error object; `--res
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import jsonschema
 import pytest
@@ -160,3 +163,49 @@ def test_sequences_decoded_together_equal_each_decoded_alone(hf_model_dir, dtype
     assert not load_engine(
         hf_model_dir, LoadOptions(device="cpu", dtype=dtype, quantize="int8", prepare=False)
     ).batches()
+
+
+def test_line_options_override_the_command_line(env, hf_model_dir, tmp_path):
+    path = tmp_path / "in.jsonl"
+    write(path, [{"prompt": "Hi"}, {"prompt": "Hi", "top_k": 5, "max_tokens": 2, "stop": "q", "instruct": False}])
+    code, out, err = batch(env, hf_model_dir, path, "--top-k", "40", "-n", "4", "-t", "0", "--instruct")
+    assert code == 0, err
+    cli, line = out
+    assert (cli["options"]["top_k"], cli["options"]["max_tokens"], cli["options"]["stop"]) == (40, 4, [])
+    assert (line["options"]["top_k"], line["options"]["max_tokens"], line["options"]["stop"]) == (5, 2, ["q"])
+    r = mistral(env, "complete", "-m", str(hf_model_dir), *OPTIONS, "--json", "--top-k", "5", "-n", "2", "-t", "0",
+                "--stop", "q", "Hi")  # fmt: skip
+    alone = json.loads(r.stdout)
+    assert (line["text"], line["finish_reason"], line["usage"]) == (
+        alone["text"],
+        alone["finish_reason"],
+        alone["usage"],
+    )
+    assert cli["usage"]["prompt_tokens"] > line["usage"]["prompt_tokens"]  # the instruct frame, from the command line
+
+
+def test_ctrl_c_leaves_whole_lines_and_resume_finishes(hf_model_dir, tmp_path):
+    path, out_file = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    # 8 short lines (one group, written together), then one that would run to the end of the context
+    write(path, [*({"id": i, "prompt": f"Line {i}", "max_tokens": 2} for i in range(1, 9)), {"id": 9, "prompt": "Go"},
+                 {"id": 10, "prompt": "End", "max_tokens": 2}])  # fmt: skip
+    args = [sys.executable, "-m", "mistral_cli", "complete", "-m", str(hf_model_dir), *OPTIONS, "-t", "0",
+            "--batch", str(path), "--resume", str(out_file)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MISTRAL_PREPARE": "off"}
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even when the tests run in the background
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out_file.exists() and out_file.read_text().count("\n") >= 8) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # line 9 is being generated
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Interrupted." in err and "8 lines written" in err, err
+    assert [json.loads(line)["id"] for line in out_file.read_text().splitlines()] == list(range(1, 9))
+    # the same command with a limit for line 9 goes on from there
+    r = subprocess.run([*args, "-n", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "8 already answered" in r.stderr, r.stderr
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [o["id"] for o in lines] == list(range(1, 11)) and lines[8]["usage"]["completion_tokens"] == 3

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -65,8 +69,9 @@ def run_batch(
     def emit(result: dict[str, Any]) -> None:
         nonlocal failures, written
         failures += "error" in result
-        out.write(json.dumps(result, ensure_ascii=False) + "\n")  # one write: a line is whole or absent
-        out.flush()
+        with _deferred_interrupt():  # a line is whole or absent, even when Ctrl-C comes during its write
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            out.flush()
         written += 1
         progress.advance(result.get("usage", {}).get("completion_tokens", 0))
 
@@ -92,13 +97,18 @@ def run_batch(
                 flush()
                 emit(_run_one(engine, model, job))
         flush()
+    except KeyboardInterrupt:
+        if resume is not None:
+            progress.close()
+            sys.stderr.write(f"mistral: {written} lines written to {resume}; the same command goes on from there.\n")
+        raise
     finally:
         progress.close()
         if out is not sys.stdout:
             out.close()
     if verbose or skipped:
-        sys.stderr.write(f"mistral: {written} lines written, {skipped} already answered in {resume}, "
-                         f"{failures} failed.\n")  # fmt: skip
+        answered = f", {skipped} already answered in {resume}" if resume is not None else ""
+        sys.stderr.write(f"mistral: {written} lines written{answered}, {failures} failed.\n")
     if failures:
         raise MistralError(f"{failures} of {len(todo)} lines failed; their error objects are in the output.")
 
@@ -292,6 +302,23 @@ def _answered(path: Path) -> set[str]:
     return answered
 
 
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Ctrl-C (SIGINT) raised only once the block is done."""
+    main = threading.current_thread() is threading.main_thread()  # only there can a signal handler be set
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # SIGINT ignored, or someone else's handler: theirs to handle
+        return
+    came: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if came:
+            raise KeyboardInterrupt
+
+
 def _open_output(resume: Path | None) -> IO[str]:
     if resume is None:
         return sys.stdout
@@ -327,3 +354,4 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
