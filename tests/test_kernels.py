@@ -123,7 +123,10 @@ def test_int4_product(ops, N, K):
     exact = _as_quantized(x, S) @ (codes.double() * s).T + x.double() @ lo.T
     _check(y, exact, _sum_error(x, w))
     rows = slice(1, N - 1)  # rows that start and end inside blocks of four
-    torch.testing.assert_close(ops.dequantize_int4(packed, records, rows).double(), w[rows], rtol=1e-6, atol=1e-6)
+    deq = ops.dequantize_int4(packed, records, rows)
+    torch.testing.assert_close(deq.double(), w[rows], rtol=1e-6, atol=1e-6)
+    # straight to bf16 (a prompt's GEMM in bf16): the float32 values rounded as torch rounds them
+    assert torch.equal(ops.dequantize_int4(packed, records, rows, torch.bfloat16), deq.to(torch.bfloat16))
 
 
 def test_int4_layout_mistakes_are_refused(ops):
@@ -246,10 +249,26 @@ def test_the_avx512_bf16_product_is_within_the_bound_and_near_avx2(ops, avx2_ops
     assert torch.equal(ops.linear_bf16(x.float(), w), avx2_ops.linear_bf16(x.float(), w))
 
 
+@pytest.mark.parametrize("N, K", [(4, 512), (132, 256), (12, 128), (8, 64), (4, 192), (36, 14336), (4096, 4096)])
+def test_the_avx512_vnni_int4_product_is_the_avx2_one(ops, avx2_ops, N, K):
+    """The VNNI path sums the same integers in the same lanes and then does the same float operations: the same bits
+    as the AVX2 build (which test_int4_product checks against float64), for superblocks of 256, 128 and 64."""
+    _needs(ops, 2, "AVX512-VNNI")
+    codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
+    scales, lows = _rand(N, K // 64, seed=2).abs() / 50, _rand(N, K // 64, seed=3) / 5
+    scales[0, -1] /= 1000
+    packed, records = kernels.pack_int4(codes), kernels.pack_int4_scales(scales, lows)
+    for xdtype in (torch.float32, torch.bfloat16):
+        x = (_rand(1, K, seed=K) * 3).to(xdtype)
+        x[0, 70 % K] = -30.0
+        assert torch.equal(ops.linear_int4(x, packed, records), avx2_ops.linear_int4(x, packed, records))
+
+
 def test_the_label_says_which_paths_run(ops):
     label = kernels.label(ops)
     assert label.startswith("AVX2") and label.endswith("kernels")
     assert ("AVX512-BF16" in label) == bool(ops.features & 1)
+    assert ("AVX512-VNNI" in label) == bool(ops.features & 2)
 
 
 # The C code trusts the shapes it is given. Built with AddressSanitizer, every product, dequantization, attention and
@@ -275,6 +294,7 @@ for N, K in [(4, 64), (8, 128), (4, 192), (12, 256), (8, 1024)]:  # superblocks 
     records = kernels.pack_int4_scales(torch.rand(N, K // 64), torch.randn(N, K // 64))
     ops.linear_int4(torch.randn(1, K), packed, records)
     ops.dequantize_int4(packed, records, slice(0, N))
+    ops.dequantize_int4(packed, records, slice(1, N), torch.bfloat16)
     ops.dequantize_int4(packed, records, slice(N - 1, N))
 for L in (1, 37):
     q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)

@@ -199,7 +199,9 @@ def _kernels(device: str) -> dict[str, Any] | None:
         return None
     blocker = kernels_blocker()
     if blocker is None:
-        extra = ["AVX512-BF16"] if "avx512_bf16" in cpu_flags() and "avx512f" in cpu_flags() else []
+        flags = cpu_flags()  # what -march=native enables, as kernels.label() names it once built
+        extra = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("avx512_vnni", "AVX512-VNNI"))
+                 if {flag, "avx512f", "avx512bw"} <= flags]  # fmt: skip
         if os.environ.get(KERNELS_ENV, "").strip().lower() == "avx2":
             extra = []  # asked for the AVX2 build
         paths = " + ".join(["AVX2", *extra])

@@ -37,7 +37,28 @@ int mc_version(void) { return 1; }
 #else
 #define MC_BF16_DP 0
 #endif
-int mc_features(void) { return MC_BF16_DP; }
+/* 2 = AVX512-VNNI for int4 weights: vpdpbusd multiplies the codes by x and sums them in one instruction, two rows
+   per 512-bit register; the int4 product is bound by that arithmetic on AVX2, not by memory */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MC_INT4_VNNI 2
+#else
+#define MC_INT4_VNNI 0
+#endif
+int mc_features(void) { return MC_BF16_DP | MC_INT4_VNNI; }
+
+/* A product's rows are split in chunks that the threads claim in turn from one shared counter (OpenMP's dynamic
+   schedule) rather than in equal shares fixed up front: when another program takes part of a core, the thread that
+   keeps running takes more chunks instead of waiting at the end for the slowed one. About 8 chunks a thread, each
+   a run of consecutive rows, so each stays one sequential stream for the prefetchers. */
+#ifdef MC_STATIC_SCHEDULE
+#define SHARED(units) schedule(static)
+#else
+#define SHARED(units) schedule(dynamic, chunk_of(units, threads))
+#endif
+static inline int chunk_of(int64_t units, int threads) {
+    int64_t c = units / (8 * (int64_t)(threads > 0 ? threads : 1));
+    return c < 1 ? 1 : c > (1 << 30) ? (1 << 30) : (int)c;
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -52,6 +73,18 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+/* eight floats rounded to bf16 (nearest even, as torch converts) and stored; finite values only */
+static inline __m256i round_bf16_bits(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+}
+
+static inline void store_bf16x8(uint16_t *p, __m256 v) {
+    __m256i r = round_bf16_bits(v);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 
 static inline float hsum(__m256 v) {
@@ -174,7 +207,7 @@ static inline float dot_bf16x_1(const uint16_t *w, const uint16_t *x, int64_t K)
 
 static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype, int64_t N, int64_t K, int threads) {
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for SHARED(blocks) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
         const uint16_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
@@ -192,7 +225,7 @@ static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype,
         store(y, ytype, n + 2, _mm512_reduce_add_ps(a2));
         store(y, ytype, n + 3, _mm512_reduce_add_ps(a3));
     }
-#pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
+#pragma omp parallel for SHARED(N - 4 * blocks) num_threads(threads) if (N - 4 * blocks > 64)
     for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, dot_bf16x_1(w + n * K, x, K));
 }
 #endif
@@ -207,7 +240,7 @@ int mc_gemv_bf16(const uint16_t *w, const void *x, int xtype, void *y, int ytype
     float *xf = x_as_f32(x, xtype, K);
     if (!xf) return -1;
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for SHARED(blocks) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
         const uint16_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
@@ -228,7 +261,7 @@ int mc_gemv_bf16(const uint16_t *w, const void *x, int xtype, void *y, int ytype
         store(y, ytype, n + 2, hsum(_mm256_add_ps(a2, b2)));
         store(y, ytype, n + 3, hsum(_mm256_add_ps(a3, b3)));
     }
-#pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
+#pragma omp parallel for SHARED(N - 4 * blocks) num_threads(threads) if (N - 4 * blocks > 64)
     for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, dot_bf16_1(w + n * K, xf, K));
     free(xf);
     return 0;
@@ -265,7 +298,7 @@ int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
     }
     quantize_x(xf, K, 32, xq, d, d + K / 32);
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for SHARED(blocks) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
         const __m256i ones = _mm256_set1_epi16(1);
@@ -285,7 +318,7 @@ int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
         store(y, ytype, n + 2, scale[n + 2] * hsum(a2));
         store(y, ytype, n + 3, scale[n + 3] * hsum(a3));
     }
-#pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
+#pragma omp parallel for SHARED(N - 4 * blocks) num_threads(threads) if (N - 4 * blocks > 64)
     for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, scale[n] * dot_int8_1(w + n * K, xq, d, K));
     free(xf), free(xq), free(d);
     return 0;
@@ -366,6 +399,65 @@ static inline __attribute__((always_inline)) void int4_rows4(const uint8_t *w, c
     out[0] = hsum(a0) + l[0], out[1] = hsum(a1) + l[1], out[2] = hsum(a2) + l[2], out[3] = hsum(a3) + l[3];
 }
 
+#if MC_INT4_VNNI
+/* int4_rows4 with AVX512-VNNI, two rows per register (row 2i in the low 256 bits, 2i+1 in the high), the same
+   integers in the same lanes and then the same float operations, so its results equal int4_rows4's bit for bit.
+   vpdpbusd sums four code * xq products into an int32 lane; two of them (low and high nibbles) stay within
+   2 * 4 * 15 * 127 = 15240, so the lane read as an int16 pair is (sum, its sign) and vpdpwssd with the pair
+   (subscale, 0) adds sum * subscale exactly, where AVX2 needs maddubs, add, madd and add. */
+static inline __m512i dot_u4x64x2(const uint8_t *p, __m512i x0, __m512i x1, __m512i q, __m512i acc) {
+    const __m512i m = _mm512_set1_epi8(15);
+    __m512i v = _mm512_loadu_si512((const void *)p);
+    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, m), x0);
+    s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v, 4), m), x1);
+    return _mm512_dpwssd_epi32(acc, s, q);
+}
+
+static inline __attribute__((always_inline)) void int4_rows4_vnni(const uint8_t *w, const uint8_t *sc,
+                                                                  const int8_t *xq, const float *d,
+                                                                  const float *gsum4, int64_t K, int J, float *out) {
+    /* int16 lanes picking subscale 0 | 1 (and 2 | 3) into the low | high half, the odd lanes zeroed by the mask */
+    const __m512i pick01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(1), 1);
+    const __m512i pick23 = _mm512_add_epi16(pick01, _mm512_set1_epi16(2));
+    const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(1), 1);
+    __m512 a01 = _mm512_setzero_ps(), a23 = a01;
+    __m256 lows = _mm256_setzero_ps();
+    __m128 lows1 = _mm_setzero_ps();
+    for (int64_t b = 0; b < K / (64 * J); b++, sc += 16 + 16 * J) {
+        __m512i i01 = _mm512_setzero_si512(), i23 = i01;
+        for (int j = 0; j < J; j++) {
+            const int64_t g = b * J + j, k = 64 * g;
+            const uint8_t *p = w + 128 * g;
+            _mm_prefetch((const char *)(p + INT4_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + INT4_AHEAD + 64), _MM_HINT_T0);
+            __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xq + k)));
+            __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xq + k + 32)));
+            __m512i q = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(sc + 16 + 8 * j)));
+            i01 = dot_u4x64x2(p, x0, x1, _mm512_maskz_permutexvar_epi16(0x55555555, pick01, q), i01);
+            i23 = dot_u4x64x2(p + 64, x0, x1, _mm512_maskz_permutexvar_epi16(0x55555555, pick23, q), i23);
+        }
+        const uint8_t *l = sc + 16 + 8 * J;
+        const float *gs = gsum4 + 4 * J * b;
+        if (J == 1) {
+            __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)l));
+            lows1 = _mm_fmadd_ps(_mm_castsi128_ps(_mm_slli_epi32(h, 16)), _mm_loadu_ps(gs), lows1);
+        }
+        for (int j = 0; j + 1 < J; j += 2)
+            lows = _mm256_fmadd_ps(load_bf16x8((const uint16_t *)(l + 8 * j)), _mm256_loadu_ps(gs + 4 * j), lows);
+        const __m512 f = _mm512_castps128_ps512(_mm_mul_ps(_mm_loadu_ps((const float *)sc), _mm_set1_ps(d[b])));
+        a01 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), _mm512_permutexvar_ps(half, f), a01);
+        a23 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i23), _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(2)), f), a23);
+    }
+    float l[4];
+    _mm_storeu_ps(l, _mm_add_ps(lows1, _mm_add_ps(_mm256_castps256_ps128(lows), _mm256_extractf128_ps(lows, 1))));
+    out[0] = hsum(_mm512_castps512_ps256(a01)) + l[0], out[1] = hsum(_mm512_extractf32x8_ps(a01, 1)) + l[1];
+    out[2] = hsum(_mm512_castps512_ps256(a23)) + l[2], out[3] = hsum(_mm512_extractf32x8_ps(a23, 1)) + l[3];
+}
+#define INT4_ROWS4 int4_rows4_vnni
+#else
+#define INT4_ROWS4 int4_rows4
+#endif
+
 /* y = W x for W in our int4 layout with superblocks of S columns (N a multiple of 4, K of S, S 64, 128 or 256) */
 int mc_gemv_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xtype, void *y, int ytype, int64_t N,
                  int64_t K, int64_t S, int threads) {
@@ -386,32 +478,40 @@ int mc_gemv_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xty
         _mm_storeu_ps(gsum4 + 4 * g, _mm_set1_ps(hsum(s)));
     }
     const int64_t rec = 16 + 16 * J; /* bytes of scales per block of rows and superblock */
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for SHARED(N / 4) num_threads(threads)
     for (int64_t blk = 0; blk < N / 4; blk++) {
         const uint8_t *wb = w + blk * 2 * K, *sb = scales + blk * (K / S) * rec;
         float out[4];
         if (J == 4)
-            int4_rows4(wb, sb, xq, d, gsum4, K, 4, out);
+            INT4_ROWS4(wb, sb, xq, d, gsum4, K, 4, out);
         else if (J == 2)
-            int4_rows4(wb, sb, xq, d, gsum4, K, 2, out);
+            INT4_ROWS4(wb, sb, xq, d, gsum4, K, 2, out);
         else
-            int4_rows4(wb, sb, xq, d, gsum4, K, 1, out);
+            INT4_ROWS4(wb, sb, xq, d, gsum4, K, 1, out);
         for (int r = 0; r < 4; r++) store(y, ytype, 4 * blk + r, out[r]);
     }
     free(xf), free(xq), free(d);
     return 0;
 }
 
-/* rows [n0, n1) of an int4 weight as float32 (out holds (n1 - n0) * K): a prompt's product dequantizes a block of
-   rows at a time and multiplies it with one float GEMM */
-int mc_dequant_int4(const uint8_t *w, const uint8_t *scales, float *out, int64_t n0, int64_t n1, int64_t K, int64_t S,
-                    int threads) {
+/* rows [n0, n1) of an int4 weight as float32 (otype 0) or bf16 (otype 1, each value rounded from the float32 one as
+   torch converts), out holding (n1 - n0) * K: a prompt's product dequantizes a block of rows at a time and multiplies
+   it with one GEMM in the model's dtype */
+static inline void put8(void *out, int otype, int64_t i, __m256 v) {
+    if (otype)
+        store_bf16x8((uint16_t *)out + i, v);
+    else
+        _mm256_storeu_ps((float *)out + i, v);
+}
+
+int mc_dequant_int4(const uint8_t *w, const uint8_t *scales, void *out, int otype, int64_t n0, int64_t n1, int64_t K,
+                    int64_t S, int threads) {
     const int64_t J = S / 64, rec = 16 + 16 * J;
     if (S % 64 || J < 1 || K % S) return -2;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = n0; n < n1; n++) {
         const int64_t blk = n / 4, r = n % 4;
-        float *o = out + (n - n0) * K;
+        const int64_t o = (n - n0) * K;
         const __m128i m = _mm_set1_epi8(15);
         for (int64_t g = 0; g < K / 64; g++) {
             const uint8_t *sc = scales + (blk * (K / S) + g / J) * rec;
@@ -423,11 +523,11 @@ int mc_dequant_int4(const uint8_t *w, const uint8_t *scales, float *out, int64_t
             for (int half = 0; half < 2; half++) {
                 __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * half));
                 __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-                float *o_lo = o + 64 * g + 16 * half, *o_hi = o_lo + 32;
-                _mm256_storeu_ps(o_lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, l));
-                _mm256_storeu_ps(o_lo + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, l));
-                _mm256_storeu_ps(o_hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, l));
-                _mm256_storeu_ps(o_hi + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, l));
+                const int64_t o_lo = o + 64 * g + 16 * half, o_hi = o_lo + 32;
+                put8(out, otype, o_lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, l));
+                put8(out, otype, o_lo + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, l));
+                put8(out, otype, o_hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, l));
+                put8(out, otype, o_hi + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, l));
             }
         }
     }
@@ -604,7 +704,7 @@ int mc_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, i
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < KV; c++) {
             if (!qf || !acc || !p) continue;
             const uint16_t *qc = q + c * G * D, *kc = k + c * head_stride, *vc = v + c * head_stride;
@@ -622,18 +722,6 @@ int mc_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, i
 }
 
 /* ------------------------------------------------------------------------------------------ a whole decode step */
-
-/* eight floats rounded to bf16 (nearest even, as torch converts) and stored; finite values only */
-static inline __m256i round_bf16_bits(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-}
-
-static inline void store_bf16x8(uint16_t *p, __m256 v) {
-    __m256i r = round_bf16_bits(v);
-    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-}
 
 /* v rounded to bf16 and back: the value a bf16 tensor would hold */
 static inline __m256 as_bf16(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_bits(v), 16)); }

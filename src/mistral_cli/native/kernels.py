@@ -201,7 +201,7 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        self.features = int(lib.mc_features())  # kernels.c: 1 AVX512-BF16
+        self.features = int(lib.mc_features())  # kernels.c: 1 AVX512-BF16 (bf16), 2 AVX512-VNNI (int4)
         self._bf16 = lib.mc_gemv_bf16
         self._bf16.argtypes = [_P, _P, _INT, _P, _INT, _I64, _I64, _INT]
         self._int8 = lib.mc_gemv_int8
@@ -209,7 +209,7 @@ class Kernels:
         self._int4 = lib.mc_gemv_int4
         self._int4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
         self._dequant4 = lib.mc_dequant_int4
-        self._dequant4.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
+        self._dequant4.argtypes = [_P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT]
         self._attention = lib.mc_attention_bf16
         self._attention.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT]
         self._decode = lib.mc_decode_token
@@ -325,16 +325,22 @@ class Kernels:
         self._check(rc)
         return logits
 
-    def dequantize_int4(self, packed: torch.Tensor, scales: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Rows `rows` of an int4 weight in our layout (pack_int4, pack_int4_scales), as float32."""
+    def dequantize_int4(
+        self, packed: torch.Tensor, scales: torch.Tensor, rows: slice, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Rows `rows` of an int4 weight in our layout (pack_int4, pack_int4_scales), as float32 or bf16 (the
+        float32 values rounded, as `.to(torch.bfloat16)` would)."""
         N, K = packed.shape[0], packed.shape[1] * 2
         S = _check_int4(packed, scales)
         if not 0 <= rows.start <= rows.stop <= N:
             raise ValueError(f"rows {rows.start}..{rows.stop} of a weight of {N}")
-        out = torch.empty(rows.stop - rows.start, K)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"int4 weights dequantize to float32 or bf16, not {dtype}")
+        out = torch.empty(rows.stop - rows.start, K, dtype=dtype)
         rc = self._dequant4(
-            packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.start, rows.stop, K, S, torch.get_num_threads()
-        )
+            packed.data_ptr(), scales.data_ptr(), out.data_ptr(), _DTYPE_CODES[dtype], rows.start, rows.stop, K, S,
+            torch.get_num_threads(),
+        )  # fmt: skip
         self._check(rc)
         return out
 
@@ -429,6 +435,7 @@ def _build(cc: list[str]) -> Path:
         b"\0".join(
             [
                 source,
+                " ".join(cc).encode(),  # $CC may carry options
                 version.encode(),
                 " ".join(sorted(cpu_flags())).encode(),
                 platform.machine().encode(),
@@ -483,7 +490,7 @@ def label(kernels: Kernels | None = None) -> str:
     """What the decode steps run on, for --verbose, the chat banner and `mistral info`."""
     k = kernels or native()
     features = k.features if k is not None else 0
-    names = [name for bit, name in ((1, "AVX512-BF16"),) if features & bit]
+    names = [name for bit, name in ((1, "AVX512-BF16"), (2, "AVX512-VNNI")) if features & bit]
     return f"AVX2 + {' + '.join(names)} kernels" if names else "AVX2 kernels"
 
 

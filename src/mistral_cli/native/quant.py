@@ -61,14 +61,16 @@ class NativeInt4Linear(WeightOnlyInt4Linear):
         if x.numel() == self.in_features:
             return self.kernels.linear_int4(x, self.weight, self.scales_and_lows).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
-        return blocked_linear(x, self.weight, dtype, self.dequantize_rows).to(x.dtype)
+        into = dtype if dtype == torch.bfloat16 else torch.float32  # bf16 straight from the codes: one pass, not two
+        return blocked_linear(x, self.weight, dtype, lambda rows: self.dequantize_rows(rows, into)).to(x.dtype)
 
-    def dequantize_rows(self, rows: slice) -> torch.Tensor:
-        """Rows `rows` of the float weight, in float32."""
-        return self.kernels.dequantize_int4(self.weight, self.scales_and_lows, rows)
+    def dequantize_rows(self, rows: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `rows` of the float weight, in float32 or bf16."""
+        return self.kernels.dequantize_int4(self.weight, self.scales_and_lows, rows, dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantize_rows(slice(0, self.out_features)).to(dtype)
+        into = dtype if dtype == torch.bfloat16 else torch.float32
+        return self.dequantize_rows(slice(0, self.out_features), into).to(dtype)
 
     def operands(self) -> Operands:
         """This layer for the whole-step call (kernels.DecodeStep)."""
