@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from mistral_cli.errors import MistralError, UsageError
 from mistral_cli.options import GENERATION, GenerationOptions, LoadOptions, OptionError
+from mistral_cli.userfiles import read_bounded
 
 RUN_KEYS = ("instruct", "system", "logprobs", "response_format")
 # Lines decoded together at most: where one product over several rows beats one row at a time (a GPU, bf16 or fp32
@@ -259,17 +260,7 @@ def _read_lines(source: Path) -> list[str]:
 
     if str(source) == "-":
         return _decode(_read_stdin(False, "The batch on stdin"), "stdin").splitlines()
-    try:
-        with open(source, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"Batch file {source} does not exist.") from None
-    except IsADirectoryError:
-        raise UsageError(f"Batch file {source} is a folder.") from None
-    except OSError as e:
-        raise MistralError(f"Cannot read batch file {source}: {e.strerror or e}.") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise UsageError(f"Batch file {source} is over {MAX_FILE_BYTES >> 30} GiB; split it.")
+    data = read_bounded(source, f"Batch file {source}", MAX_FILE_BYTES, "split it", UsageError)
     return _decode(data, f"Batch file {source}").splitlines()
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from mistral_cli import atomic
 from mistral_cli.errors import MistralError
 from mistral_cli.text.tokenizer import Tokenizer
+from mistral_cli.userfiles import read_bounded
 
 ROLES = ("system", "user", "assistant")
 _JOIN = "\n\n"
@@ -114,16 +115,8 @@ MAX_FILE_BYTES = 64 << 20  # a conversation file is read no further: far more te
 def load_conversation(path: Path) -> tuple[list[Message], dict[str, Any]]:
     """Like `load_messages`, also returning the metadata saved with it ({} when there is none)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)  # a FIFO or /dev/zero is not read forever
-    except FileNotFoundError:
-        raise MistralError(f"Messages file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise MistralError(f"Messages file {path} is a folder.") from None
-    except OSError as e:
-        raise MistralError(f"Cannot read messages file {path}: {e.strerror or e}.") from None
-    return parse_conversation(data, f"Messages file {path}")
+    what, advice = f"Messages file {path}", "far more than a context holds; keep its last messages"
+    return parse_conversation(read_bounded(path, what, MAX_FILE_BYTES, advice), what)
 
 
 def parse_conversation(data: bytes, source: str) -> tuple[list[Message], dict[str, Any]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mistral_cli.errors import UsageError
+from mistral_cli.userfiles import read_bounded
 
 MAX_FILE_BYTES = 1 << 20  # a schema or grammar file is read no further: far larger than any sensible one
 
@@ -69,17 +70,7 @@ def schema_format(value: str, option: str = "--json-schema") -> OutputFormat:
 
 
 def read_text(path: Path, option: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{option} {path}: the file does not exist.") from None
-    except IsADirectoryError:
-        raise UsageError(f"{option} {path} is a folder, not a file.") from None
-    except OSError as e:
-        raise UsageError(f"{option} {path} cannot be read: {e.strerror or e}.") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise UsageError(f"{option} {path} is over {MAX_FILE_BYTES >> 20} MiB: not a schema or grammar.")
+    data = read_bounded(path, f"{option} {path}", MAX_FILE_BYTES, "not a schema or grammar", UsageError)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
