@@ -10,7 +10,7 @@ import torch
 
 from mistral_cli.engine import load
 from mistral_cli.engine.load import load_model
-from mistral_cli.model import quant
+from mistral_cli.model import quant, transformer
 from mistral_cli.model.placement import Placement
 from mistral_cli.model.quant import WeightOnlyInt4Linear, WeightOnlyInt8Linear, int4_weights, int8_weights
 from mistral_cli.native import kernels
@@ -171,6 +171,25 @@ def test_quantizing_in_row_blocks_changes_nothing(monkeypatch, kind):
             assert torch.equal(buf, dict(blocked.named_buffers())[name]), name
     torch.testing.assert_close(blocked4(x), whole4(x), rtol=0, atol=0)
     torch.testing.assert_close(blocked4(x[:1]), whole4(x[:1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ours", "fallback"])
+def test_a_prompt_converted_in_blocks_equals_one_block(monkeypatch, kind):
+    """A prompt's product converts the weight a block of rows at a time into one reused buffer: several blocks (the
+    last one partial) give what one block gives, for int8, int4 and a bf16 weight multiplied in float32, and one
+    layer's blocks never leak into the next layer's product."""
+    ops = _kind(monkeypatch, kind)
+    x = _x(7).to(torch.bfloat16)
+    layers = [int8_layer(_weight(n=208, seed=s), ops) for s in (2, 3)]
+    layers += [int4_layer(_weight(n=208, seed=s), ops, group=64) for s in (4, 5)]
+    bf16 = transformer.Linear(256, 208, bias=False)
+    bf16.weight = torch.nn.Parameter(_weight(n=208, seed=6).to(torch.bfloat16), requires_grad=False)
+    bf16.upcast = True
+    layers.append(bf16)
+    whole = [layer(x) for layer in layers]
+    monkeypatch.setattr(transformer, "BLOCK_BYTES", 48 * 256 * 2)  # 48 rows of bf16 (24 of float32): 5 blocks
+    for layer, expected in zip(layers * 2, whole * 2, strict=True):
+        assert torch.equal(layer(x), expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)

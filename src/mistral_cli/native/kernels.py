@@ -326,17 +326,27 @@ class Kernels:
         return logits
 
     def dequantize_int4(
-        self, packed: torch.Tensor, scales: torch.Tensor, rows: slice, dtype: torch.dtype = torch.float32
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        rows: slice,
+        dtype: torch.dtype = torch.float32,
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rows `rows` of an int4 weight in our layout (pack_int4, pack_int4_scales), as float32 or bf16 (the
-        float32 values rounded, as `.to(torch.bfloat16)` would)."""
+        float32 values rounded, as `.to(torch.bfloat16)` would); written into the start of `scratch` (contiguous,
+        of `dtype`) when it is given and large enough."""
         N, K = packed.shape[0], packed.shape[1] * 2
         S = _check_int4(packed, scales)
         if not 0 <= rows.start <= rows.stop <= N:
             raise ValueError(f"rows {rows.start}..{rows.stop} of a weight of {N}")
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"int4 weights dequantize to float32 or bf16, not {dtype}")
-        out = torch.empty(rows.stop - rows.start, K, dtype=dtype)
+        n = (rows.stop - rows.start) * K
+        if scratch is not None and scratch.dtype == dtype and scratch.is_contiguous() and scratch.numel() >= n:
+            out = scratch.view(-1)[:n].view(rows.stop - rows.start, K)
+        else:
+            out = torch.empty(rows.stop - rows.start, K, dtype=dtype)
         rc = self._dequant4(
             packed.data_ptr(), scales.data_ptr(), out.data_ptr(), _DTYPE_CODES[dtype], rows.start, rows.stop, K, S,
             torch.get_num_threads(),

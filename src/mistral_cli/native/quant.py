@@ -62,11 +62,15 @@ class NativeInt4Linear(WeightOnlyInt4Linear):
             return self.kernels.linear_int4(x, self.weight, self.scales_and_lows).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
         into = dtype if dtype == torch.bfloat16 else torch.float32  # bf16 straight from the codes: one pass, not two
-        return blocked_linear(x, self.weight, dtype, lambda rows: self.dequantize_rows(rows, into)).to(x.dtype)
+        return blocked_linear(x, self.weight, dtype, lambda rows, block: self.dequantize_rows(rows, into, block)).to(
+            x.dtype
+        )
 
-    def dequantize_rows(self, rows: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows `rows` of the float weight, in float32 or bf16."""
-        return self.kernels.dequantize_int4(self.weight, self.scales_and_lows, rows, dtype)
+    def dequantize_rows(
+        self, rows: slice, dtype: torch.dtype = torch.float32, scratch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows `rows` of the float weight, in float32 or bf16 (in `scratch` when given)."""
+        return self.kernels.dequantize_int4(self.weight, self.scales_and_lows, rows, dtype, scratch)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         into = dtype if dtype == torch.bfloat16 else torch.float32
