@@ -241,10 +241,38 @@ def kernels_here():
 ONE_THREAD = r", 1 thread( \(shared CPU: [^)]*\))? in"  # the note when other programs run beside the test
 
 
+def test_beside_busy_programs_threads_sleep_and_leave_them_their_cores(hf_model_dir):
+    """Programs running as the model loads: the verbose line says so, and the decode uses torch's default count of
+    threads less one per busy program (at least one), unless --threads or OMP_NUM_THREADS says otherwise."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+    default = int(subprocess.run(probe, capture_output=True, text=True, env=clean, check=True).stdout)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # running when the model loads
+        args = ("complete", "-m", str(hf_model_dir), "-n", "2", "-t", "0", "--verbose", "Hi")
+        subprocess_env = {**clean, "HF_HUB_OFFLINE": "1"}
+        runs = [
+            subprocess.run([sys.executable, "-m", "mistral_cli", *a], capture_output=True, text=True, env=e, timeout=180)
+            for a, e in ((args, subprocess_env), ((*args, "--threads", "3"), subprocess_env),
+                         (args, {**subprocess_env, "OMP_NUM_THREADS": "2"}))
+        ]  # fmt: skip
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    note = r", (\d+) threads? \(shared CPU: (\d+) other programs? running\) in"
+    found = [re.search(note, r.stderr) for r in runs]
+    assert all(r.returncode == 0 for r in runs) and all(found), [r.stderr for r in runs]
+    threads, others = (int(g) for g in found[0].groups())
+    assert others >= 2 and threads == max(1, default - others), runs[0].stderr
+    assert [int(m.group(1)) for m in found[1:]] == [3, min(2, default)]  # the user's count (torch caps the variable)
+
+
 def test_threads_and_default_dtype(hf_model_dir):
     base = run("complete", "-m", str(hf_model_dir), "-n", "6", "-t", "0", "--verbose", "Roses are")
     assert base.returncode == 0, base.err
-    assert re.search(r"on cpu (bf16|fp32)(, AVX2( \+ AVX512-BF16)? kernels)?, \d+ threads?( \(shared CPU: [^)]*\))? in",
+    assert re.search(r"on cpu (bf16|fp32)(, AVX2( \+ AVX512-[A-Z0-9]+)* kernels)?, \d+ threads?( \(shared CPU: [^)]*\))? in",
                      base.err), base.err  # fmt: skip
     # our kernels are used wherever they can be built (python -m mistral_cli.native.kernels says whether)
     assert (" kernels, " in base.err) == (kernels_here() is not None), base.err

@@ -135,25 +135,41 @@ def kernels_blocker() -> str | None:
 
 # How a run shares the CPU with other programs, decided before torch starts its OpenMP threads (below).
 SHARED_CPU: str | None = None
+OTHERS_RUNNING = 0  # the programs that share_the_cpu saw running
+_SHARED_THREADS: int | None = None
 
 
 def share_the_cpu() -> str | None:
     """When other programs are running on the CPUs as the model loads, have idle OpenMP threads sleep at once
-    (OMP_WAIT_POLICY=PASSIVE) instead of spinning: a decode step waits at a barrier for its slowest thread many times,
-    and a spinning thread takes the core the other program, or our own descheduled thread, needs. Measured on 2 cores
-    with one busy process beside the decode: 55-71% of the idle speed kept, against 25-38% spinning; on an idle
-    machine spinning is a few percent faster on small models (BENCHMARKS.md, "Sharing the machine"), so it stays the
-    default there. Only before torch is imported (libgomp reads the variable when it starts), and never over the
-    user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT. Returns the note for --verbose, or None."""
-    global SHARED_CPU
+    (OMP_WAIT_POLICY=PASSIVE) instead of spinning, and leave them their cores (`shared_threads`). A decode step waits
+    at a barrier for its slowest thread many times: a spinning thread takes the core the other program, or our own
+    descheduled thread, needs, and a thread that shares its core with a busy program slows every step to its pace.
+    On an idle machine spinning is a few percent faster on small models (BENCHMARKS.md, "Sharing the machine"), so it
+    stays the default there. Only before torch is imported (libgomp reads the variable when it starts), and never
+    over the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT. Returns the note for --verbose, or None."""
+    global SHARED_CPU, OTHERS_RUNNING
     if sys.modules.get("torch") is not None or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return None
     others = _others_running()
     if others < 1:
         return None
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    SHARED_CPU = f"shared CPU: {others} other program{'s' * (others != 1)} running, idle threads sleep"
+    OTHERS_RUNNING = others
+    SHARED_CPU = f"shared CPU: {others} other program{'s' * (others != 1)} running"
     return SHARED_CPU
+
+
+def shared_threads(default: int) -> int:
+    """Decode threads when share_the_cpu saw other programs running: torch's default (one per core) less one per busy
+    program, at least one; `default` otherwise, or when the user chose a count with OMP_NUM_THREADS (--threads is
+    applied after this). On 2 cores with one busy process, one thread decodes as fast as two sleeping ones on the 7B
+    shape and 1.1-1.2x faster on the small one (BENCHMARKS.md). Decided once: a model loaded later (chat's /model)
+    keeps the count."""
+    global _SHARED_THREADS
+    if _SHARED_THREADS is None:
+        fewer = OTHERS_RUNNING and "OMP_NUM_THREADS" not in os.environ
+        _SHARED_THREADS = max(1, default - OTHERS_RUNNING) if fewer else default
+    return _SHARED_THREADS
 
 
 def _others_running(samples: int = 5) -> int:

@@ -17,6 +17,7 @@ import torch
 from mistral_cli.engine import prepared
 from mistral_cli.engine.engine import Engine
 from mistral_cli.errors import MistralError
+from mistral_cli.hardware import shared_threads
 from mistral_cli.model import quant
 from mistral_cli.model.checkpoint import check_size, find_weights, load_state
 from mistral_cli.model.config import ModelConfig
@@ -38,6 +39,8 @@ def load_engine(folder: Path, options: LoadOptions, progress: Progress | None = 
     t0 = time.perf_counter()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
+    elif (fewer := shared_threads(torch.get_num_threads())) != torch.get_num_threads():
+        torch.set_num_threads(fewer)  # other programs are running: leave them their cores
     cfg = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer(folder / "tokenizer.model")
     problem = cfg.vocab_problem(tokenizer.vocab_size, tokenizer.path) or cfg.context_problem(options.max_context)

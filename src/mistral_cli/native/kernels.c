@@ -8,7 +8,10 @@
  * arithmetic keeps up with the smaller weights.
  *
  * Threads: OpenMP, from the libgomp that torch has already loaded (the same soname), so torch and these kernels
- * share one thread team instead of two pools competing for the cores.
+ * share one thread team instead of two pools competing for the cores. Each thread takes one equal, contiguous share
+ * of the rows (a static schedule): rows claimed in chunks from a shared counter (dynamic) were measured 12-22%
+ * slower on an idle Zen 4 and no faster beside a busy program (BENCHMARKS.md); sharing the CPU is handled by the
+ * thread count and sleeping threads instead (hardware.py).
  *
  * Layouts (bf16 and int8 row-major, each row contiguous):
  *   bf16  w[n, k]
@@ -45,20 +48,6 @@ int mc_version(void) { return 1; }
 #define MC_INT4_VNNI 0
 #endif
 int mc_features(void) { return MC_BF16_DP | MC_INT4_VNNI; }
-
-/* A product's rows are split in chunks that the threads claim in turn from one shared counter (OpenMP's dynamic
-   schedule) rather than in equal shares fixed up front: when another program takes part of a core, the thread that
-   keeps running takes more chunks instead of waiting at the end for the slowed one. About 8 chunks a thread, each
-   a run of consecutive rows, so each stays one sequential stream for the prefetchers. */
-#ifdef MC_STATIC_SCHEDULE
-#define SHARED(units) schedule(static)
-#else
-#define SHARED(units) schedule(dynamic, chunk_of(units, threads))
-#endif
-static inline int chunk_of(int64_t units, int threads) {
-    int64_t c = units / (8 * (int64_t)(threads > 0 ? threads : 1));
-    return c < 1 ? 1 : c > (1 << 30) ? (1 << 30) : (int)c;
-}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -207,7 +196,7 @@ static inline float dot_bf16x_1(const uint16_t *w, const uint16_t *x, int64_t K)
 
 static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype, int64_t N, int64_t K, int threads) {
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
-#pragma omp parallel for SHARED(blocks) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
         const uint16_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
@@ -225,7 +214,7 @@ static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype,
         store(y, ytype, n + 2, _mm512_reduce_add_ps(a2));
         store(y, ytype, n + 3, _mm512_reduce_add_ps(a3));
     }
-#pragma omp parallel for SHARED(N - 4 * blocks) num_threads(threads) if (N - 4 * blocks > 64)
+#pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
     for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, dot_bf16x_1(w + n * K, x, K));
 }
 #endif
@@ -240,7 +229,7 @@ int mc_gemv_bf16(const uint16_t *w, const void *x, int xtype, void *y, int ytype
     float *xf = x_as_f32(x, xtype, K);
     if (!xf) return -1;
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
-#pragma omp parallel for SHARED(blocks) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
         const uint16_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
@@ -261,7 +250,7 @@ int mc_gemv_bf16(const uint16_t *w, const void *x, int xtype, void *y, int ytype
         store(y, ytype, n + 2, hsum(_mm256_add_ps(a2, b2)));
         store(y, ytype, n + 3, hsum(_mm256_add_ps(a3, b3)));
     }
-#pragma omp parallel for SHARED(N - 4 * blocks) num_threads(threads) if (N - 4 * blocks > 64)
+#pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
     for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, dot_bf16_1(w + n * K, xf, K));
     free(xf);
     return 0;
@@ -298,7 +287,7 @@ int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
     }
     quantize_x(xf, K, 32, xq, d, d + K / 32);
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
-#pragma omp parallel for SHARED(blocks) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
         const __m256i ones = _mm256_set1_epi16(1);
@@ -318,7 +307,7 @@ int mc_gemv_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
         store(y, ytype, n + 2, scale[n + 2] * hsum(a2));
         store(y, ytype, n + 3, scale[n + 3] * hsum(a3));
     }
-#pragma omp parallel for SHARED(N - 4 * blocks) num_threads(threads) if (N - 4 * blocks > 64)
+#pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
     for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, scale[n] * dot_int8_1(w + n * K, xq, d, K));
     free(xf), free(xq), free(d);
     return 0;
@@ -478,7 +467,7 @@ int mc_gemv_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xty
         _mm_storeu_ps(gsum4 + 4 * g, _mm_set1_ps(hsum(s)));
     }
     const int64_t rec = 16 + 16 * J; /* bytes of scales per block of rows and superblock */
-#pragma omp parallel for SHARED(N / 4) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < N / 4; blk++) {
         const uint8_t *wb = w + blk * 2 * K, *sb = scales + blk * (K / S) * rec;
         float out[4];
@@ -704,7 +693,7 @@ int mc_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, i
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
         for (int64_t c = 0; c < KV; c++) {
             if (!qf || !acc || !p) continue;
             const uint16_t *qc = q + c * G * D, *kc = k + c * head_stride, *vc = v + c * head_stride;
