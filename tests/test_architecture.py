@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "mistral_cli"
-BASE = {"errors", "options", "hardware", "atomic"}  # torch-free basics every layer may use
+BASE = {"errors", "options", "hardware", "atomic", "userfiles"}  # torch-free basics every layer may use
 # What each layer may import from the package, besides itself; the command line (cli/) may import everything.
 ALLOWED = {
     "errors": set(),
     "options": {"errors"},
     "hardware": set(),
     "atomic": set(),
+    "userfiles": {"errors"},
     "text": BASE,
     "model": BASE,
     "hub": BASE | {"model"},
@@ -101,7 +102,19 @@ def _writes(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "layer",
-    ["model", "native", "engine", "text", "remote", "serve", "options.py", "errors.py", "hardware.py", "atomic.py"],
+    [
+        "model",
+        "native",
+        "engine",
+        "text",
+        "remote",
+        "serve",
+        "options.py",
+        "errors.py",
+        "hardware.py",
+        "atomic.py",
+        "userfiles.py",
+    ],
 )
 def test_below_the_command_line_nothing_writes_to_the_terminal(layer):
     """The engine yields tokens and never prints; the command line owns all terminal I/O."""

@@ -264,6 +264,24 @@ def test_the_avx512_vnni_int4_product_is_the_avx2_one(ops, avx2_ops, N, K):
         assert torch.equal(ops.linear_int4(x, packed, records), avx2_ops.linear_int4(x, packed, records))
 
 
+@pytest.mark.parametrize("N, K", [(8, 256), (12, 128), (4, 64), (4, 192), (36, 4096)])
+def test_int4_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
+    """A prompt's int4 product with VNNI (several activation rows per pass over the weights): each row the decode
+    product of that row, bit for bit, for tails of 1-3 rows and more rows than one sweep (128) holds."""
+    _needs(ops, 2, "AVX512-VNNI")
+    assert ops.int4_rows and not avx2_ops.int4_rows
+    codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
+    scales, lows = _rand(N, K // 64, seed=2).abs() / 50, _rand(N, K // 64, seed=3) / 5
+    packed, records = kernels.pack_int4(codes), kernels.pack_int4_scales(scales, lows)
+    for M in (2, 3, 5, 8, 130):
+        for xdtype in (torch.float32, torch.bfloat16):
+            x = (_rand(M, K, seed=M) * 3).to(xdtype)
+            x[M - 1, 70 % K] = -30.0
+            y = ops.linear_int4_rows(x[None], packed, records)
+            assert y.shape == (1, M, N) and y.dtype == xdtype
+            assert torch.equal(y[0], torch.stack([ops.linear_int4(row, packed, records) for row in x]))
+
+
 def test_the_label_says_which_paths_run(ops):
     label = kernels.label(ops)
     assert label.startswith("AVX2") and label.endswith("kernels")
@@ -295,6 +313,8 @@ for N, K in [(4, 64), (8, 128), (4, 192), (12, 256), (8, 1024)]:  # superblocks 
     ops.linear_int4(torch.randn(1, K), packed, records)
     ops.dequantize_int4(packed, records, slice(0, N))
     ops.dequantize_int4(packed, records, slice(1, N), torch.bfloat16)
+    if ops.int4_rows:
+        ops.linear_int4_rows(torch.randn(5, K), packed, records)
     ops.dequantize_int4(packed, records, slice(N - 1, N))
 for L in (1, 37):
     q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
@@ -522,7 +542,7 @@ def test_a_short_prompt_is_fed_as_decode_steps(ops, wide_model, mode):
     the batched forward; one token more is a batch again."""
     engine = load_engine(wide_model, LoadOptions(dtype="bf16", quantize=mode, prepare=False))
     assert engine._fused is not None
-    n = ROW_BY_ROW[mode]
+    n = ROW_BY_ROW[engine._row_by_row]  # "int4-vnni" where int4 prompts run as integers
     prompt = [1] + torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(13)).tolist()
     with torch.inference_mode():
         cache = engine.model.new_cache()

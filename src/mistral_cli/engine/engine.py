@@ -92,7 +92,8 @@ SCORE_CHUNK = 512
 # A batch dequantizes every int8/int4 weight into a float GEMM, a fixed cost of several decode steps (more in a fresh
 # process, which faults in the buffers): measured per 7B layer (BENCHMARKS.md, "Short prompts"), row by row is
 # ahead up to about 32 rows for int4, 8 for int8 and 2 for bf16. A pipeline's `complete "Hello"` is 2 tokens.
-ROW_BY_ROW = {"int4": 16, "int8": 6, "none": 2}
+# int4 with AVX512-VNNI multiplies a batch as integers with no dequantizing: ahead of row by row from 2 rows on.
+ROW_BY_ROW = {"int4": 16, "int8": 6, "none": 2, "int4-vnni": 1}
 
 
 class Engine:
@@ -116,7 +117,10 @@ class Engine:
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.quantize = quantize
         # whether decode steps run on our CPU kernels (some layers at least), and if not on a CPU that could, why
-        self.native = any(getattr(m, "kernels", None) is not None for m in model.modules())
+        ops = [k for m in model.modules() if (k := getattr(m, "kernels", None)) is not None]
+        self.native = bool(ops)
+        int4_rows = quantize == "int4" and bool(ops) and all(k.int4_rows for k in ops)
+        self._row_by_row = "int4-vnni" if int4_rows else quantize  # the key of ROW_BY_ROW for short prompts
         cpu = placement.device.type == "cpu" and not compile
         self.native_problem = None if self.native or not cpu else kernels.problem()
         self._fused = fused
@@ -165,7 +169,7 @@ class Engine:
         self.cache.truncate(common)
         self.tokens = self.tokens[:common]
         new = prompt[common:]
-        if self._fused is not None and len(new) <= ROW_BY_ROW.get(self.quantize, 1):
+        if self._fused is not None and len(new) <= ROW_BY_ROW.get(self._row_by_row, 1):
             for i, token in enumerate(new):  # a few rows: decode steps, which read each weight as it is stored
                 logits = self._fused(token, self.cache, common + i)
         else:

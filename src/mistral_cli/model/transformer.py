@@ -77,7 +77,8 @@ def block_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.
     buffers = _blocks.__dict__.setdefault("buffers", {})
     buf = buffers.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = buffers[dtype, device] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: written in place inside inference mode and outside it
+            buf = buffers[dtype, device] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 

@@ -443,7 +443,143 @@ static inline __attribute__((always_inline)) void int4_rows4_vnni(const uint8_t 
     out[2] = hsum(_mm512_castps512_ps256(a23)) + l[2], out[3] = hsum(_mm512_extractf32x8_ps(a23, 1)) + l[3];
 }
 #define INT4_ROWS4 int4_rows4_vnni
+
+/* ------------------------------------------------------------------------------- int4 prompts with AVX512-VNNI */
+
+/* int4_rows4_vnni for T activation rows at once: a block of four weight rows is loaded and unpacked once per group
+   and multiplied with each row's codes, so a prompt reads its weights once per block of rows instead of once per
+   token, and multiplies integers without dequantizing. Each row's integers and float operations are those of
+   int4_rows4_vnni, in the same order, so each output equals the decode product of that row bit for bit. xq, d and
+   gsum4 hold T rows of K, K/S and K/16 values. */
+static inline __attribute__((always_inline)) void int4_rows4_vnni_t(const uint8_t *w, const uint8_t *sc,
+                                                                    const int8_t *xq, const float *d,
+                                                                    const float *gsum4, int64_t K, int J, int T,
+                                                                    float *out) {
+    const __m512i pick01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(1), 1);
+    const __m512i pick23 = _mm512_add_epi16(pick01, _mm512_set1_epi16(2));
+    const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(1), 1);
+    const __m512i m15 = _mm512_set1_epi8(15);
+    const int64_t nb = K / (64 * J);
+    __m512 a01[4], a23[4];
+    __m256 lows[4];
+    __m128 lows1[4];
+    for (int t = 0; t < T; t++) a01[t] = a23[t] = _mm512_setzero_ps(), lows[t] = _mm256_setzero_ps(), lows1[t] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, sc += 16 + 16 * J) {
+        __m512i i01[4], i23[4];
+        for (int t = 0; t < T; t++) i01[t] = i23[t] = _mm512_setzero_si512();
+        for (int j = 0; j < J; j++) {
+            const int64_t g = b * J + j, k = 64 * g;
+            const uint8_t *p = w + 128 * g;
+            const __m512i v0 = _mm512_loadu_si512((const void *)p), v1 = _mm512_loadu_si512((const void *)(p + 64));
+            const __m512i lo0 = _mm512_and_si512(v0, m15), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m15);
+            const __m512i lo1 = _mm512_and_si512(v1, m15), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m15);
+            const __m512i q = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(sc + 16 + 8 * j)));
+            const __m512i q01 = _mm512_maskz_permutexvar_epi16(0x55555555, pick01, q);
+            const __m512i q23 = _mm512_maskz_permutexvar_epi16(0x55555555, pick23, q);
+            for (int t = 0; t < T; t++) {
+                const int8_t *xt = xq + t * K + k;
+                const __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xt));
+                const __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xt + 32)));
+                __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, x0), hi0, x1);
+                i01[t] = _mm512_dpwssd_epi32(i01[t], s, q01);
+                s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo1, x0), hi1, x1);
+                i23[t] = _mm512_dpwssd_epi32(i23[t], s, q23);
+            }
+        }
+        const uint8_t *l = sc + 16 + 8 * J;
+        const __m128 f4 = _mm_loadu_ps((const float *)sc);
+        for (int t = 0; t < T; t++) {
+            const float *gs = gsum4 + t * (K / 16) + 4 * J * b;
+            if (J == 1) {
+                __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)l));
+                lows1[t] = _mm_fmadd_ps(_mm_castsi128_ps(_mm_slli_epi32(h, 16)), _mm_loadu_ps(gs), lows1[t]);
+            }
+            for (int j = 0; j + 1 < J; j += 2)
+                lows[t] = _mm256_fmadd_ps(load_bf16x8((const uint16_t *)(l + 8 * j)), _mm256_loadu_ps(gs + 4 * j), lows[t]);
+            const __m512 f = _mm512_castps128_ps512(_mm_mul_ps(f4, _mm_set1_ps(d[t * nb + b])));
+            a01[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01[t]), _mm512_permutexvar_ps(half, f), a01[t]);
+            a23[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i23[t]), _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(2)), f), a23[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float l[4];
+        _mm_storeu_ps(l, _mm_add_ps(lows1[t], _mm_add_ps(_mm256_castps256_ps128(lows[t]), _mm256_extractf128_ps(lows[t], 1))));
+        float *o = out + 4 * t;
+        o[0] = hsum(_mm512_castps512_ps256(a01[t])) + l[0], o[1] = hsum(_mm512_extractf32x8_ps(a01[t], 1)) + l[1];
+        o[2] = hsum(_mm512_castps512_ps256(a23[t])) + l[2], o[3] = hsum(_mm512_extractf32x8_ps(a23[t], 1)) + l[3];
+    }
+}
+
+#define GEMM_T 4       /* activation rows per pass over a block of weight rows: what the registers hold */
+#define GEMM_ROWS 128  /* activation rows per sweep over the weights: their int8 codes stay in the L2 cache */
+
+/* one block of four weight rows against T activation rows, with J a constant so the loops unroll */
+static void int4_block_t(const uint8_t *wb, const uint8_t *sb, const int8_t *xq, const float *d, const float *gsum4,
+                         int64_t K, int J, int T, float *out) {
+#define CASE(JJ, TT) if (J == JJ && T == TT) { int4_rows4_vnni_t(wb, sb, xq, d, gsum4, K, JJ, TT, out); return; }
+    CASE(4, 4) CASE(4, 3) CASE(4, 2) CASE(4, 1) CASE(2, 4) CASE(2, 3) CASE(2, 2) CASE(2, 1)
+    CASE(1, 4) CASE(1, 3) CASE(1, 2) CASE(1, 1)
+#undef CASE
+}
+
+/* Y = X W^T for M activation rows x (M x K, float32 or bf16) and W in our int4 layout, y M x N; row m of y equals
+   mc_gemv_int4 of row m of x, bit for bit */
+int mc_gemm_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xtype, void *y, int ytype, int64_t M,
+                 int64_t N, int64_t K, int64_t S, int threads) {
+    const int J = (int)(S / 64);
+    if (N % 4 || S % 64 || J < 1 || J > 4 || J == 3 || K % S || M < 1) return -2;
+    const int64_t nb = K / S, rows = M < GEMM_ROWS ? M : GEMM_ROWS;
+    int8_t *xq = (int8_t *)malloc((size_t)(rows * K));
+    float *d = (float *)malloc((size_t)(rows * (2 * nb + K / 16)) * sizeof(float));
+    float *xf = (float *)malloc((size_t)(rows * K) * sizeof(float));
+    if (!xq || !d || !xf) {
+        free(xq), free(d), free(xf);
+        return -1;
+    }
+    float *bsum = d + rows * nb, *gsum4 = bsum + rows * nb;
+    const int64_t rec = 16 + 16 * J;
+    const size_t xsize = xtype == 1 ? 2 : 4;
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+        const int64_t R = M - m0 < rows ? M - m0 : rows;
+        /* each row as mc_gemv_int4 prepares it: quantized in blocks of S, and the sums of x per group of 64 */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t r = 0; r < R; r++) {
+            const char *src = (const char *)x + (size_t)(m0 + r) * (size_t)K * xsize;
+            float *f = xf + r * K;
+            if (xtype == 1)
+                for (int64_t k = 0; k < K; k++) f[k] = bf16_to_f32(((const uint16_t *)src)[k]);
+            else
+                memcpy(f, src, (size_t)K * sizeof(float));
+            quantize_x(f, K, S, xq + r * K, d + r * nb, bsum + r * nb);
+            for (int64_t g = 0; g < K / 64; g++) {
+                __m256 s = _mm256_setzero_ps();
+                for (int64_t i = 0; i < 64; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(f + 64 * g + i));
+                _mm_storeu_ps(gsum4 + r * (K / 16) + 4 * g, _mm_set1_ps(hsum(s)));
+            }
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t blk = 0; blk < N / 4; blk++) {
+            const uint8_t *wb = w + blk * 2 * K, *sb = scales + blk * nb * rec;
+            float out[4 * GEMM_T];
+            for (int64_t t0 = 0; t0 < R; t0 += GEMM_T) {
+                const int T = (int)(R - t0 < GEMM_T ? R - t0 : GEMM_T);
+                int4_block_t(wb, sb, xq + t0 * K, d + t0 * nb, gsum4 + t0 * (K / 16), K, J, T, out);
+                for (int t = 0; t < T; t++)
+                    for (int r = 0; r < 4; r++) store(y, ytype, (m0 + t0 + t) * N + 4 * blk + r, out[4 * t + r]);
+            }
+        }
+    }
+    free(xq), free(d), free(xf);
+    return 0;
+}
 #else
+int mc_gemm_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xtype, void *y, int ytype, int64_t M,
+                 int64_t N, int64_t K, int64_t S, int threads) {
+    (void)w, (void)scales, (void)x, (void)xtype, (void)y, (void)ytype, (void)M, (void)N, (void)K, (void)S, (void)threads;
+    return -3; /* not in this build: prompts dequantize into a GEMM instead */
+}
+#endif
+#if !MC_INT4_VNNI
 #define INT4_ROWS4 int4_rows4
 #endif
 

@@ -208,13 +208,15 @@ class Kernels:
         self._int8.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _INT]
         self._int4 = lib.mc_gemv_int4
         self._int4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
+        self._gemm4 = lib.mc_gemm_int4
+        self._gemm4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT]
         self._dequant4 = lib.mc_dequant_int4
         self._dequant4.argtypes = [_P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT]
         self._attention = lib.mc_attention_bf16
         self._attention.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT]
         self._decode = lib.mc_decode_token
         self._decode.argtypes = [ctypes.POINTER(_Model), _I64, _P, _P, _I64, _P, _P, _I64, _I64, _INT, _P, _INT]
-        for f in (self._bf16, self._int8, self._int4, self._dequant4, self._attention, self._decode):
+        for f in (self._bf16, self._int8, self._int4, self._gemm4, self._dequant4, self._attention, self._decode):
             f.restype = _INT
 
     @staticmethod
@@ -262,6 +264,29 @@ class Kernels:
         )  # fmt: skip
         self._check(rc)
         return y
+
+    @property
+    def int4_rows(self) -> bool:
+        """Whether `linear_int4_rows` is in this build (AVX512-VNNI)."""
+        return bool(self.features & 2)
+
+    def linear_int4_rows(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """`linear_int4` of many rows at once (a prompt), each row's result equal to `linear_int4` of that row: the
+        weights are read once per block of rows and multiplied as integers, with no dequantized copy."""
+        N, K = packed.shape[0], packed.shape[1] * 2
+        S = _check_int4(packed, scales)
+        if x.shape[-1] != K:
+            raise ValueError(f"an int4 product of {K} columns takes rows of {K}, got {tuple(x.shape)}")
+        rows = x.reshape(-1, K)
+        rows = (rows if rows.dtype in _DTYPE_CODES else rows.float()).contiguous()
+        code = _DTYPE_CODES[rows.dtype]
+        y = torch.empty(rows.shape[0], N, dtype=rows.dtype)
+        rc = self._gemm4(
+            packed.data_ptr(), scales.data_ptr(), rows.data_ptr(), code, y.data_ptr(), code, rows.shape[0], N, K, S,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        self._check(rc)
+        return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
     def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

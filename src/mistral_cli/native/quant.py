@@ -2,7 +2,8 @@
 
 int8 keeps model/quant.py's codes with float32 scales; int4 keeps the same codes and scales as the plain layout,
 packed by `pack_int4` (four rows in one stream) with `pack_int4_scales` records of integer subscales per superblock.
-A single row (a decode step) runs on our kernels; a prompt dequantizes a block of rows at a time into a float GEMM.
+A single row (a decode step) runs on our kernels; so does a prompt with int4 where the CPU has AVX512-VNNI (each row
+bit for bit what a decode step gives); otherwise a prompt dequantizes a block of rows at a time into a float GEMM.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class NativeInt4Linear(WeightOnlyInt4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
             return self.kernels.linear_int4(x, self.weight, self.scales_and_lows).to(x.dtype)
+        if self.kernels.int4_rows:  # many rows as integers, each row what a decode step computes
+            return self.kernels.linear_int4_rows(x, self.weight, self.scales_and_lows).to(x.dtype)
         dtype = torch.float32 if self.upcast else x.dtype
         into = dtype if dtype == torch.bfloat16 else torch.float32  # bf16 straight from the codes: one pass, not two
         return blocked_linear(x, self.weight, dtype, lambda rows, block: self.dequantize_rows(rows, into, block)).to(
