@@ -282,6 +282,24 @@ def test_int4_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
             assert torch.equal(y[0], torch.stack([ops.linear_int4(row, packed, records) for row in x]))
 
 
+@pytest.mark.parametrize("N, K", [(20, 2048), (9, 256), (6, 4096)])
+def test_bf16_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
+    """A short prompt's bf16 product with AVX512-BF16 (up to four activation rows per pass over the weights): each
+    row the decode product of that row, bit for bit, with row tails of 1-3, weight-row tails, and short rows (which
+    take the one-row-at-a-time dot)."""
+    _needs(ops, 1, "AVX512-BF16")
+    assert ops.bf16_rows and not avx2_ops.bf16_rows
+    w = (_rand(N, K, seed=N) / 8).to(torch.bfloat16)
+    for M in (1, 2, 3, 4, 5, 7, 9):
+        x = (_rand(M, K, seed=M) * 3).to(torch.bfloat16)
+        x[M - 1, 70 % K] = -30.0
+        y = ops.linear_bf16_rows(x[None], w)
+        assert y.shape == (1, M, N) and y.dtype == torch.bfloat16
+        assert torch.equal(y[0], torch.stack([ops.linear_bf16(row, w) for row in x]))
+    with pytest.raises(ValueError, match="bf16 rows"):
+        ops.linear_bf16_rows(x.float(), w)
+
+
 def test_the_label_says_which_paths_run(ops):
     label = kernels.label(ops)
     assert label.startswith("AVX2") and label.endswith("kernels")
@@ -307,6 +325,8 @@ for N, K in [(5, 32), (7, 1024), (6, 2048), (130, 4096)]:
     x = torch.randn(1, K, generator=g)
     ops.linear_bf16(x, torch.randn(N, K, generator=g).to(torch.bfloat16))
     ops.linear_int8(x.to(torch.bfloat16), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.ones(N))
+    if ops.bf16_rows:
+        ops.linear_bf16_rows(torch.randn(5, K).to(torch.bfloat16), torch.randn(N, K).to(torch.bfloat16))
 for N, K in [(4, 64), (8, 128), (4, 192), (12, 256), (8, 1024)]:  # superblocks of 64, 128, 64, 256, 256
     packed = kernels.pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8))
     records = kernels.pack_int4_scales(torch.rand(N, K // 64), torch.randn(N, K // 64))

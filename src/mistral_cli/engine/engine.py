@@ -92,8 +92,9 @@ SCORE_CHUNK = 512
 # A batch dequantizes every int8/int4 weight into a float GEMM, a fixed cost of several decode steps (more in a fresh
 # process, which faults in the buffers): measured per 7B layer (BENCHMARKS.md, "Short prompts"), row by row is
 # ahead up to about 32 rows for int4, 8 for int8 and 2 for bf16. A pipeline's `complete "Hello"` is 2 tokens.
-# int4 with AVX512-VNNI multiplies a batch as integers with no dequantizing: ahead of row by row from 2 rows on.
-ROW_BY_ROW = {"int4": 16, "int8": 6, "none": 2, "int4-vnni": 1}
+# int4 with AVX512-VNNI multiplies a batch as integers with no dequantizing, and bf16 with AVX512-BF16 reads the
+# weights once for up to 32 rows (native/decode.py, BF16_ROWS): both ahead of row by row from 2 rows on.
+ROW_BY_ROW = {"int4": 16, "int8": 6, "none": 2, "int4-vnni": 1, "none-bf16dp": 1}
 
 
 class Engine:
@@ -119,8 +120,11 @@ class Engine:
         # whether decode steps run on our CPU kernels (some layers at least), and if not on a CPU that could, why
         ops = [k for m in model.modules() if (k := getattr(m, "kernels", None)) is not None]
         self.native = bool(ops)
-        int4_rows = quantize == "int4" and bool(ops) and all(k.int4_rows for k in ops)
-        self._row_by_row = "int4-vnni" if int4_rows else quantize  # the key of ROW_BY_ROW for short prompts
+        self._row_by_row = quantize  # the key of ROW_BY_ROW for short prompts
+        if quantize == "int4" and ops and all(k.int4_rows for k in ops):
+            self._row_by_row = "int4-vnni"
+        elif quantize == "none" and ops and all(k.bf16_rows for k in ops) and placement.dtype == torch.bfloat16:
+            self._row_by_row = "none-bf16dp"
         cpu = placement.device.type == "cpu" and not compile
         self.native_problem = None if self.native or not cpu else kernels.problem()
         self._fused = fused

@@ -217,7 +217,66 @@ static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype,
 #pragma omp parallel for schedule(static) num_threads(threads) if (N - 4 * blocks > 64)
     for (int64_t n = 4 * blocks; n < N; n++) store(y, ytype, n, dot_bf16x_1(w + n * K, x, K));
 }
+
+/* gemv_bf16x for T activation rows at once (a short prompt): each block of four weight rows is loaded once per step
+   of 32 columns and multiplied with T rows in registers, so the weights stream from memory once for the whole
+   prompt instead of once per row. Every sum is the one gemv_bf16x builds for that row, in the same order, so each
+   output equals the decode product of its row bit for bit. */
+static inline __attribute__((always_inline)) void bf16x_rows4_t(const uint16_t *r0, const uint16_t *x, int64_t K,
+                                                                const int T, float out[4][4]) {
+    const uint16_t *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    __m512 a[4][4];
+    for (int t = 0; t < T; t++) a[0][t] = a[1][t] = a[2][t] = a[3][t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        PREFETCH4(k + BF16X_AHEAD);
+        __m512i w0 = _mm512_loadu_si512((const void *)(r0 + k)), w1 = _mm512_loadu_si512((const void *)(r1 + k));
+        __m512i w2 = _mm512_loadu_si512((const void *)(r2 + k)), w3 = _mm512_loadu_si512((const void *)(r3 + k));
+        for (int t = 0; t < T; t++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + t * K + k));
+            a[0][t] = _mm512_dpbf16_ps(a[0][t], (__m512bh)w0, xv);
+            a[1][t] = _mm512_dpbf16_ps(a[1][t], (__m512bh)w1, xv);
+            a[2][t] = _mm512_dpbf16_ps(a[2][t], (__m512bh)w2, xv);
+            a[3][t] = _mm512_dpbf16_ps(a[3][t], (__m512bh)w3, xv);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < 4; j++) out[j][t] = _mm512_reduce_add_ps(a[j][t]);
+}
+
+static void gemm_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype, int64_t M, int64_t N, int64_t K,
+                       int threads) {
+    int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t n = 4 * blk;
+        float out[4][4];
+        for (int64_t m = 0; m < M; m += 4) {
+            const uint16_t *xm = x + m * K;
+            int T = M - m < 4 ? (int)(M - m) : 4;
+            if (T == 4) bf16x_rows4_t(w + n * K, xm, K, 4, out);
+            else if (T == 3) bf16x_rows4_t(w + n * K, xm, K, 3, out);
+            else if (T == 2) bf16x_rows4_t(w + n * K, xm, K, 2, out);
+            else bf16x_rows4_t(w + n * K, xm, K, 1, out);
+            for (int t = 0; t < T; t++)
+                for (int j = 0; j < 4; j++) store(y, ytype, (m + t) * N + n + j, out[j][t]);
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if ((N - 4 * blocks) * M > 64)
+    for (int64_t n = 4 * blocks; n < N; n++)
+        for (int64_t m = 0; m < M; m++) store(y, ytype, m * N + n, dot_bf16x_1(w + n * K, x + m * K, K));
+}
 #endif
+
+/* M bf16 rows times bf16 weights, each row's result equal to mc_gemv_bf16 of that row; -3 without AVX512-BF16 */
+int mc_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
+#if MC_BF16_DP
+    gemm_bf16x(w, x, y, 1, M, N, K, threads);
+    return 0;
+#else
+    (void)w, (void)x, (void)y, (void)M, (void)N, (void)K, (void)threads;
+    return -3;
+#endif
+}
 
 int mc_gemv_bf16(const uint16_t *w, const void *x, int xtype, void *y, int ytype, int64_t N, int64_t K, int threads) {
 #if MC_BF16_DP

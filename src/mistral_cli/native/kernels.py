@@ -210,13 +210,24 @@ class Kernels:
         self._int4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
         self._gemm4 = lib.mc_gemm_int4
         self._gemm4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT]
+        self._gemm_bf16 = lib.mc_gemm_bf16
+        self._gemm_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT]
         self._dequant4 = lib.mc_dequant_int4
         self._dequant4.argtypes = [_P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT]
         self._attention = lib.mc_attention_bf16
         self._attention.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT]
         self._decode = lib.mc_decode_token
         self._decode.argtypes = [ctypes.POINTER(_Model), _I64, _P, _P, _I64, _P, _P, _I64, _I64, _INT, _P, _INT]
-        for f in (self._bf16, self._int8, self._int4, self._gemm4, self._dequant4, self._attention, self._decode):
+        for f in (
+            self._bf16,
+            self._int8,
+            self._int4,
+            self._gemm4,
+            self._gemm_bf16,
+            self._dequant4,
+            self._attention,
+            self._decode,
+        ):
             f.restype = _INT
 
     @staticmethod
@@ -264,6 +275,24 @@ class Kernels:
         )  # fmt: skip
         self._check(rc)
         return y
+
+    @property
+    def bf16_rows(self) -> bool:
+        """Whether `linear_bf16_rows` is in this build (AVX512-BF16)."""
+        return bool(self.features & 1)
+
+    def linear_bf16_rows(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`linear_bf16` of a few bf16 rows at once (a short prompt), each row's result equal to `linear_bf16` of that
+        row: the weights are read from memory once for all the rows."""
+        N, K = w.shape
+        if x.shape[-1] != K or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous():
+            raise ValueError(f"a bf16 product of {K} columns takes bf16 rows of {K}, got {tuple(x.shape)} {x.dtype}")
+        rows = x.reshape(-1, K).contiguous()
+        y = torch.empty(rows.shape[0], N, dtype=torch.bfloat16)
+        self._check(
+            self._gemm_bf16(w.data_ptr(), rows.data_ptr(), y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads())
+        )
+        return y.reshape(*x.shape[:-1], N)
 
     @property
     def int4_rows(self) -> bool:
