@@ -2,11 +2,15 @@
 
     python benchmarks/products.py                     # the 7B shapes, every precision, 2 threads
     python benchmarks/products.py --kinds int4 --repeats 50
+    python benchmarks/products.py --kinds attention --keys 512 4096 32768
 
 Both builds of kernels.c (the one for this CPU and the one `MISTRAL_KERNELS=avx2` makes) are loaded into one process
 and called in turn on the same random weights and a bf16 activation row, as in a decode step, so that a comparison
 shares the machine's state of the moment. Each figure is the best of `--repeats` calls, alternating between builds
 (other work on the machine only ever slows a call down). Also prints the CPU flags that pick the paths.
+`attention` is one decode step's attention of the 7B heads (32 query heads over 8 key/value heads of 128) over
+`--keys` positions, in GB/s of keys and values read, each call on the next of four caches (so that only the shortest
+stay in the CPU's caches).
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ def call(k: kernels.Kernels, kind: str) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kinds", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
+    ap.add_argument(
+        "--kinds", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4", "attention"]
+    )
+    ap.add_argument("--keys", nargs="+", type=int, default=[512, 4096, 32768], help="positions, for attention")
     ap.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "cached"], choices=list(SHAPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
@@ -73,6 +80,10 @@ def main() -> None:
     print("| kind | N x K | this CPU's build GB/s | AVX2 build GB/s | ratio | same bits |")
     print("|---|---|---|---|---|---|")
     for kind in args.kinds:
+        if kind == "attention":
+            for L in args.keys:
+                attention_row(builds, L, args.repeats)
+            continue
         for name in args.shapes:
             N, K = SHAPES[name]
             ops = operands(kind, N, K)
@@ -91,6 +102,26 @@ def main() -> None:
                 f"| {kind} | {N} x {K} ({name}) | {gbs['native']:.1f} | {gbs['avx2']:.1f} "
                 f"| {gbs['native'] / gbs['avx2']:.2f} | {'yes' if same else 'no'} |"
             )
+
+
+def attention_row(builds: dict[str, kernels.Kernels], L: int, repeats: int) -> None:
+    H, KV, D = 32, 8, 128
+    g = torch.Generator().manual_seed(L)
+    caches = [tuple(torch.randn(1, KV, L, D, generator=g).to(torch.bfloat16) for _ in "kv") for _ in range(4)]
+    q = torch.randn(1, H, 1, D, generator=g).to(torch.bfloat16)
+    best = {v: float("inf") for v in builds}
+    for i in range(repeats):
+        for v, b in builds.items():
+            k, vv = caches[i % 4]
+            t = time.perf_counter()
+            b.attention(q, k, vv)
+            best[v] = min(best[v], time.perf_counter() - t)
+    nbytes = 2 * KV * L * D * 2
+    gbs = {v: nbytes / best[v] / 1e9 for v in builds}
+    print(
+        f"| attention | {L} keys ({nbytes / 2**20:.0f} MiB) | {gbs['native']:.1f} | {gbs['avx2']:.1f} "
+        f"| {gbs['native'] / gbs['avx2']:.2f} | no (weights rounded to bf16) |"
+    )
 
 
 if __name__ == "__main__":

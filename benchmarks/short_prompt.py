@@ -1,5 +1,6 @@
-"""Short prompts: a batch of T rows through one 7B-shaped layer (the prefill path: int8/int4 weights dequantized a
-block at a time into a float GEMM) against T single-row products on our decode kernels (what a decode step does).
+"""Short prompts: a batch of T rows through one 7B-shaped layer (the prefill path: the layer's own forward, which
+dequantizes int8/int4 weights a block at a time into a float GEMM, or on a CPU with AVX512-VNNI multiplies them as
+integers, int8 up to 48 rows) against T single-row products on our decode kernels (what a decode step does).
 Where the rows win is where Engine.prefill feeds a prompt one token at a time (engine.ROW_BY_ROW).
 
     python benchmarks/short_prompt.py --rows 1 2 4 8 16 32 64

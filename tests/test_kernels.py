@@ -147,21 +147,33 @@ def test_int4_layout_mistakes_are_refused(ops):
      (32, 8, 128, 300, 172)],
     ids=["mistral", "one-key", "short", "groups-of-8", "groups-of-3", "window"],
 )  # fmt: skip
-def test_attention(ops, H, KV, D, L, start):
+def test_attention(ops, avx2_ops, H, KV, D, L, start):
     """A decode step's attention against float64, keys and values read from a cache-like buffer (a view of the
-    first L positions of a larger one); `start` > 0 is a sliding window."""
+    first L positions of a larger one); `start` > 0 is a sliding window. This CPU's build and the AVX2 one (the same
+    where the CPU has no AVX512-BF16)."""
     cap = 512
     k_buf, v_buf = (_rand(1, KV, cap, D, seed=s).to(torch.bfloat16) for s in (1, 2))
+    k_buf[:, :, L:] = float("nan")  # past the last key: never read (0 * NaN would show)
+    v_buf[:, :, L:] = float("nan")
     k, v = k_buf[:, :, :L], v_buf[:, :, :L]
     q = (_rand(1, KV, H // KV, D, seed=3) * 3).to(torch.bfloat16)  # large enough scores for a peaked softmax
-    assert ops.attention_fits(q, k, v)
-    got = ops.attention(q, k, v, start)
     kd, vd = k[:, :, start:].double(), v[:, :, start:].double()
-    scores = q.double() @ kd.transpose(-1, -2) / D**0.5
-    ref = (torch.softmax(scores, dim=-1) @ vd).reshape(H, D)
-    assert got.shape == (H, D) and got.dtype == torch.bfloat16
+    weights = torch.softmax(q.double() @ kd.transpose(-1, -2) / D**0.5, dim=-1)
+    ref = (weights @ vd).reshape(H, D)
     # the output rounded to bf16, plus the float32 sums and exp (relative 2e-7) in between
-    assert ((got.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-4).all()
+    bound = ref.abs() * 2.0**-8 + 1e-4
+    # with AVX512-BF16 the weights are rounded to bf16 and divided by their own sum: each stays within 2^-8 of its
+    # exact value, which moves the output by at most 2^-8 of the weighted sum of |v|
+    rounded_weights = bound + 2.0**-8 * (weights @ vd.abs()).reshape(H, D)
+    outs = []
+    for build in (ops, avx2_ops):
+        assert build.attention_fits(q, k, v)
+        got = build.attention(q, k, v, start)
+        assert got.shape == (H, D) and got.dtype == torch.bfloat16
+        assert ((got.double() - ref).abs() <= (rounded_weights if build.features & 1 else bound)).all()
+        outs.append(got)
+    if not ops.features & 1:
+        assert torch.equal(*outs)
 
 
 def test_attention_takes_only_what_it_can(ops):
@@ -282,6 +294,30 @@ def test_int4_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
             assert torch.equal(y[0], torch.stack([ops.linear_int4(row, packed, records) for row in x]))
 
 
+@pytest.mark.parametrize("N, K", [(8, 256), (10, 2048), (7, 96), (36, 4096)])
+def test_int8_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
+    """A prompt's int8 product with VNNI: each row the decode product of that row, bit for bit, for tails of 1-3
+    activation rows, weight-row tails, short rows (which the decode product takes one row at a time) and more rows
+    than one sweep (128) holds; and the decode product of the AVX2 build is the same too."""
+    _needs(ops, 2, "AVX512-VNNI")
+    assert ops.int8_rows and not avx2_ops.int8_rows
+    q = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.int8)
+    q[0, :32] = 127  # sums of four products at the integer extremes
+    q[1 % N, :32] = -127
+    scales = _rand(N, seed=5).abs() / 50
+    for M in (2, 3, 5, 8, 130):
+        for xdtype in (torch.float32, torch.bfloat16):
+            x = (_rand(M, K, seed=M) * 3).to(xdtype)
+            x[M - 1, 70 % K] = -30.0
+            y = ops.linear_int8_rows(x[None], q, scales)
+            assert y.shape == (1, M, N) and y.dtype == xdtype
+            rows = torch.stack([ops.linear_int8(row, q, scales) for row in x])
+            assert torch.equal(y[0], rows)
+            assert torch.equal(rows, torch.stack([avx2_ops.linear_int8(row, q, scales) for row in x]))
+    with pytest.raises(ValueError, match="int8"):
+        ops.linear_int8_rows(x, q[:, :-32].contiguous(), scales)
+
+
 @pytest.mark.parametrize("N, K", [(20, 2048), (9, 256), (6, 4096)])
 def test_bf16_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
     """A short prompt's bf16 product with AVX512-BF16 (up to four activation rows per pass over the weights): each
@@ -327,6 +363,8 @@ for N, K in [(5, 32), (7, 1024), (6, 2048), (130, 4096)]:
     ops.linear_int8(x.to(torch.bfloat16), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.ones(N))
     if ops.bf16_rows:
         ops.linear_bf16_rows(torch.randn(5, K).to(torch.bfloat16), torch.randn(N, K).to(torch.bfloat16))
+    if ops.int8_rows:
+        ops.linear_int8_rows(torch.randn(5, K), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.ones(N))
 for N, K in [(4, 64), (8, 128), (4, 192), (12, 256), (8, 1024)]:  # superblocks of 64, 128, 64, 256, 256
     packed = kernels.pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8))
     records = kernels.pack_int4_scales(torch.rand(N, K // 64), torch.randn(N, K // 64))
@@ -337,9 +375,10 @@ for N, K in [(4, 64), (8, 128), (4, 192), (12, 256), (8, 1024)]:  # superblocks 
         ops.linear_int4_rows(torch.randn(5, K), packed, records)
     ops.dequantize_int4(packed, records, slice(N - 1, N))
 for L in (1, 37):
-    q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
-    kv = torch.randn(1, 2, L, 64).to(torch.bfloat16)
-    ops.attention(q, kv, kv.clone())
+    for D in (64, 48):  # 32 columns at a time with AVX512-BF16, and a masked last 16
+        q = torch.randn(1, 8, 1, D).to(torch.bfloat16)
+        kv = torch.randn(1, 2, L, D).to(torch.bfloat16)
+        ops.attention(q, kv, kv.clone())
 spec = TinySpec()
 folder = write_hf(__import__("pathlib").Path(%r), spec, random_state_dict(spec), dtype=torch.bfloat16)
 for mode in ("none", "int8", "int4"):
@@ -562,7 +601,7 @@ def test_a_short_prompt_is_fed_as_decode_steps(ops, wide_model, mode):
     the batched forward; one token more is a batch again."""
     engine = load_engine(wide_model, LoadOptions(dtype="bf16", quantize=mode, prepare=False))
     assert engine._fused is not None
-    n = ROW_BY_ROW[engine._row_by_row]  # "int4-vnni" where int4 prompts run as integers
+    n = ROW_BY_ROW[engine._row_by_row]  # "int4-vnni", "int8-vnni" where prompts run as integers
     prompt = [1] + torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(13)).tolist()
     with torch.inference_mode():
         cache = engine.model.new_cache()

@@ -31,17 +31,17 @@
 int mc_version(void) { return 1; }
 
 /* Which instructions past AVX2 this build uses (one library is built per CPU with -march=native, so the compiler's
-   target is the dispatch): 1 = AVX512-BF16 dot products for bf16 weights. A build with MISTRAL_KERNELS=avx2 is made
-   without them, for comparison. VNNI (vpdpbusd) for the int8 product was measured and left out: it gives the same
-   integer sums as the AVX2 maddubs/madd pair, and no speed on the 7B shapes, which are bound by memory
-   (BENCHMARKS.md, "AVX-512 kernels"). */
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+   target is the dispatch): 1 = AVX512-BF16 dot products for bf16 weights, bf16 prompt rows and the attention. A
+   build with MISTRAL_KERNELS=avx2 is made without them, for comparison. VNNI (vpdpbusd) for the int8 decode product
+   was measured and left out: it gives the same integer sums as the AVX2 maddubs/madd pair, and no speed on the 7B
+   shapes, which are bound by memory (BENCHMARKS.md, "AVX-512 kernels"); int8 prompts, bound by arithmetic, use it. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MC_BF16_DP 1
 #else
 #define MC_BF16_DP 0
 #endif
-/* 2 = AVX512-VNNI for int4 weights: vpdpbusd multiplies the codes by x and sums them in one instruction, two rows
-   per 512-bit register; the int4 product is bound by that arithmetic on AVX2, not by memory */
+/* 2 = AVX512-VNNI for int4 weights and int8 prompts: vpdpbusd multiplies the codes by x and sums them in one
+   instruction, two rows per 512-bit register; the int4 product is bound by that arithmetic on AVX2, not by memory */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define MC_INT4_VNNI 2
 #else
@@ -631,11 +631,110 @@ int mc_gemm_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xty
     free(xq), free(d), free(xf);
     return 0;
 }
+
+/* -------------------------------------------------------------------------------- int8 prompts with AVX512-VNNI */
+
+/* Four int8 weight rows (two per register: row r in the low 256 bits, r + 1 in the high) against T activation rows,
+   32 columns at a time. Each int32 lane sums the same four products as dot_i8x32 (the AVX2 maddubs/madd pair), and
+   the float operations are mc_gemv_int8's in the same order, so each row's output equals the decode product bit for
+   bit. vpdpbusd wants its first factor unsigned: it multiplies xu = xq + 128, starting from -128 times the sum of
+   the weights' four bytes, computed once per block of weights for all T rows (exact integers: no saturation). */
+static inline __attribute__((always_inline)) void int8_rows4_vnni_t(const int8_t *r0, int64_t K, const uint8_t *xu,
+                                                                    const float *d, int T, float *out) {
+    const int8_t *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+    __m512 a01[4], a23[4];
+    for (int t = 0; t < T; t++) a01[t] = a23[t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        PREFETCH4(k + 4 * K);
+        const __m512i w01 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r0 + k))),
+                                               _mm256_loadu_si256((const __m256i *)(r1 + k)), 1);
+        const __m512i w23 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r2 + k))),
+                                               _mm256_loadu_si256((const __m256i *)(r3 + k)), 1);
+        const __m512i b01 = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, w01), 7));
+        const __m512i b23 = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, w23), 7));
+        for (int t = 0; t < T; t++) {
+            const __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xu + t * K + k)));
+            const __m512 dv = _mm512_set1_ps(d[t * (K / 32) + k / 32]);
+            a01[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(b01, x, w01)), dv, a01[t]);
+            a23[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(b23, x, w23)), dv, a23[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float *o = out + 4 * t;
+        o[0] = hsum(_mm512_castps512_ps256(a01[t])), o[1] = hsum(_mm512_extractf32x8_ps(a01[t], 1));
+        o[2] = hsum(_mm512_castps512_ps256(a23[t])), o[3] = hsum(_mm512_extractf32x8_ps(a23[t], 1));
+    }
+}
+
+static void int8_block_t(const int8_t *r0, int64_t K, const uint8_t *xu, const float *d, int T, float *out) {
+    switch (T) { /* T a constant in each: the accumulators stay in registers */
+    case 4: int8_rows4_vnni_t(r0, K, xu, d, 4, out); break;
+    case 3: int8_rows4_vnni_t(r0, K, xu, d, 3, out); break;
+    case 2: int8_rows4_vnni_t(r0, K, xu, d, 2, out); break;
+    default: int8_rows4_vnni_t(r0, K, xu, d, 1, out); break;
+    }
+}
+
+/* Y = X W^T for M activation rows x (M x K, float32 or bf16) and int8 W with a scale per row; row m of y equals
+   mc_gemv_int8 of row m of x, bit for bit. The weights are read once per GEMM_ROWS rows, four weight rows against
+   four activation rows at a time. */
+int mc_gemm_int8(const int8_t *w, const float *scale, const void *x, int xtype, void *y, int ytype, int64_t M,
+                 int64_t N, int64_t K, int threads) {
+    if (K % 32 || M < 1) return -2;
+    const int64_t nb = K / 32, rows = M < GEMM_ROWS ? M : GEMM_ROWS;
+    int8_t *xq = (int8_t *)malloc((size_t)(rows * K));
+    uint8_t *xu = (uint8_t *)malloc((size_t)(rows * K));
+    float *d = (float *)malloc((size_t)(rows * 2 * nb) * sizeof(float));
+    float *xf = (float *)malloc((size_t)(rows * K) * sizeof(float));
+    if (!xq || !xu || !d || !xf) {
+        free(xq), free(xu), free(d), free(xf);
+        return -1;
+    }
+    const size_t xsize = xtype == 1 ? 2 : 4;
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+        const int64_t R = M - m0 < rows ? M - m0 : rows;
+        /* each row as mc_gemv_int8 prepares it: quantized in blocks of 32 */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t r = 0; r < R; r++) {
+            const char *src = (const char *)x + (size_t)(m0 + r) * (size_t)K * xsize;
+            float *f = xf + r * K;
+            if (xtype == 1)
+                for (int64_t k = 0; k < K; k++) f[k] = bf16_to_f32(((const uint16_t *)src)[k]);
+            else
+                memcpy(f, src, (size_t)K * sizeof(float));
+            float *bsum = d + rows * nb + r * nb; /* not needed here: quantize_x writes it */
+            quantize_x(f, K, 32, xq + r * K, d + r * nb, bsum);
+            for (int64_t k = 0; k < K; k++) xu[r * K + k] = (uint8_t)(xq[r * K + k] ^ 0x80);
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t blk = 0; blk < N / 4; blk++) {
+            float out[4 * GEMM_T];
+            for (int64_t t0 = 0; t0 < R; t0 += GEMM_T) {
+                const int T = (int)(R - t0 < GEMM_T ? R - t0 : GEMM_T);
+                int8_block_t(w + 4 * blk * K, K, xu + t0 * K, d + t0 * nb, T, out);
+                for (int t = 0; t < T; t++)
+                    for (int r = 0; r < 4; r++)
+                        store(y, ytype, (m0 + t0 + t) * N + 4 * blk + r, scale[4 * blk + r] * out[4 * t + r]);
+            }
+        }
+        for (int64_t n = N / 4 * 4; n < N; n++) /* the last rows, fewer than four: decode's one-row dot */
+            for (int64_t r = 0; r < R; r++)
+                store(y, ytype, (m0 + r) * N + n, scale[n] * dot_int8_1(w + n * K, xq + r * K, d + r * nb, K));
+    }
+    free(xq), free(xu), free(d), free(xf);
+    return 0;
+}
 #else
 int mc_gemm_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xtype, void *y, int ytype, int64_t M,
                  int64_t N, int64_t K, int64_t S, int threads) {
     (void)w, (void)scales, (void)x, (void)xtype, (void)y, (void)ytype, (void)M, (void)N, (void)K, (void)S, (void)threads;
     return -3; /* not in this build: prompts dequantize into a GEMM instead */
+}
+int mc_gemm_int8(const int8_t *w, const float *scale, const void *x, int xtype, void *y, int ytype, int64_t M,
+                 int64_t N, int64_t K, int threads) {
+    (void)w, (void)scale, (void)x, (void)xtype, (void)y, (void)ytype, (void)M, (void)N, (void)K, (void)threads;
+    return -3; /* not in this build */
 }
 #endif
 #if !MC_INT4_VNNI
@@ -871,6 +970,141 @@ static inline __attribute__((always_inline)) void attention_group(
             out[g * D + d] = f32_to_bf16(acc[g * D + d / 16 * 16 + unshuffle16(d % 16)] / total[g]);
 }
 
+#if MC_BF16_DP
+/* attention_group with AVX512-BF16: vdpbf16ps multiplies the bf16 keys and values as they are stored, where the AVX2
+   path widens each to float32 first (the widening bounds it once the keys come from a fast memory).
+   Scores: q . k_j with q as given (bf16, so the products are exact in float32), float32 sums, times the scale.
+   Values: the softmax weights are rounded to bf16 and two keys' values are multiplied by their two weights in one
+   pair of each 32-bit lane (v_j and v_j+1 interleaved); the sum that divides is the sum of the rounded weights, so
+   the output is an exact average of the values under weights within 2^-8 of the float32 ones (as if the scores
+   moved by under 0.004, a tenth of what rounding q and k to bf16 moves them). Columns are taken 32 at a time, the
+   last 16 with a mask when D is an odd multiple of 16; the interleaving permutes the columns within 128-bit lanes,
+   undone at the end. */
+static inline __m512i load_bf16x32(const uint16_t *p, __mmask32 m) { return _mm512_maskz_loadu_epi16(m, p); }
+
+static inline __attribute__((always_inline)) void attention_group_x(
+    const int G, const uint16_t *q, const uint16_t *kc, const uint16_t *vc, int64_t start, int64_t n, int64_t D,
+    float scale, uint16_t *out, float *acc, float *p, uint16_t *pb) {
+    const int64_t chunks = (D + 31) / 32, np = n + (n & 1); /* pb rows hold an even count: a zero pairs the last */
+    const __mmask32 tail = D % 32 ? (__mmask32)0xFFFF : (__mmask32)0xFFFFFFFF;
+    const int B = G >= 8 ? 1 : 8 / G;
+    int64_t j = 0;
+    for (; j + B <= n; j += B) {
+        __m512 s[8];
+        for (int i = 0; i < 8; i++) s[i] = _mm512_setzero_ps();
+        for (int b = 0; b < B; b++)
+            for (int64_t d = 0; d < D; d += 32)
+                _mm_prefetch((const char *)(kc + (start + j + b) * D + d) + ATT_AHEAD, _MM_HINT_T0);
+        for (int64_t c = 0; c < chunks; c++) {
+            const __mmask32 m = c + 1 < chunks ? (__mmask32)0xFFFFFFFF : tail;
+            for (int b = 0; b < B; b++) {
+                const __m512i k = load_bf16x32(kc + (start + j + b) * D + 32 * c, m);
+                for (int g = 0; g < G; g++)
+                    s[b * G + g] = _mm512_dpbf16_ps(s[b * G + g], (__m512bh)k, (__m512bh)load_bf16x32(q + g * D + 32 * c, m));
+            }
+        }
+        __m256 h[8];
+        for (int i = 0; i < 8; i++)
+            h[i] = _mm256_add_ps(_mm512_castps512_ps256(s[i]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s[i]), 1)));
+        float t[8];
+        _mm256_storeu_ps(t, _mm256_mul_ps(hsum8(h), _mm256_set1_ps(scale)));
+        for (int b = 0; b < B; b++)
+            for (int g = 0; g < G; g++) p[g * n + j + b] = t[b * G + g];
+    }
+    for (; j < n; j++) { /* the last keys, fewer than B */
+        __m512 s[8];
+        for (int g = 0; g < G; g++) s[g] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++) {
+            const __mmask32 m = c + 1 < chunks ? (__mmask32)0xFFFFFFFF : tail;
+            const __m512i k = load_bf16x32(kc + (start + j) * D + 32 * c, m);
+            for (int g = 0; g < G; g++)
+                s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)k, (__m512bh)load_bf16x32(q + g * D + 32 * c, m));
+        }
+        for (int g = 0; g < G; g++) p[g * n + j] = _mm512_reduce_add_ps(s[g]) * scale;
+    }
+    /* softmax weights e^(s - max), rounded to bf16; the sum of the rounded weights divides at the end */
+    float total[8];
+    for (int g = 0; g < G; g++) {
+        float *pg = p + g * n;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, pg + i));
+        }
+        const __m256 mv = _mm256_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        uint16_t *bg = pb + g * np;
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(k, pg + i);
+            const __m256 x1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+            const __m256 e0 = exp_neg(_mm256_sub_ps(_mm512_castps512_ps256(x), mv)), e1 = exp_neg(_mm256_sub_ps(x1, mv));
+            __m512 e = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(e0)), _mm256_castps_pd(e1), 1));
+            e = _mm512_maskz_mov_ps(k, e);
+            const __m256bh r = _mm512_cvtneps_pbh(e);
+            _mm256_mask_storeu_epi16(bg + i, k, (__m256i)r);
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)r), 16)));
+        }
+        if (n & 1) bg[n] = 0;
+        total[g] = _mm512_reduce_add_ps(sum);
+    }
+    /* weighted sum of the values: a block of keys at a time, CW chunks of 32 columns per pass over the block (so that
+       4 * G accumulators stay in registers), two keys per instruction */
+    const int CW = G <= 4 ? 2 : 1;
+    const int64_t cp = (chunks + CW - 1) / CW * CW; /* chunks held in acc, a multiple of CW */
+    for (int64_t i = 0; i < G * cp * 32; i++) acc[i] = 0.0f;
+    for (int64_t j0 = 0; j0 < n; j0 += ATT_BLOCK) { /* ATT_BLOCK is even: pairs never straddle blocks */
+        const int64_t j1 = j0 + ATT_BLOCK < n ? j0 + ATT_BLOCK : n;
+        for (int64_t c = 0; c < chunks; c += CW) {
+            __mmask32 m[2]; /* a chunk past the last reads nothing */
+            for (int cc = 0; cc < CW; cc++)
+                m[cc] = c + cc + 1 < chunks ? (__mmask32)0xFFFFFFFF : c + cc + 1 == chunks ? tail : (__mmask32)0;
+            __m512 a[16]; /* a[(g * CW + cc) * 2 + half] */
+            for (int g = 0; g < G; g++)
+                for (int cc = 0; cc < CW; cc++) {
+                    a[(g * CW + cc) * 2] = _mm512_loadu_ps(acc + (g * cp + c + cc) * 32);
+                    a[(g * CW + cc) * 2 + 1] = _mm512_loadu_ps(acc + (g * cp + c + cc) * 32 + 16);
+                }
+            for (int64_t j = j0; j < j1; j += 2) {
+                if (c == 0)
+                    for (int64_t e = 0; e < D; e += 32) {
+                        _mm_prefetch((const char *)(vc + (start + j) * D + e) + ATT_AHEAD, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(vc + (start + j + 1) * D + e) + ATT_AHEAD, _MM_HINT_T0);
+                    }
+                __m512i lo[2], hi[2];
+                for (int cc = 0; cc < CW; cc++) {
+                    const __m512i v0 = load_bf16x32(vc + (start + j) * D + 32 * (c + cc), m[cc]);
+                    const __m512i v1 = j + 1 < n ? load_bf16x32(vc + (start + j + 1) * D + 32 * (c + cc), m[cc])
+                                                 : _mm512_setzero_si512();
+                    lo[cc] = _mm512_unpacklo_epi16(v0, v1), hi[cc] = _mm512_unpackhi_epi16(v0, v1);
+                }
+                for (int g = 0; g < G; g++) {
+                    uint32_t pair;
+                    memcpy(&pair, pb + g * np + j, 4);
+                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
+                    for (int cc = 0; cc < CW; cc++) {
+                        a[(g * CW + cc) * 2] = _mm512_dpbf16_ps(a[(g * CW + cc) * 2], (__m512bh)lo[cc], w);
+                        a[(g * CW + cc) * 2 + 1] = _mm512_dpbf16_ps(a[(g * CW + cc) * 2 + 1], (__m512bh)hi[cc], w);
+                    }
+                }
+            }
+            for (int g = 0; g < G; g++)
+                for (int cc = 0; cc < CW; cc++) {
+                    _mm512_storeu_ps(acc + (g * cp + c + cc) * 32, a[(g * CW + cc) * 2]);
+                    _mm512_storeu_ps(acc + (g * cp + c + cc) * 32 + 16, a[(g * CW + cc) * 2 + 1]);
+                }
+        }
+    }
+    /* column d of a chunk is in 128-bit lane (d % 32) / 8; its first four columns in a0, the next four in a1 */
+    for (int g = 0; g < G; g++)
+        for (int64_t d = 0; d < D; d++) {
+            const int64_t r = d % 32, lane = r / 8, w = r % 8;
+            const int64_t at = (g * cp + d / 32) * 32 + (w < 4 ? lane * 4 + w : 16 + lane * 4 + w - 4);
+            out[g * D + d] = f32_to_bf16(acc[at] / total[g]);
+        }
+}
+#endif
+
 /* One decode step's attention, all bf16: for each query head h (of H, reading key/value head h / (H / KV)),
    softmax(q_h . k_j * scale) over keys j in [start, L), times v_j. Key j of head c is at k + c * head_stride +
    j * D (the cache's layout); q and out are (H, D). D a multiple of 16, H / KV at most 8. Threads split the
@@ -882,25 +1116,35 @@ int mc_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, i
 #pragma omp parallel num_threads(threads)
     {
         float *qf = (float *)malloc((size_t)(G * D) * sizeof(float));
-        float *acc = (float *)malloc((size_t)(G * D) * sizeof(float));
+        float *acc = (float *)malloc((size_t)(G * ((D + 63) / 64 * 2) * 32) * sizeof(float));
         float *p = (float *)malloc((size_t)(G * n + 8) * sizeof(float));
-        if (!qf || !acc || !p) {
+        uint16_t *pb = (uint16_t *)malloc((size_t)(G * (n + 2)) * sizeof(uint16_t));
+        if (!qf || !acc || !p || !pb) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < KV; c++) {
-            if (!qf || !acc || !p) continue;
+            if (!qf || !acc || !p || !pb) continue;
             const uint16_t *qc = q + c * G * D, *kc = k + c * head_stride, *vc = v + c * head_stride;
             uint16_t *oc = out + c * G * D;
+#if MC_BF16_DP
+            switch (G) {
+            case 1: attention_group_x(1, qc, kc, vc, start, n, D, scale, oc, acc, p, pb); break;
+            case 2: attention_group_x(2, qc, kc, vc, start, n, D, scale, oc, acc, p, pb); break;
+            case 4: attention_group_x(4, qc, kc, vc, start, n, D, scale, oc, acc, p, pb); break;
+            default: attention_group_x((int)G, qc, kc, vc, start, n, D, scale, oc, acc, p, pb); break;
+            }
+#else
             switch (G) { /* Mistral 7B: 4 */
             case 1: attention_group(1, qc, kc, vc, start, n, D, scale, oc, qf, acc, p); break;
             case 2: attention_group(2, qc, kc, vc, start, n, D, scale, oc, qf, acc, p); break;
             case 4: attention_group(4, qc, kc, vc, start, n, D, scale, oc, qf, acc, p); break;
             default: attention_group((int)G, qc, kc, vc, start, n, D, scale, oc, qf, acc, p); break;
             }
+#endif
         }
-        free(qf), free(acc), free(p);
+        free(qf), free(acc), free(p), free(pb);
     }
     return failed ? -1 : 0;
 }

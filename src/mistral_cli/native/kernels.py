@@ -201,7 +201,7 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        self.features = int(lib.mc_features())  # kernels.c: 1 AVX512-BF16 (bf16), 2 AVX512-VNNI (int4)
+        self.features = int(lib.mc_features())  # kernels.c: 1 AVX512-BF16 (bf16), 2 AVX512-VNNI (int4, int8 rows)
         self._bf16 = lib.mc_gemv_bf16
         self._bf16.argtypes = [_P, _P, _INT, _P, _INT, _I64, _I64, _INT]
         self._int8 = lib.mc_gemv_int8
@@ -212,6 +212,8 @@ class Kernels:
         self._gemm4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT]
         self._gemm_bf16 = lib.mc_gemm_bf16
         self._gemm_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT]
+        self._gemm8 = lib.mc_gemm_int8
+        self._gemm8.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
         self._dequant4 = lib.mc_dequant_int4
         self._dequant4.argtypes = [_P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT]
         self._attention = lib.mc_attention_bf16
@@ -224,6 +226,7 @@ class Kernels:
             self._int4,
             self._gemm4,
             self._gemm_bf16,
+            self._gemm8,
             self._dequant4,
             self._attention,
             self._decode,
@@ -292,6 +295,30 @@ class Kernels:
         self._check(
             self._gemm_bf16(w.data_ptr(), rows.data_ptr(), y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads())
         )
+        return y.reshape(*x.shape[:-1], N)
+
+    @property
+    def int8_rows(self) -> bool:
+        """Whether `linear_int8_rows` is in this build (AVX512-VNNI)."""
+        return bool(self.features & 2)
+
+    def linear_int8_rows(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """`linear_int8` of many rows at once (a prompt), each row's result equal to `linear_int8` of that row: the
+        weights are read once per block of rows and multiplied as integers, with no dequantized copy."""
+        N, K = q.shape
+        if x.shape[-1] != K or q.dtype != torch.int8 or not q.is_contiguous() or K % 32:
+            raise ValueError(f"an int8 product of {K} columns takes rows of {K}, got {tuple(x.shape)}")
+        if scales.dtype != torch.float32 or scales.numel() != N or not scales.is_contiguous():
+            raise ValueError(f"an int8 product of {N} rows takes {N} float32 scales, got {tuple(scales.shape)}")
+        rows = x.reshape(-1, K)
+        rows = (rows if rows.dtype in _DTYPE_CODES else rows.float()).contiguous()
+        code = _DTYPE_CODES[rows.dtype]
+        y = torch.empty(rows.shape[0], N, dtype=rows.dtype)
+        rc = self._gemm8(
+            q.data_ptr(), scales.data_ptr(), rows.data_ptr(), code, y.data_ptr(), code, rows.shape[0], N, K,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        self._check(rc)
         return y.reshape(*x.shape[:-1], N)
 
     @property

@@ -2,8 +2,9 @@
 
 int8 keeps model/quant.py's codes with float32 scales; int4 keeps the same codes and scales as the plain layout,
 packed by `pack_int4` (four rows in one stream) with `pack_int4_scales` records of integer subscales per superblock.
-A single row (a decode step) runs on our kernels; so does a prompt with int4 where the CPU has AVX512-VNNI (each row
-bit for bit what a decode step gives); otherwise a prompt dequantizes a block of rows at a time into a float GEMM.
+A single row (a decode step) runs on our kernels; so does a prompt with int4, or a short one with int8, where the
+CPU has AVX512-VNNI (each row bit for bit what a decode step gives); otherwise a prompt dequantizes a block of rows
+at a time into a float GEMM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from mistral_cli.model.layout import INT4_GROUP
 from mistral_cli.model.quant import Weight, WeightOnlyInt4Linear, WeightOnlyInt8Linear, as_parts, int4_group
 from mistral_cli.model.transformer import blocked_linear
 from mistral_cli.native.kernels import Kernels, Operands, int4_superblock, pack_int4, pack_int4_scales, supports
+
+# The most rows an int8 product multiplies as integers (AVX512-VNNI); above, torch's bf16 GEMM on weights dequantized
+# a block at a time is faster (BENCHMARKS.md, "int8 prompts": even at 64 rows per 7B layer, 1.2x ahead at 128).
+INT8_ROWS = 48
 
 
 class NativeInt8Linear(WeightOnlyInt8Linear):
@@ -34,6 +39,9 @@ class NativeInt8Linear(WeightOnlyInt8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
             return self.kernels.linear_int8(x, self.weight, self.scales).to(x.dtype)
+        if self.kernels.int8_rows and x.numel() <= INT8_ROWS * self.in_features:
+            # a short prompt as integers, each row what a decode step computes
+            return self.kernels.linear_int8_rows(x, self.weight, self.scales).to(x.dtype)
         return super().forward(x)
 
     def operands(self) -> Operands:
