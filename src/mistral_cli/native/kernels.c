@@ -178,6 +178,14 @@ static inline float dot_bf16_1(const uint16_t *w, const float *x, int64_t K) {
 #ifndef BF16X_AHEAD
 #define BF16X_AHEAD 1024
 #endif
+/* Elements ahead that the weight rows are prefetched in software, or 0 for none. 2 KB ahead gained up to 24% per
+   product on an Intel Xeon; on AMD Zen 4 the hardware prefetchers alone were 1.1-1.3x faster than with it
+   (BENCHMARKS.md, "bf16 products and software prefetch"), so AMD CPUs go without. */
+static int64_t bf16x_ahead = BF16X_AHEAD;
+__attribute__((constructor)) static void choose_bf16x_ahead(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("amd")) bf16x_ahead = 0;
+}
 static inline __m512 dp32(__m512 acc, const uint16_t *w, __m512i x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)w), (__m512bh)x);
 }
@@ -196,6 +204,7 @@ static inline float dot_bf16x_1(const uint16_t *w, const uint16_t *x, int64_t K)
 
 static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype, int64_t N, int64_t K, int threads) {
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
+    const int64_t ahead = bf16x_ahead;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
@@ -203,7 +212,7 @@ static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype,
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t k = 0; k < K; k += 32) {
             __m512i xv = _mm512_loadu_si512((const void *)(x + k));
-            PREFETCH4(k + BF16X_AHEAD);
+            if (ahead) PREFETCH4(k + ahead);
             a0 = dp32(a0, r0 + k, xv);
             a1 = dp32(a1, r1 + k, xv);
             a2 = dp32(a2, r2 + k, xv);
@@ -223,12 +232,12 @@ static void gemv_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype,
    prompt instead of once per row. Every sum is the one gemv_bf16x builds for that row, in the same order, so each
    output equals the decode product of its row bit for bit. */
 static inline __attribute__((always_inline)) void bf16x_rows4_t(const uint16_t *r0, const uint16_t *x, int64_t K,
-                                                                const int T, float out[4][4]) {
+                                                                const int T, int64_t ahead, float out[4][4]) {
     const uint16_t *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
     __m512 a[4][4];
     for (int t = 0; t < T; t++) a[0][t] = a[1][t] = a[2][t] = a[3][t] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
-        PREFETCH4(k + BF16X_AHEAD);
+        if (ahead) PREFETCH4(k + ahead);
         __m512i w0 = _mm512_loadu_si512((const void *)(r0 + k)), w1 = _mm512_loadu_si512((const void *)(r1 + k));
         __m512i w2 = _mm512_loadu_si512((const void *)(r2 + k)), w3 = _mm512_loadu_si512((const void *)(r3 + k));
         for (int t = 0; t < T; t++) {
@@ -246,6 +255,7 @@ static inline __attribute__((always_inline)) void bf16x_rows4_t(const uint16_t *
 static void gemm_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype, int64_t M, int64_t N, int64_t K,
                        int threads) {
     int64_t blocks = K >= ROWS4_MIN_K ? N / 4 : 0;
+    const int64_t ahead = bf16x_ahead;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n = 4 * blk;
@@ -253,10 +263,10 @@ static void gemm_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype,
         for (int64_t m = 0; m < M; m += 4) {
             const uint16_t *xm = x + m * K;
             int T = M - m < 4 ? (int)(M - m) : 4;
-            if (T == 4) bf16x_rows4_t(w + n * K, xm, K, 4, out);
-            else if (T == 3) bf16x_rows4_t(w + n * K, xm, K, 3, out);
-            else if (T == 2) bf16x_rows4_t(w + n * K, xm, K, 2, out);
-            else bf16x_rows4_t(w + n * K, xm, K, 1, out);
+            if (T == 4) bf16x_rows4_t(w + n * K, xm, K, 4, ahead, out);
+            else if (T == 3) bf16x_rows4_t(w + n * K, xm, K, 3, ahead, out);
+            else if (T == 2) bf16x_rows4_t(w + n * K, xm, K, 2, ahead, out);
+            else bf16x_rows4_t(w + n * K, xm, K, 1, ahead, out);
             for (int t = 0; t < T; t++)
                 for (int j = 0; j < 4; j++) store(y, ytype, (m + t) * N + n + j, out[j][t]);
         }
