@@ -579,6 +579,16 @@ static inline __attribute__((always_inline)) void int4_rows4_vnni_t(const uint8_
     }
 }
 
+/* row m of x (rows of K, float32 or bf16) as float32 in f */
+static void row_as_f32(const void *x, int xtype, int64_t m, int64_t K, float *f) {
+    if (xtype == 1) {
+        const uint16_t *src = (const uint16_t *)x + m * K;
+        for (int64_t k = 0; k < K; k++) f[k] = bf16_to_f32(src[k]);
+    } else {
+        memcpy(f, (const float *)x + m * K, (size_t)K * sizeof(float));
+    }
+}
+
 #define GEMM_T 4       /* activation rows per pass over a block of weight rows: what the registers hold */
 #define GEMM_ROWS 128  /* activation rows per sweep over the weights: their int8 codes stay in the L2 cache */
 
@@ -607,18 +617,13 @@ int mc_gemm_int4(const uint8_t *w, const uint8_t *scales, const void *x, int xty
     }
     float *bsum = d + rows * nb, *gsum4 = bsum + rows * nb;
     const int64_t rec = 16 + 16 * J;
-    const size_t xsize = xtype == 1 ? 2 : 4;
     for (int64_t m0 = 0; m0 < M; m0 += rows) {
         const int64_t R = M - m0 < rows ? M - m0 : rows;
         /* each row as mc_gemv_int4 prepares it: quantized in blocks of S, and the sums of x per group of 64 */
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t r = 0; r < R; r++) {
-            const char *src = (const char *)x + (size_t)(m0 + r) * (size_t)K * xsize;
             float *f = xf + r * K;
-            if (xtype == 1)
-                for (int64_t k = 0; k < K; k++) f[k] = bf16_to_f32(((const uint16_t *)src)[k]);
-            else
-                memcpy(f, src, (size_t)K * sizeof(float));
+            row_as_f32(x, xtype, m0 + r, K, f);
             quantize_x(f, K, S, xq + r * K, d + r * nb, bsum + r * nb);
             for (int64_t g = 0; g < K / 64; g++) {
                 __m256 s = _mm256_setzero_ps();
@@ -701,18 +706,13 @@ int mc_gemm_int8(const int8_t *w, const float *scale, const void *x, int xtype, 
         free(xq), free(xu), free(d), free(xf);
         return -1;
     }
-    const size_t xsize = xtype == 1 ? 2 : 4;
     for (int64_t m0 = 0; m0 < M; m0 += rows) {
         const int64_t R = M - m0 < rows ? M - m0 : rows;
         /* each row as mc_gemv_int8 prepares it: quantized in blocks of 32 */
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t r = 0; r < R; r++) {
-            const char *src = (const char *)x + (size_t)(m0 + r) * (size_t)K * xsize;
             float *f = xf + r * K;
-            if (xtype == 1)
-                for (int64_t k = 0; k < K; k++) f[k] = bf16_to_f32(((const uint16_t *)src)[k]);
-            else
-                memcpy(f, src, (size_t)K * sizeof(float));
+            row_as_f32(x, xtype, m0 + r, K, f);
             float *bsum = d + rows * nb + r * nb; /* not needed here: quantize_x writes it */
             quantize_x(f, K, 32, xq + r * K, d + r * nb, bsum);
             for (int64_t k = 0; k < K; k++) xu[r * K + k] = (uint8_t)(xq[r * K + k] ^ 0x80);
@@ -853,6 +853,11 @@ static inline __m256 exp_neg(__m256 x) {
 /* bytes ahead that the key and value streams are prefetched: 1.1-1.2x at 2K-4K keys from memory */
 #define ATT_AHEAD 2048
 
+/* the cache lines of `rows` rows of D bf16 values, ATT_AHEAD bytes ahead */
+static inline void prefetch_rows(const uint16_t *row, int rows, int64_t D) {
+    for (int64_t i = 0; i < rows * D; i += 32) _mm_prefetch((const char *)(row + i) + ATT_AHEAD, _MM_HINT_T0);
+}
+
 /* 16 bf16 values as two float vectors, with one load and two unpacks: the first holds elements 0-3 and 8-11, the
    second 4-7 and 12-15 (the unpacks work within 128-bit lanes). Dot products read q in that order too (qf below),
    and sums of rows come out in it, to be put back in order at the end (unshuffle16). */
@@ -890,9 +895,7 @@ static inline __attribute__((always_inline)) void attention_group(
     for (; j + B <= n; j += B) {
         __m256 s[8];
         for (int i = 0; i < 8; i++) s[i] = _mm256_setzero_ps();
-        for (int b = 0; b < B; b++)
-            for (int64_t d = 0; d < D; d += 32)
-                _mm_prefetch((const char *)(kc + (start + j + b) * D + d) + ATT_AHEAD, _MM_HINT_T0);
+        prefetch_rows(kc + (start + j) * D, B, D);
         for (int64_t d = 0; d < D; d += 16) {
             for (int b = 0; b < B; b++) {
                 __m256 lo, hi;
@@ -958,9 +961,7 @@ static inline __attribute__((always_inline)) void attention_group(
                 a1[g] = _mm256_loadu_ps(acc + g * D + d + 8);
             }
             for (int64_t j = j0; j < j1; j++) {
-                if (d == 0) /* the first pass over a block's rows */
-                    for (int64_t e = 0; e < D; e += 32)
-                        _mm_prefetch((const char *)(vc + (start + j) * D + e) + ATT_AHEAD, _MM_HINT_T0);
+                if (d == 0) prefetch_rows(vc + (start + j) * D, 1, D); /* the first pass over a block's rows */
                 __m256 v0, v1;
                 load_bf16x16(vc + (start + j) * D + d, &v0, &v1);
                 for (int g = 0; g < G; g++) {
@@ -1002,9 +1003,7 @@ static inline __attribute__((always_inline)) void attention_group_x(
     for (; j + B <= n; j += B) {
         __m512 s[8];
         for (int i = 0; i < 8; i++) s[i] = _mm512_setzero_ps();
-        for (int b = 0; b < B; b++)
-            for (int64_t d = 0; d < D; d += 32)
-                _mm_prefetch((const char *)(kc + (start + j + b) * D + d) + ATT_AHEAD, _MM_HINT_T0);
+        prefetch_rows(kc + (start + j) * D, B, D);
         for (int64_t c = 0; c < chunks; c++) {
             const __mmask32 m = c + 1 < chunks ? (__mmask32)0xFFFFFFFF : tail;
             for (int b = 0; b < B; b++) {
@@ -1076,11 +1075,7 @@ static inline __attribute__((always_inline)) void attention_group_x(
                     a[(g * CW + cc) * 2 + 1] = _mm512_loadu_ps(acc + (g * cp + c + cc) * 32 + 16);
                 }
             for (int64_t j = j0; j < j1; j += 2) {
-                if (c == 0)
-                    for (int64_t e = 0; e < D; e += 32) {
-                        _mm_prefetch((const char *)(vc + (start + j) * D + e) + ATT_AHEAD, _MM_HINT_T0);
-                        _mm_prefetch((const char *)(vc + (start + j + 1) * D + e) + ATT_AHEAD, _MM_HINT_T0);
-                    }
+                if (c == 0) prefetch_rows(vc + (start + j) * D, 2, D);
                 __m512i lo[2], hi[2];
                 for (int cc = 0; cc < CW; cc++) {
                     const __m512i v0 = load_bf16x32(vc + (start + j) * D + 32 * (c + cc), m[cc]);

@@ -46,6 +46,14 @@ def attention_heads_fit(H: int, KV: int, D: int) -> bool:
     return D % 16 == 0 and H % KV == 0 and H // KV <= 8
 
 
+def _prompt_rows(x: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """x's rows of K as the C code reads them (contiguous float32 or bf16), that dtype's code, and the (rows, N)
+    output in the same dtype."""
+    rows = x.reshape(-1, K)
+    rows = (rows if rows.dtype in _DTYPE_CODES else rows.float()).contiguous()
+    return rows, _DTYPE_CODES[rows.dtype], torch.empty(rows.shape[0], N, dtype=rows.dtype)
+
+
 @dataclass(frozen=True)
 class Operands:
     """A linear layer as the C code reads it: kind 'bf16' (weight), 'int8' (weight, float32 scales) or 'int4'
@@ -310,10 +318,7 @@ class Kernels:
             raise ValueError(f"an int8 product of {K} columns takes rows of {K}, got {tuple(x.shape)}")
         if scales.dtype != torch.float32 or scales.numel() != N or not scales.is_contiguous():
             raise ValueError(f"an int8 product of {N} rows takes {N} float32 scales, got {tuple(scales.shape)}")
-        rows = x.reshape(-1, K)
-        rows = (rows if rows.dtype in _DTYPE_CODES else rows.float()).contiguous()
-        code = _DTYPE_CODES[rows.dtype]
-        y = torch.empty(rows.shape[0], N, dtype=rows.dtype)
+        rows, code, y = _prompt_rows(x, N, K)
         rc = self._gemm8(
             q.data_ptr(), scales.data_ptr(), rows.data_ptr(), code, y.data_ptr(), code, rows.shape[0], N, K,
             torch.get_num_threads(),
@@ -333,10 +338,7 @@ class Kernels:
         S = _check_int4(packed, scales)
         if x.shape[-1] != K:
             raise ValueError(f"an int4 product of {K} columns takes rows of {K}, got {tuple(x.shape)}")
-        rows = x.reshape(-1, K)
-        rows = (rows if rows.dtype in _DTYPE_CODES else rows.float()).contiguous()
-        code = _DTYPE_CODES[rows.dtype]
-        y = torch.empty(rows.shape[0], N, dtype=rows.dtype)
+        rows, code, y = _prompt_rows(x, N, K)
         rc = self._gemm4(
             packed.data_ptr(), scales.data_ptr(), rows.data_ptr(), code, y.data_ptr(), code, rows.shape[0], N, K, S,
             torch.get_num_threads(),
