@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# before torch starts: its large buffers in 2 MiB pages, as `mistral` runs (src/mistral_cli/cli/app.py)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 from mistral_cli.native import kernels
 
