@@ -159,10 +159,33 @@ def test_sequences_decoded_together_equal_each_decoded_alone(hf_model_dir, dtype
         alone = list(engine.generate(prompt, opts, leading_space=True))[-1]
         assert (done.tokens, done.text, done.finish_reason) == (alone.tokens, alone.text, alone.finish_reason)
         assert done.prompt_tokens == len(prompt)
-    # int8/int4 on a CPU decode faster one row at a time (their multi-row path expands the weights)
-    assert not load_engine(
-        hf_model_dir, LoadOptions(device="cpu", dtype=dtype, quantize="int8", prepare=False)
-    ).batches()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_sequences_batch_only_where_rows_are_multiplied_as_integers(hf_model_dir, quantize):
+    """int8/int4 on a CPU decode together only where our kernels multiply several rows as integers (AVX512-VNNI);
+    elsewhere the multi-row path expands the weights and one row at a time is faster. Together, each sequence gets
+    the same first token and as many tokens as alone; later greedy tokens may part where a random model's top two
+    logits are within rounding (the single-row step runs its attention and norms in C, the batch in torch; each
+    integer product row is bit for bit the same, tests/test_kernels.py)."""
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.native import kernels
+    from mistral_cli.options import GenerationOptions, LoadOptions
+
+    engine = load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="bf16", quantize=quantize, prepare=False))
+    ops = kernels.native()
+    integer_rows = ops is not None and bool(ops.features & 2)
+    assert engine.batches() == integer_rows == (not engine.expands_quantized_rows)
+    if not integer_rows:
+        pytest.skip("this CPU has no AVX512-VNNI: int8/int4 sequences decode one after another here")
+    tok = engine.tokenizer
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ("Hello", "The capital of France is", "Roses are red")]
+    options = [GenerationOptions(max_tokens=n, temperature=0) for n in (10, 8, 6)]
+    together = engine.generate_many(prompts, options, leading_space=[True] * len(prompts))
+    for prompt, opts, done in zip(prompts, options, together, strict=True):
+        alone = list(engine.generate(prompt, opts, leading_space=True))[-1]
+        assert done.tokens[0] == alone.tokens[0]
+        assert (len(done.tokens), done.finish_reason, done.prompt_tokens) == (opts.max_tokens, "length", len(prompt))
 
 
 def test_line_options_override_the_command_line(env, hf_model_dir, tmp_path):

@@ -219,10 +219,17 @@ class Engine:
 
     def batches(self) -> bool:
         """Whether several sequences decode faster together than one after another here: one product over all rows
-        reads each weight once. Not for int8/int4 on a CPU, whose multi-row path expands every weight to float32
-        first, nor with --compile's single-row graph (BENCHMARKS.md, "Batch decoding")."""
+        reads each weight once. Not for int8/int4 on a CPU without AVX512-VNNI, whose multi-row path expands every
+        weight to float32 first, nor with --compile's single-row graph (BENCHMARKS.md, "Batch decoding"); with it,
+        our kernels multiply the rows as integers and together wins from two sequences on."""
+        return not self.expands_quantized_rows and self._decode is None
+
+    @property
+    def expands_quantized_rows(self) -> bool:
+        """Whether several rows through int8/int4 weights on a CPU go through weights expanded to float (no integer
+        multi-row kernel for them here), where a single row never does."""
         cpu_quantized = self.placement.device.type == "cpu" and self.quantize != "none"
-        return not cpu_quantized and self._decode is None
+        return cpu_quantized and self._row_by_row not in ("int8-vnni", "int4-vnni")
 
     @torch.inference_mode()
     def generate_many(self, prompts: list[list[int]], options: list[GenerationOptions], *,
