@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 # the random checkpoint: the tests' writer (the benchmark runs from a clone, where tests/ lies beside benchmarks/)
+# before torch starts: its large buffers (weights, caches) on 2 MiB pages, as `mistral` runs (cli/app.py huge_pages)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from checkpoints import SHAPES, VOCAB, n_params, write_checkpoint  # noqa: E402
 

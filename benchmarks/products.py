@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# before torch starts: its large buffers in 2 MiB pages, as `mistral` runs (src/mistral_cli/cli/app.py)
+# before torch starts: its large buffers (weights, caches) on 2 MiB pages, as `mistral` runs (cli/app.py huge_pages)
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
