@@ -1120,17 +1120,19 @@ int mc_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, i
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *qf = (float *)malloc((size_t)(G * D) * sizeof(float));
+        /* the AVX2 path keeps q as float32 (qf), the AVX512-BF16 one the weights as bf16 (pb) */
+        float *qf = MC_BF16_DP ? NULL : (float *)malloc((size_t)(G * D) * sizeof(float));
+        uint16_t *pb = MC_BF16_DP ? (uint16_t *)malloc((size_t)(G * (n + 2)) * sizeof(uint16_t)) : NULL;
         float *acc = (float *)malloc((size_t)(G * ((D + 63) / 64 * 2) * 32) * sizeof(float));
         float *p = (float *)malloc((size_t)(G * n + 8) * sizeof(float));
-        uint16_t *pb = (uint16_t *)malloc((size_t)(G * (n + 2)) * sizeof(uint16_t));
-        if (!qf || !acc || !p || !pb) {
+        const int ready = acc && p && (MC_BF16_DP ? pb != NULL : qf != NULL);
+        if (!ready) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < KV; c++) {
-            if (!qf || !acc || !p || !pb) continue;
+            if (!ready) continue;
             const uint16_t *qc = q + c * G * D, *kc = k + c * head_stride, *vc = v + c * head_stride;
             uint16_t *oc = out + c * G * D;
 #if MC_BF16_DP
