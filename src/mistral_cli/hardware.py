@@ -9,9 +9,11 @@ import shlex
 import shutil
 import sys
 from functools import cache
+from pathlib import Path
 
 KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours; "avx2": ours without AVX-512
 GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
+QUICK_ENV = "MISTRAL_QUICK"  # "off": `mistral complete` always loads torch (engine/quick.py)
 
 
 SWITCH_VALUES = ("", "0", "1", "on", "off", "yes", "no", "true", "false")
@@ -19,7 +21,7 @@ SWITCH_VALUES = ("", "0", "1", "on", "off", "yes", "no", "true", "false")
 
 def bad_switch() -> str | None:
     """A sentence for a switch variable set to something that is not on or off, which would be ignored silently."""
-    for env in (KERNELS_ENV, GRAPHS_ENV):
+    for env in (KERNELS_ENV, GRAPHS_ENV, QUICK_ENV):
         raw = os.environ.get(env)
         allowed = (*SWITCH_VALUES, "avx2") if env == KERNELS_ENV else SWITCH_VALUES
         if raw is not None and raw.strip().lower() not in allowed:
@@ -45,6 +47,38 @@ def cpu_flags() -> frozenset[str]:
         except OSError:
             pass
     return frozenset()
+
+
+def gpu_present() -> bool:
+    """Whether `--device auto` might pick a GPU, told without torch: an NVIDIA or AMD GPU's device files, or a Mac
+    (Metal). A CPU-only build of torch on such a machine still uses the CPU; this errs towards asking torch."""
+    if platform.system() == "Darwin":
+        return True
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
+def torch_vector_halves() -> int | None:
+    """torch's float vectors in its CPU kernels, in halves of 8 lanes, as torch decides them (its CPU capability:
+    AVX-512 code where the CPU has AVX512-F/BW/VL/DQ and FMA), told without torch: kernels.c adds RMSNorm's squares
+    in the order torch's sum does. None when ATEN_CPU_CAPABILITY chooses otherwise: then only torch can tell."""
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        return None
+    return 2 if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= cpu_flags() else 1
+
+
+def default_threads() -> int:
+    """torch's default thread count, told without torch: OMP_NUM_THREADS where set, else one per physical core."""
+    raw = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    cores = set()
+    for cpu in range(os.cpu_count() or 1):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology / "core_id").read_text().strip() + "/" + (topology / "physical_package_id").read_text())
+        except OSError:
+            return os.cpu_count() or 1
+    return max(len(cores), 1)
 
 
 def _arm64() -> bool:

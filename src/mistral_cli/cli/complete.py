@@ -220,10 +220,26 @@ def run_complete(
     engine: Any
     prompt_tokens = 0  # known here for a local model only
     if remote is None:
-        engine = _load(model, loading, verbose)
-        ids = _prompt_ids(engine, text, conversation, opts, instruct=instruct, system=system, truncate=truncate,
-                          extend=extend)  # fmt: skip
+        from mistral_cli.engine.quick import QUICK_PROMPT
+
+        # a short prompt with nothing that needs torch: answered from the prepared weights without it
+        engine = _quick(model, loading, verbose) if output_format is None and logprobs is None else None
+        if engine is not None:
+            ids = _prompt_ids(engine, text, conversation, opts, instruct=instruct, system=system, truncate=truncate,
+                              extend=extend)  # fmt: skip
+            if len(ids) > QUICK_PROMPT[loading.quantize]:
+                if verbose:
+                    sys.stderr.write(f"mistral: loading torch (a prompt of {len(ids)} tokens)\n")
+                engine = None
+            elif verbose:
+                _say_quick(engine, loading.quantize)
+        if engine is None:
+            engine = _load(model, loading, verbose)
+            ids = _prompt_ids(engine, text, conversation, opts, instruct=instruct, system=system, truncate=truncate,
+                              extend=extend)  # fmt: skip
         prompt_tokens = len(ids)
+        # a prompt the quick path would take goes a token at a time here too: the same reply whichever path ran
+        quick_sized = output_format is None and logprobs is None and len(ids) <= QUICK_PROMPT[loading.quantize]
         events = engine.generate(
             ids,
             opts,
@@ -231,6 +247,7 @@ def run_complete(
             constraint=constraint_for(engine, output_format),
             logprobs=logprobs,
             prompt_logprobs=echo and logprobs is not None,
+            token_by_token=quick_sized,
         )
     else:
         if logprobs is not None:
@@ -318,6 +335,41 @@ def _load(model: str, loading: LoadOptions, verbose: bool) -> Any:
     return engine
 
 
+def _quick(model: str, loading: LoadOptions, verbose: bool) -> Any:
+    """The quick engine (engine/quick.py) when it takes this model and these options, else None (--verbose says
+    why)."""
+    from mistral_cli.engine.quick import open_quick
+    from mistral_cli.hub.models import resolve_model
+
+    if loading.device in ("auto", "cpu"):
+        from mistral_cli.hardware import share_the_cpu
+
+        share_the_cpu()  # before our library starts its threads
+    try:
+        paths = resolve_model(model)
+    except MistralError:
+        return None  # the full path says what is wrong
+    engine = open_quick(paths.folder, loading)
+    if isinstance(engine, str):
+        if verbose:
+            sys.stderr.write(f"mistral: loading torch ({engine})\n")
+        return None
+    return engine
+
+
+def _say_quick(engine: Any, quantize: str) -> None:
+    """--verbose's line for a run on the quick path."""
+    from mistral_cli.hardware import SHARED_CPU
+
+    n = engine.threads
+    threads = f"{n} thread{'s' if n != 1 else ''}" + (f" ({SHARED_CPU})" if SHARED_CPU else "")
+    quantized = "" if quantize == "none" else f" {quantize}"
+    sys.stderr.write(
+        f"mistral: loaded {engine.folder} on cpu bf16{quantized}, {engine.kernels_label}, {threads} in "
+        f"{engine.load_s:.2f} s ({engine.weights_note})\n"
+    )
+
+
 def _prompt_ids(
     engine: Any,
     text: str | None,
@@ -403,7 +455,7 @@ def _report_remote(done: Any) -> None:
 
 
 def _report(done: Any, engine: Any) -> None:
-    weight_gb = engine.model.decode_bytes() / 1e9
+    weight_gb = engine.weight_bytes / 1e9
     sys.stderr.write(
         f"mistral: prompt {done.prefilled_tokens} tokens in {done.prefill_s:.2f} s "
         f"({done.prefill_tokens_per_s:.1f} tokens/s); "

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from mistral_cli.engine.cuda import GraphedDecode, TokenReader, compile_decode, graphs_wanted
-from mistral_cli.engine.events import Chunk, Done, TokenLogprob
+from mistral_cli.engine.events import Chunk, Done, StopMatcher, TokenLogprob
 from mistral_cli.engine.sampling import Sampler, check_finite
 from mistral_cli.errors import MistralError
 from mistral_cli.model.cache import KVCache
@@ -32,39 +31,6 @@ from mistral_cli.native import kernels
 from mistral_cli.native.decode import FusedStep
 from mistral_cli.options import GenerationOptions
 from mistral_cli.text.tokenizer import Tokenizer
-
-
-@dataclass
-class StopMatcher:
-    """Holds back text that might be the start of a stop string, so a stop string is never printed."""
-
-    stops: list[str]
-    pending: str = ""
-    text: list[str] = field(default_factory=list)
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Returns (text safe to emit now, whether a stop string was found)."""
-        buf = self.pending + piece
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return self._emit(buf[: min(hits)]), True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:n]):
-                    keep = n
-                    break
-        self.pending = buf[len(buf) - keep :]
-        return self._emit(buf[: len(buf) - keep]), False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return self._emit(out)
-
-    def _emit(self, s: str) -> str:
-        self.text.append(s)
-        return s
 
 
 class Constraint(Protocol):
@@ -146,6 +112,11 @@ class Engine:
         self._reader = TokenReader(placement.device)
         self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads (--verbose's GB/s)."""
+        return self.model.decode_bytes()
+
     def reset(self) -> None:
         self.cache.reset()
         self.tokens = []
@@ -164,8 +135,10 @@ class Engine:
         return common
 
     @torch.inference_mode()
-    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, int]:
-        """Bring the cache to exactly `prompt`, feeding only what it lacks; returns last logits and tokens fed."""
+    def prefill(self, prompt: list[int], token_by_token: bool = False) -> tuple[torch.Tensor, int]:
+        """Bring the cache to exactly `prompt`, feeding only what it lacks; returns last logits and tokens fed.
+        token_by_token: through the whole-step kernels one token at a time whatever its length, as the quick path
+        (engine/quick.py) does."""
         if not prompt:
             raise MistralError("The prompt is empty.")
         if len(prompt) > self.max_context:
@@ -176,7 +149,7 @@ class Engine:
         self.cache.truncate(common)
         self.tokens = self.tokens[:common]
         new = prompt[common:]
-        if self._fused is not None and len(new) <= ROW_BY_ROW.get(self._row_by_row, 1):
+        if self._fused is not None and (token_by_token or len(new) <= ROW_BY_ROW.get(self._row_by_row, 1)):
             for i, token in enumerate(new):  # a few rows: decode steps, which read each weight as it is stored
                 logits = self._fused(token, self.cache, common + i)
         else:
@@ -350,19 +323,22 @@ class Engine:
         constraint: Constraint | None = None,
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
+        token_by_token: bool = False,
     ) -> Iterator[Chunk | Done]:
         """Yield a Chunk per generated token, then one Done. Ctrl-C (KeyboardInterrupt) leaves the cache consistent.
 
         constraint: only tokens the grammar allows are sampled, and the text ends where the grammar says it is
         complete; logprobs: each Chunk carries its token's log-probability and this many alternatives (0-20);
-        prompt_logprobs: the Done also scores the prompt's tokens (the whole prompt is fed again)."""
+        prompt_logprobs: the Done also scores the prompt's tokens (the whole prompt is fed again);
+        token_by_token: the prompt goes through the whole-step kernels a token at a time, as `mistral complete`'s
+        quick path feeds it, so that a short prompt gives the same reply on both paths."""
         sampler = Sampler(options)
         stops = StopMatcher(options.stop)
         stream = self.tokenizer.stream(leading_space=leading_space)
         eos = self.tokenizer.eos_id
         t0 = time.perf_counter()
         scored = self.score(prompt, logprobs or 0) if prompt_logprobs else None
-        logits, fed = self.prefill(prompt)
+        logits, fed = self.prefill(prompt, token_by_token)
         if scored is not None:
             fed = len(prompt)
         check_finite(logits)  # once: the greedy steps queued ahead do not go through the sampler

@@ -64,3 +64,36 @@ class Done:
         # the first token comes out of the prefill; the decode steps produce the rest
         steps = max(len(self.tokens) - 1, 0)
         return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class StopMatcher:
+    """Holds back text that might be the start of a stop string, so a stop string is never printed."""
+
+    stops: list[str]
+    pending: str = ""
+    text: list[str] = field(default_factory=list)
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was found)."""
+        buf = self.pending + piece
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return self._emit(buf[: min(hits)]), True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:n]):
+                    keep = n
+                    break
+        self.pending = buf[len(buf) - keep :]
+        return self._emit(buf[: len(buf) - keep]), False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return self._emit(out)
+
+    def _emit(self, s: str) -> str:
+        self.text.append(s)
+        return s

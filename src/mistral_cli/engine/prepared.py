@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import json
 import mmap
 import os
@@ -45,20 +44,18 @@ from torch import nn
 
 from mistral_cli.errors import MistralError
 from mistral_cli.hardware import switched_off
-from mistral_cli.model import quant
+from mistral_cli.model import prepared_files, quant
 from mistral_cli.model.config import ModelConfig
-from mistral_cli.model.prepared_files import SUFFIX, folder, list_prepared
+from mistral_cli.model.prepared_files import ROPE, file_for, list_prepared
 from mistral_cli.model.safetensors import CorruptFile, read_header
 from mistral_cli.model.transformer import Transformer
 from mistral_cli.native import quant as native_quant
 from mistral_cli.native.kernels import Kernels
 
-LAYOUT_VERSION = 1  # raise when what a prepared file holds changes meaning: older files are then never loaded
 PREPARE_ENV = "MISTRAL_PREPARE"  # "off": never write or map prepared files
 ALIGN = 2 << 20  # where tensors of at least BIG bytes start: a huge page
 BIG = 1 << 20
 SMALL_ALIGN = 64  # where the others start: the widest vector load
-_EDGE = 1 << 16  # bytes hashed at each end of a source file for its identity
 
 # The module classes a prepared file may name, by name: nothing else is ever built from one.
 CLASSES: dict[str, type[nn.Module]] = {
@@ -90,42 +87,11 @@ class Outcome:
 # ------------------------------------------------------------------------------------------------------------ keys
 
 
-def source_identity(files: tuple[Path, ...]) -> list[list[Any]]:
-    """What identifies each source file cheaply: name, size, modification time and a hash of both ends (the
-    safetensors header is at the start; a rewrite in place changes the time)."""
-    out = []
-    for path in files:
-        st = path.stat()
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            digest.update(f.read(_EDGE))
-            if st.st_size > 2 * _EDGE:
-                f.seek(st.st_size - _EDGE)
-                digest.update(f.read(_EDGE))
-        out.append([path.name, st.st_size, st.st_mtime_ns, digest.hexdigest()])
-    return out
-
-
 def describe(
     files: tuple[Path, ...], cfg: ModelConfig, dtype: torch.dtype, quantize: str, layout: str
 ) -> dict[str, Any]:
-    """Everything the prepared file depends on; its hash names the file."""
-    return {
-        "version": LAYOUT_VERSION,
-        "torch": torch.__version__,
-        "folder": str(files[0].parent.resolve()),
-        "sources": source_identity(files),
-        "config": cfg.to_dict(),
-        "dtype": DTYPES[dtype],
-        "quantize": quantize,
-        "layout": layout,
-    }
-
-
-def file_for(made_of: dict[str, Any]) -> Path:
-    key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:20]
-    name = Path(made_of["folder"]).name or "model"
-    return folder() / f"{name}-{made_of['dtype'].lower()}-{made_of['quantize']}-{key}{SUFFIX}"
+    """Everything the prepared file depends on; its hash names the file (model/prepared_files.py)."""
+    return prepared_files.describe(files, cfg, DTYPES[dtype], quantize, layout, torch.__version__)
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -206,6 +172,11 @@ def restore(path: Path, cfg: ModelConfig, device: torch.device, kernels: Kernels
         for buffer in spec["buffers"]:
             module.register_buffer(buffer, _to(tensors.pop(f"{name}.{buffer}"), device))
         quant.replace_module(model, name, module)
+    rope = tuple(_to(tensors.pop(name), device) for name in ROPE)
+    dtype = tensors["tok_embeddings.weight"].dtype
+    if any(t.dtype != dtype or t.dim() != 3 or t.shape[1:] != (1, cfg.head_dim) for t in rope):
+        raise ValueError("its RoPE tables do not fit the model")
+    model._rope = rope  # type: ignore[assignment]  # the tables of every position, as the quick path reads them
     state = {k: _to(v, device) for k, v in tensors.items()}
     # not strict: the quantized layers above hold their own tensors; what is still on "meta" after this is missing
     unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
@@ -248,6 +219,8 @@ def modules_of(model: nn.Module) -> dict[str, dict[str, Any]]:
 def write(path: Path, model: Transformer, made_of: dict[str, Any]) -> int:
     """Write the model's tensors and structure to `path` (a temporary file, then a rename); returns its size."""
     state = model.state_dict()
+    device = next(iter(state.values())).device
+    state.update(zip(ROPE, (t.contiguous() for t in model.rope_rows(model.cfg.max_context, device)), strict=True))
     meta = {
         "made_of": made_of,
         "config": model.cfg.to_dict(),

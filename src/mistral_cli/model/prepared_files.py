@@ -1,14 +1,21 @@
-"""Where prepared weights live and what each file was made from, read without torch (for `mistral info`);
-engine/prepared.py writes and maps them."""
+"""Where prepared weights live, what names each file and what it was made from, read without torch (for `mistral
+info` and the quick path, engine/quick.py); engine/prepared.py writes and maps them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mistral_cli.model.config import ModelConfig
+
 SUFFIX = ".safetensors"
+# Raise when what a prepared file holds changes meaning: older files are then never loaded. 2: the RoPE tables.
+LAYOUT_VERSION = 2
+ROPE = ("rope.cos", "rope.sin")  # the RoPE tables of every position, (max_context, 1, head_dim) in the model's dtype
+_EDGE = 1 << 16  # bytes hashed at each end of a source file for its identity
 
 
 def folder() -> Path:
@@ -50,3 +57,41 @@ def made_of_file(path: Path) -> dict[str, Any]:
         if length > 64 << 20:
             raise ValueError("header too long")
         return json.loads(json.loads(f.read(length))["__metadata__"]["mistral-cli"])["made_of"]
+
+
+def source_identity(files: tuple[Path, ...]) -> list[list[Any]]:
+    """What identifies each source file cheaply: name, size, modification time and a hash of both ends (the
+    safetensors header is at the start; a rewrite in place changes the time)."""
+    out = []
+    for path in files:
+        st = path.stat()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(_EDGE))
+            if st.st_size > 2 * _EDGE:
+                f.seek(st.st_size - _EDGE)
+                digest.update(f.read(_EDGE))
+        out.append([path.name, st.st_size, st.st_mtime_ns, digest.hexdigest()])
+    return out
+
+
+def describe(
+    files: tuple[Path, ...], cfg: ModelConfig, dtype: str, quantize: str, layout: str, torch_version: str
+) -> dict[str, Any]:
+    """Everything a prepared file depends on (dtype as safetensors names it, "BF16"); its hash names the file."""
+    return {
+        "version": LAYOUT_VERSION,
+        "torch": torch_version,
+        "folder": str(files[0].parent.resolve()),
+        "sources": source_identity(files),
+        "config": cfg.to_dict(),
+        "dtype": dtype,
+        "quantize": quantize,
+        "layout": layout,
+    }
+
+
+def file_for(made_of: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:20]
+    name = Path(made_of["folder"]).name or "model"
+    return folder() / f"{name}-{made_of['dtype'].lower()}-{made_of['quantize']}-{key}{SUFFIX}"

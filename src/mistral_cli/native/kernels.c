@@ -1335,3 +1335,116 @@ int mc_version(void) { return 0; }
 int mc_features(void) { return 0; }
 
 #endif
+
+/* ---------------------------------------------------------------------------------------------------- sampling */
+
+/* The sampler of engine/sampling.py, in float64: `logits` (V floats) with the repetition penalty applied to the
+   distinct ids in `recent` (a positive score divided by it, a negative one multiplied), then greedy (temperature 0:
+   the first highest score) or: divided by the temperature; top-k (scores below the k-th highest dropped); softmax;
+   top-p (in order of probability, highest first and ties by id, a token is dropped once those before it reach
+   top_p); min-p (dropped below min_p times the highest probability); and the token where the running sum of the
+   kept probabilities, in id order, first passes u (0 <= u < 1) times their total. `masked`: the scores may hold
+   -inf (a grammar's mask), never drawn. Returns the token id, -1 out of memory, -2 a score NaN or infinite. */
+
+static void swap_d(double *a, double *b) {
+    double t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* the k-th highest of v[0..n) (k from 1), reordering v: Hoare's selection, expected linear time */
+static double kth_highest(double *v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        swap_d(v + lo + (hi - lo) / 2, v + hi);
+        double pivot = v[hi];
+        int64_t store = lo;
+        for (int64_t i = lo; i < hi; i++)
+            if (v[i] > pivot) swap_d(v + i, v + store++);
+        swap_d(v + store, v + hi);
+        if (store == want) return v[store];
+        if (store < want) lo = store + 1;
+        else hi = store - 1;
+    }
+    return v[lo];
+}
+
+typedef struct {
+    double p;
+    int64_t id;
+} mc_ranked;
+
+static int higher_first(const void *a, const void *b) {
+    const mc_ranked *x = (const mc_ranked *)a, *y = (const mc_ranked *)b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return x->id < y->id ? -1 : (x->id > y->id);
+}
+
+int64_t mc_sample(const float *logits, int64_t V, const int64_t *recent, int64_t n_recent, double penalty,
+                  double temperature, int64_t top_k, double top_p, double min_p, double u, int masked) {
+    for (int64_t i = 0; i < V; i++)
+        if (isnan(logits[i]) || (isinf(logits[i]) && (!masked || logits[i] > 0))) return -2;
+    double *p = (double *)malloc((size_t)V * 2 * sizeof(double));
+    if (!p) return -1;
+    double *scratch = p + V;
+    for (int64_t i = 0; i < V; i++) p[i] = logits[i];
+    if (penalty != 1.0)
+        for (int64_t r = 0; r < n_recent; r++) {
+            int64_t id = recent[r];
+            if (id >= 0 && id < V) p[id] = p[id] > 0 ? p[id] / penalty : p[id] * penalty;
+        }
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; i++)
+        if (p[i] > p[best]) best = i;
+    if (temperature == 0 || p[best] == -INFINITY) { /* greedy, or nothing allowed (the caller's to refuse) */
+        free(p);
+        return best;
+    }
+    double top = p[best] / temperature, floor = -INFINITY;
+    for (int64_t i = 0; i < V; i++) p[i] /= temperature;
+    if (top_k > 0 && top_k < V) {
+        memcpy(scratch, p, (size_t)V * sizeof(double));
+        floor = kth_highest(scratch, V, top_k);
+    }
+    double sum = 0;
+    for (int64_t i = 0; i < V; i++) {
+        p[i] = p[i] < floor || p[i] == -INFINITY ? 0.0 : exp(p[i] - top);
+        sum += p[i];
+    }
+    for (int64_t i = 0; i < V; i++) p[i] /= sum;
+    if (top_p < 1.0) {
+        mc_ranked *order = (mc_ranked *)malloc((size_t)V * sizeof(mc_ranked));
+        if (!order) {
+            free(p);
+            return -1;
+        }
+        int64_t n = 0;
+        for (int64_t i = 0; i < V; i++)
+            if (p[i] > 0) order[n++] = (mc_ranked){p[i], i};
+        qsort(order, (size_t)n, sizeof(mc_ranked), higher_first);
+        double before = 0;
+        for (int64_t r = 0; r < n; r++) {
+            if (before >= top_p) p[order[r].id] = 0.0;
+            before += order[r].p;
+        }
+        free(order);
+    }
+    if (min_p > 0) {
+        double most = 0;
+        for (int64_t i = 0; i < V; i++) most = p[i] > most ? p[i] : most;
+        for (int64_t i = 0; i < V; i++)
+            if (p[i] < min_p * most) p[i] = 0.0;
+    }
+    double total = 0;
+    for (int64_t i = 0; i < V; i++) total += p[i];
+    double target = u * total, run = 0;
+    int64_t token = best;
+    for (int64_t i = 0; i < V; i++)
+        if (p[i] > 0) {
+            token = i;
+            run += p[i];
+            if (run > target) break;
+        }
+    free(p);
+    return token;
+}

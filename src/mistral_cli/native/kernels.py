@@ -1,9 +1,8 @@
-"""Our own CPU kernels for the decode step's matrix-vector products (kernels.c), built on first use.
+"""Our own CPU kernels (kernels.c, built and loaded by library.py) for torch tensors: the decode step's matrix-vector
+products, a prompt's rows, the attention and the whole-step call.
 
-The C file is compiled once per machine with the system's C compiler (`$CC`, else cc/gcc/clang) and
-`-march=native` into the user cache folder, keyed by the source, the compiler and the CPU, then loaded with
-ctypes. Where that cannot happen (no compiler, not x86-64 with AVX2 and FMA, `MISTRAL_KERNELS=off`), `native()`
-returns None and the model keeps torch's kernels: the same results up to float rounding, only slower.
+Where the library cannot be built or loaded (no compiler, not x86-64 with AVX2 and FMA, `MISTRAL_KERNELS=off`),
+`native()` returns None and the model keeps torch's kernels: the same results up to float rounding, only slower.
 
 The wrappers take one activation row and return it multiplied by the weight, in the activation's dtype.
 """
@@ -11,12 +10,7 @@ The wrappers take one activation row and return it multiplied by the weight, in 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -24,12 +18,23 @@ from pathlib import Path
 
 import torch
 
-from mistral_cli.hardware import KERNELS_ENV, c_compiler, cpu_flags, kernels_blocker, kernels_not_wanted
+from mistral_cli.hardware import c_compiler  # noqa: F401  (the tests and benchmarks build through this module)
 from mistral_cli.model.layout import INT4_GROUP, INT4_SUB_MAX, int4_superblock
+from mistral_cli.native import library
+from mistral_cli.native.library import (  # noqa: F401  (_build: the tests and benchmarks build both variants)
+    KINDS,
+    Layer,
+    Linear,
+    Model,
+    _build,
+    attention_heads_fit,
+    check,
+    problem,
+    status,
+    step_fits,
+)
 
-SOURCE = Path(__file__).with_name("kernels.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 def supports(K: int, group: int | None = None, N: int = 4) -> bool:
@@ -38,12 +43,6 @@ def supports(K: int, group: int | None = None, N: int = 4) -> bool:
     if group is not None:
         return K % INT4_GROUP == 0 and group == INT4_GROUP and N % 4 == 0
     return K % 32 == 0
-
-
-def attention_heads_fit(H: int, KV: int, D: int) -> bool:
-    """Whether mc_attention_bf16 takes H query heads over KV key/value heads of D: it keeps up to 8 query heads per
-    key/value head in registers and reads 16 columns at a time."""
-    return D % 16 == 0 and H % KV == 0 and H // KV <= 8
 
 
 def _prompt_rows(x: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -83,28 +82,9 @@ class LayerOperands:
     w2: Operands
 
 
-class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("S", _I64), ("w", _P), ("s", _P)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("attention_norm", _P), ("ffn_norm", _P)] + [(n, _Linear) for n in ("wqkv", "wo", "w13", "w2")]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [
-        ("embedding", _P), ("layers", ctypes.POINTER(_Layer)), ("n_layers", _I64), ("dim", _I64),
-        ("H", _I64), ("KV", _I64), ("D", _I64), ("hidden", _I64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
-        ("norm", _P), ("head", _Linear),
-    ]  # fmt: skip
-
-
-_KINDS = {"bf16": 0, "int8": 1, "int4": 2}
-
-
-def _linear(op: Operands) -> _Linear:
+def _linear(op: Operands) -> Linear:
     scales = None if op.scales is None else op.scales.data_ptr()
-    return _Linear(_KINDS[op.kind], *op.shape, op.superblock, op.weight.data_ptr(), scales)
+    return Linear(KINDS[op.kind], *op.shape, op.superblock, op.weight.data_ptr(), scales)
 
 
 class DecodeStep:
@@ -126,13 +106,13 @@ class DecodeStep:
         # the tensors the C code points to, kept alive; KV, D and vocab for the checks of each call
         self.layers, self.embedding, self.norm, self.head = layers, embedding, norm, head
         self.KV, self.D, (self.vocab, dim) = KV, D, embedding.shape
-        self.table = (_Layer * len(layers))()
+        self.table = (Layer * len(layers))()
         for row, layer in zip(self.table, layers, strict=True):
             row.attention_norm, row.ffn_norm = layer.attention_norm.data_ptr(), layer.ffn_norm.data_ptr()
             for name in ("wqkv", "wo", "w13", "w2"):
                 setattr(row, name, _linear(getattr(layer, name)))
         hidden = layers[0].w2.shape[1]
-        self.model = _Model(
+        self.model = Model(
             embedding.data_ptr(), self.table, len(layers), dim, H, KV, D, hidden, eps, D**-0.5, norm.data_ptr(),
             _linear(head),
         )  # fmt: skip
@@ -156,20 +136,13 @@ class DecodeStep:
             return None
         H, KV, D = n_heads, n_kv_heads, head_dim
         dim, hidden = layers[0].attention_norm.numel(), layers[0].w2.shape[1]
-        shapes = {"wqkv": ((H + 2 * KV) * D, dim), "wo": (dim, H * D), "w13": (2 * hidden, dim), "w2": (dim, hidden)}
+        names = ("wqkv", "wo", "w13", "w2")
         fits = (
-            dim % 16 == 0
-            and hidden % 16 == 0
-            and attention_heads_fit(H, KV, D)
+            step_fits(dim, hidden, H, KV, D, [{n: getattr(la, n).shape for n in names} for la in layers])
             and all(_bf16_row(t, dim) for t in (embedding, norm))
             and norm.numel() == dim
             and head.shape[1] == dim
-            and all(
-                _bf16_row(la.attention_norm, dim)
-                and _bf16_row(la.ffn_norm, dim)
-                and all(getattr(la, name).shape == shape for name, shape in shapes.items())
-                for la in layers
-            )
+            and all(_bf16_row(la.attention_norm, dim) and _bf16_row(la.ffn_norm, dim) for la in layers)
         )
         return cls(list(layers), H, KV, D, eps, embedding, norm, head) if fits else None
 
@@ -210,36 +183,11 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
         self.features = int(lib.mc_features())  # kernels.c: 1 AVX512-BF16 (bf16), 2 AVX512-VNNI (int4, int8 rows)
-        self._bf16 = lib.mc_gemv_bf16
-        self._bf16.argtypes = [_P, _P, _INT, _P, _INT, _I64, _I64, _INT]
-        self._int8 = lib.mc_gemv_int8
-        self._int8.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _INT]
-        self._int4 = lib.mc_gemv_int4
-        self._int4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
-        self._gemm4 = lib.mc_gemm_int4
-        self._gemm4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT]
-        self._gemm_bf16 = lib.mc_gemm_bf16
-        self._gemm_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT]
-        self._gemm8 = lib.mc_gemm_int8
-        self._gemm8.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT]
-        self._dequant4 = lib.mc_dequant_int4
-        self._dequant4.argtypes = [_P, _P, _P, _INT, _I64, _I64, _I64, _I64, _INT]
-        self._attention = lib.mc_attention_bf16
-        self._attention.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _INT]
-        self._decode = lib.mc_decode_token
-        self._decode.argtypes = [ctypes.POINTER(_Model), _I64, _P, _P, _I64, _P, _P, _I64, _I64, _INT, _P, _INT]
-        for f in (
-            self._bf16,
-            self._int8,
-            self._int4,
-            self._gemm4,
-            self._gemm_bf16,
-            self._gemm8,
-            self._dequant4,
-            self._attention,
-            self._decode,
-        ):
-            f.restype = _INT
+        library.bind(lib)  # a library loaded elsewhere too (the tests' second build)
+        self.lib = lib
+        self._bf16, self._int8, self._int4 = lib.mc_gemv_bf16, lib.mc_gemv_int8, lib.mc_gemv_int4
+        self._gemm4, self._gemm_bf16, self._gemm8 = lib.mc_gemm_int4, lib.mc_gemm_bf16, lib.mc_gemm_int8
+        self._dequant4, self._attention, self._decode = lib.mc_dequant_int4, lib.mc_attention_bf16, lib.mc_decode_token
 
     @staticmethod
     def _io(x: torch.Tensor, N: int, K: int, *weights: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -253,17 +201,10 @@ class Kernels:
         y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
         return x, _DTYPE_CODES[x.dtype], y
 
-    @staticmethod
-    def _check(rc: int) -> None:
-        if rc == -1:
-            raise MemoryError("out of memory in a decode kernel")
-        if rc != 0:
-            raise RuntimeError(f"a decode kernel failed with code {rc}")
-
     def linear_bf16(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         N, K = w.shape
         x, code, y = self._io(x, N, K, w)
-        self._check(self._bf16(w.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, torch.get_num_threads()))
+        check(self._bf16(w.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, torch.get_num_threads()))
         return y
 
     def linear_int8(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -272,7 +213,7 @@ class Kernels:
         rc = self._int8(
             q.data_ptr(), scales.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, torch.get_num_threads()
         )
-        self._check(rc)
+        check(rc)
         return y
 
     def linear_int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -284,7 +225,7 @@ class Kernels:
             packed.data_ptr(), scales.data_ptr(), x.data_ptr(), code, y.data_ptr(), code, N, K, S,
             torch.get_num_threads(),
         )  # fmt: skip
-        self._check(rc)
+        check(rc)
         return y
 
     @property
@@ -300,7 +241,7 @@ class Kernels:
             raise ValueError(f"a bf16 product of {K} columns takes bf16 rows of {K}, got {tuple(x.shape)} {x.dtype}")
         rows = x.reshape(-1, K).contiguous()
         y = torch.empty(rows.shape[0], N, dtype=torch.bfloat16)
-        self._check(
+        check(
             self._gemm_bf16(w.data_ptr(), rows.data_ptr(), y.data_ptr(), rows.shape[0], N, K, torch.get_num_threads())
         )
         return y.reshape(*x.shape[:-1], N)
@@ -323,7 +264,7 @@ class Kernels:
             q.data_ptr(), scales.data_ptr(), rows.data_ptr(), code, y.data_ptr(), code, rows.shape[0], N, K,
             torch.get_num_threads(),
         )  # fmt: skip
-        self._check(rc)
+        check(rc)
         return y.reshape(*x.shape[:-1], N)
 
     @property
@@ -343,7 +284,7 @@ class Kernels:
             packed.data_ptr(), scales.data_ptr(), rows.data_ptr(), code, y.data_ptr(), code, rows.shape[0], N, K, S,
             torch.get_num_threads(),
         )  # fmt: skip
-        self._check(rc)
+        check(rc)
         return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
@@ -370,7 +311,7 @@ class Kernels:
             q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(1), start, L, H, KV, D, D**-0.5, out.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
-        self._check(rc)
+        check(rc)
         return out
 
     def decode_token(
@@ -405,7 +346,7 @@ class Kernels:
             sin.data_ptr() + 2 * pos * D, pos, start, _torch_vector_halves(), logits.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
-        self._check(rc)
+        check(rc)
         return logits
 
     def dequantize_int4(
@@ -434,7 +375,7 @@ class Kernels:
             packed.data_ptr(), scales.data_ptr(), out.data_ptr(), _DTYPE_CODES[dtype], rows.start, rows.stop, K, S,
             torch.get_num_threads(),
         )  # fmt: skip
-        self._check(rc)
+        check(rc)
         return out
 
 
@@ -502,128 +443,17 @@ def unpack_int4_scales(records: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return sub * f.repeat_interleave(J, dim=1), lows
 
 
-def _cache_folders() -> list[Path]:
-    """Where the built library may go: the user cache folder, else (read-only home) a per-user temporary one."""
-    from platformdirs import user_cache_path
-
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return [user_cache_path("mistral-cli") / "kernels", Path(tempfile.gettempdir()) / f"mistral-cli-kernels-{uid}"]
-
-
-def _ours(folder: Path) -> bool:
-    """Whether only this user can write in `folder`: a library is loaded from there, so nobody else may put one."""
-    st = folder.stat()
-    return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
-
-
-def _build(cc: list[str]) -> Path:
-    """Compile kernels.c for this CPU (once: the result is cached under a key of everything that shapes it)."""
-    source = SOURCE.read_bytes()
-    try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise OSError(f"cannot run the C compiler {' '.join(cc)}: {e}") from e
-    flags = _variant_flags()
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source,
-                " ".join(cc).encode(),  # $CC may carry options
-                version.encode(),
-                " ".join(sorted(cpu_flags())).encode(),
-                platform.machine().encode(),
-                " ".join(flags).encode(),
-            ]
-        )  # fmt: skip
-    ).hexdigest()[:16]
-    folders = _cache_folders()
-    for folder in folders:
-        if (folder / f"kernels-{key}.so").exists() and _ours(folder):
-            return folder / f"kernels-{key}.so"
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if os.access(folder, os.W_OK) and _ours(folder):
-                break
-        except OSError:
-            pass
-    else:
-        raise OSError(f"no writable folder for the built kernels (tried {', '.join(map(str, folders))})")
-    path = folder / f"kernels-{key}.so"
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        out = Path(tmp) / path.name
-        cmd = [*cc, "-O3", "-march=native", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise OSError(f"cannot run the C compiler {' '.join(cc)}: {e}") from e
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            raise OSError(f"{' '.join(cc)} could not build the kernels: {last[:200]}")
-        os.replace(out, path)  # atomic: another process building at the same time finds a whole file
-    for old in folder.glob("kernels-*.so"):  # builds of other versions (a running process keeps its mapping)
-        if old != path and old.name != _kept.get(bool(flags)):
-            old.unlink(missing_ok=True)
-    _kept[bool(flags)] = path.name
-    return path
-
-
-_kept: dict[bool, str] = {}  # the other variant's build, when this process built both (the tests do)
-
-
-def _variant_flags() -> list[str]:
-    """The compiler flags of the build asked for: MISTRAL_KERNELS=avx2 builds without AVX-512, so the AVX2 paths can
-    be compared with the newer ones on the same CPU."""
-    if os.environ.get(KERNELS_ENV, "").strip().lower() == "avx2":
-        return ["-mno-avx512f"]
-    return []
-
-
 def label(kernels: Kernels | None = None) -> str:
     """What the decode steps run on, for --verbose, the chat banner and `mistral info`."""
     k = kernels or native()
-    features = k.features if k is not None else 0
-    names = [name for bit, name in ((1, "AVX512-BF16"), (2, "AVX512-VNNI")) if features & bit]
-    return f"AVX2 + {' + '.join(names)} kernels" if names else "AVX2 kernels"
-
-
-_status = "not loaded yet"
+    return library.label(k.features if k is not None else 0)
 
 
 @cache
 def native() -> Kernels | None:
     """The kernels for this machine, built on first use, or None where they cannot be used (see `status()`)."""
-    global _status
-    blocker = kernels_blocker()
-    if blocker is not None:
-        _status = blocker if blocker.startswith("switched off") else f"unavailable: {blocker}"
-        return None
-    cc = c_compiler()
-    assert cc is not None
-    try:
-        path = _build(cc)
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        _status = f"unavailable: {e}"
-        return None
-    if lib.mc_version() != 1:
-        _status = "unavailable: the compiler did not target AVX2 and FMA"
-        return None
-    _status = "on"
-    return Kernels(lib, path)
-
-
-def status() -> str:
-    """'on', or why the kernels are not used."""
-    return _status
-
-
-def problem() -> str | None:
-    """Why the kernels are not used on a CPU that could run them (no compiler, a failed build), for the user to
-    fix; None when they are used, switched off, or the CPU cannot run them."""
-    if native() is not None or kernels_not_wanted() is not None:
-        return None
-    return _status.removeprefix("unavailable: ")
+    loaded = library.library()
+    return None if loaded is None else Kernels(*loaded)
 
 
 if __name__ == "__main__":  # python -m mistral_cli.native.kernels: build them now and say where they are
