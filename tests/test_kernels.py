@@ -14,8 +14,8 @@ import torch
 
 from mistral_cli.engine.engine import ROW_BY_ROW
 from mistral_cli.engine.load import load_engine, load_model
-from mistral_cli.model.placement import Placement
 from mistral_cli.hardware import KERNELS_ENV
+from mistral_cli.model.placement import Placement
 from mistral_cli.native import kernels
 from mistral_cli.native.decode import use_kernels
 from mistral_cli.options import LoadOptions
