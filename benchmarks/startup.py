@@ -64,18 +64,21 @@ def pss_kb(pid: int) -> int:
 
 
 def concurrent_pss(command: list[str], n: int) -> float:
-    """Total PSS (GB) of `n` processes running `command` at once, sampled while all of them decode."""
+    """Total PSS (GB) of `n` processes running `command` at once, sampled while all of them decode: the median of the
+    samples in the second half of that time. Not the largest: the processes' figures are read one after another, and
+    a process that maps its pages between two readings is counted whole in one and shared in the other."""
     procs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(n)]
-    best = 0
+    sums = []
     while all(p.poll() is None for p in procs):
         try:
-            best = max(best, sum(pss_kb(p.pid) for p in procs))
+            sums.append(sum(pss_kb(p.pid) for p in procs))
         except OSError:
             break
         time.sleep(0.2)
     for p in procs:
         p.wait()
-    return best / 1e6
+    late = sorted(sums[len(sums) // 2 :]) or [0]
+    return late[len(late) // 2] / 1e6
 
 
 def ours(folder: Path, quantize: str, repeats: int, cold: bool, warm_only: bool = False) -> dict[str, object]:
