@@ -394,6 +394,25 @@ def test_chat_logprobs_equal_mistral_complete_s(server, env, hf_model_dir, tmp_p
     assert [t.logprob for t in pieces] == pytest.approx([e["logprob"] for e in expected], abs=1e-4)
 
 
+def test_complete_over_the_server_reports_the_logprobs_a_local_run_does(server, env, hf_model_dir):
+    for args in (["The capital of France is"], ["--instruct", "Name a colour."]):
+        expected = _local_json(env, hf_model_dir, "-t", "0", "-n", "6", "--logprobs", "3", *args)
+        r = mistral(env, "complete", "--server", server.url, "--json", "-t", "0", "-n", "6", "--logprobs", "3", *args)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got["text"] == expected["text"]
+        g, e = got["logprobs"]["content"], expected["logprobs"]["content"]
+        assert [t["token"] for t in g] == [t["token"] for t in e] and len(g) == 6
+        assert [t["logprob"] for t in g] == pytest.approx([t["logprob"] for t in e], abs=1e-4)
+        assert [[a["token"] for a in t["top_logprobs"]] for t in g] == [
+            [a["token"] for a in t["top_logprobs"]] for t in e
+        ]
+        # the chat API carries our token ids (`id`); the completions API has no place for them
+        assert [t["id"] for t in g] == ([t["id"] for t in e] if "--instruct" in args else [-1] * 6)
+    r = mistral(env, "complete", "--server", server.url, "--json", "--echo", "--logprobs", "1", "Hi")
+    assert r.returncode != 0 and "not with --server" in r.stderr
+
+
 def test_completions_score_an_echoed_prompt_as_evaluation_harnesses_ask(server, env, hf_model_dir):
     prompt = "Paris is the capital of France"
     expected = _local_json(env, hf_model_dir, "-t", "0", "-n", "0", "--echo", "--logprobs", "2", prompt)

@@ -250,8 +250,8 @@ def run_complete(
             token_by_token=quick_sized,
         )
     else:
-        if logprobs is not None:
-            raise UsageError("--logprobs works with a local model, not yet with --server.")
+        if logprobs is not None and echo:
+            raise UsageError("--echo --logprobs scores the prompt with a local model, not with --server.")
         if truncate:
             sys.stderr.write("mistral: note: --truncate does nothing with --server: the server decides what fits.\n")
         engine = remote.connect() if remote.model is None else remote
@@ -259,13 +259,13 @@ def run_complete(
         if verbose:
             sys.stderr.write(f"mistral: {model} on {engine.url}\n")
         if raw:
-            events = engine.complete(text or "", opts, output_format=output_format)
+            events = engine.complete(text or "", opts, output_format=output_format, logprobs=logprobs)
         else:
             from mistral_cli.text.chat_format import Message
 
             events = engine.chat(
                 conversation or [Message("user", text or "")], opts, system=system, output_format=output_format,
-                extend=extend,
+                extend=extend, logprobs=logprobs,
             )  # fmt: skip
 
     out = sys.stdout.buffer

@@ -5,7 +5,8 @@ generators that yield the engine's own `Chunk`s and one `Done` (engine/events.py
 (POST /v1/chat/completions) and `complete` over raw text (POST /v1/completions). Text comes as the server sends it;
 a server sends no token ids, so each Chunk's token is -1 and `Done` counts tokens from the usage the stream ends with
 (asked for with stream_options.include_usage), or one per piece of text where a server gives none. Time to the first
-piece is `prefill_s`, the rest `decode_s`.
+piece is `prefill_s`, the rest `decode_s`. Asked for log-probabilities, `Done.logprobs` holds every scored token the
+stream brought, and a Chunk its own where the piece came with exactly one.
 
 The official `openai` client does the protocol: server-sent events, retries of 429/5xx answers and lost connections
 (RETRIES, waiting as Retry-After asks), errors. It is imported at the first request, so the local path and `--help`
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import time
@@ -32,7 +34,7 @@ from mistral_cli.options import GenerationOptions
 from mistral_cli.text.chat_format import Message
 
 if TYPE_CHECKING:
-    from mistral_cli.engine.events import Chunk, Done
+    from mistral_cli.engine.events import Chunk, Done, TokenLogprob
     from mistral_cli.text.output_format import OutputFormat
 
 DEFAULT_CONTEXT = 32768  # Mistral 7B v0.2's, when neither --max-context nor the server's model list says
@@ -132,16 +134,19 @@ class RemoteEngine:
         system: str | None = None,
         output_format: OutputFormat | None = None,
         extend: bool = False,
+        logprobs: int | None = None,
     ) -> Iterator[Chunk | Done]:
         """The next assistant message after `messages` (`system` first), streamed; with `extend`, more of the last
-        message, an assistant's (vLLM's `continue_final_message`, which `mistral serve` reads too)."""
+        message, an assistant's (vLLM's `continue_final_message`, which `mistral serve` reads too); `logprobs`: each
+        token's log-probability and this many alternatives (OpenAI's `logprobs`, `top_logprobs`)."""
         wire = _wire(messages, system)
         more = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}} if extend else {}
+        scored = {} if logprobs is None else {"logprobs": True, "top_logprobs": logprobs}
 
         def create(api: Any, body: dict[str, Any]) -> Any:
             if more:
                 body = {**body, "extra_body": {**body.get("extra_body", {}), **more["extra_body"]}}
-            return api.chat.completions.create(messages=wire, **body)
+            return api.chat.completions.create(messages=wire, **body, **scored)
 
         return self._stream(
             "/chat/completions",
@@ -149,23 +154,28 @@ class RemoteEngine:
             lambda choice: getattr(getattr(choice, "delta", None), "content", None),
             options,
             output_format,
+            _chat_scores if logprobs is not None else None,
         )
 
     def complete(
-        self, text: str, options: GenerationOptions, *, output_format: OutputFormat | None = None
-    ) -> Iterator[Chunk | Done]:
-        """The continuation of raw `text`, streamed."""
+        self, text: str, options: GenerationOptions, *, output_format: OutputFormat | None = None,
+        logprobs: int | None = None,
+    ) -> Iterator[Chunk | Done]:  # fmt: skip
+        """The continuation of raw `text`, streamed; `logprobs` as for `chat` (the completions API's `logprobs`)."""
+        scored = {} if logprobs is None else {"logprobs": logprobs}
         return self._stream(
             "/completions",
-            lambda api, body: api.completions.create(prompt=text, **body),
+            lambda api, body: api.completions.create(prompt=text, **body, **scored),
             lambda choice: getattr(choice, "text", None),
             options,
             output_format,
+            _completion_scores if logprobs is not None else None,
         )
 
     def _stream(
         self, path: str, create: Callable[[Any, dict[str, Any]], Any], piece: Callable[[Any], Any],
         options: GenerationOptions, output_format: OutputFormat | None,
+        scores: Callable[[Any], list[TokenLogprob]] | None = None,
     ) -> Iterator[Chunk | Done]:  # fmt: skip
         import openai
 
@@ -181,6 +191,7 @@ class RemoteEngine:
         except openai.OpenAIError as exc:
             raise self._explain(exc, path) from None
         parts: list[str] = []
+        scored: list[TokenLogprob] = []
         finish = stop_reason = usage = first = cut = None
         try:
             kind = stream.response.headers.get("content-type", "")
@@ -190,10 +201,12 @@ class RemoteEngine:
                 usage = getattr(event, "usage", None) or usage
                 for choice in getattr(event, "choices", None) or ():
                     text = piece(choice)
+                    came = scores(getattr(choice, "logprobs", None)) if scores is not None else []
+                    scored += came
                     if isinstance(text, str) and text:
                         first = first or time.perf_counter()
                         parts.append(text)
-                        yield Chunk(text, -1)
+                        yield Chunk(text, -1, came[0] if len(came) == 1 else None)
                     if getattr(choice, "finish_reason", None):
                         finish, stop_reason = choice.finish_reason, getattr(choice, "stop_reason", None)
         except openai.APITimeoutError:
@@ -226,6 +239,7 @@ class RemoteEngine:
             prefilled_tokens=max(prompt - cached, 0),
             prefill_s=first - t0,
             decode_s=end - first,
+            logprobs=scored if scores is not None else None,
         )
 
     def _body(self, options: GenerationOptions) -> dict[str, Any]:
@@ -359,6 +373,41 @@ def _ask_format(body: dict[str, Any], fmt: OutputFormat | None, *, chat: bool) -
             extra["response_format"] = value
     else:
         extra["guided_regex" if fmt.kind == "regex" else "guided_grammar"] = fmt.source
+
+
+def _chat_scores(logprobs: Any) -> list[TokenLogprob]:
+    """The tokens of a chat stream's `logprobs.content`; the token ids where the server adds them (`mistral serve`
+    does, as `id`), else -1."""
+    from mistral_cli.engine.events import TokenLogprob
+
+    def one(entry: Any) -> tuple[int, bytes, float]:
+        raw = getattr(entry, "bytes", None)
+        text = bytes(raw) if isinstance(raw, list) else str(getattr(entry, "token", "")).encode("utf-8")
+        token = getattr(entry, "id", None)
+        return (token if isinstance(token, int) else -1), text, float(getattr(entry, "logprob", math.nan))
+
+    out = []
+    for entry in getattr(logprobs, "content", None) or ():
+        token, text, logprob = one(entry)
+        out.append(TokenLogprob(token, text, logprob, [one(a) for a in getattr(entry, "top_logprobs", None) or ()]))
+    return out
+
+
+def _completion_scores(logprobs: Any) -> list[TokenLogprob]:
+    """The tokens of a completions stream's `logprobs` (four parallel lists: the API gives no ids nor bytes, so the
+    ids are -1 and the bytes the token's text)."""
+    from mistral_cli.engine.events import TokenLogprob
+
+    tokens = getattr(logprobs, "tokens", None) or []
+    values = getattr(logprobs, "token_logprobs", None) or []
+    tops = getattr(logprobs, "top_logprobs", None) or []
+    out = []
+    for i, (token, logprob) in enumerate(zip(tokens, values, strict=False)):
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        ranked = sorted(top.items(), key=lambda kv: -kv[1])
+        alternatives = [(-1, str(k).encode("utf-8"), float(v)) for k, v in ranked]
+        out.append(TokenLogprob(-1, str(token).encode("utf-8"), float(logprob), alternatives))
+    return out
 
 
 def _wire(messages: Sequence[Message], system: str | None) -> list[dict[str, str]]:
