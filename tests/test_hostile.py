@@ -521,3 +521,16 @@ def test_verbose_shows_the_traceback_of_an_unexpected_error(env):
     r = _with_a_planted_bug(env, "complete", "run_complete", "complete", "--verbose", "Hi")
     assert "Traceback" in r.stderr and "ValueError: planted" in r.stderr
     assert r.stderr.rstrip().splitlines()[-1].startswith("mistral: error: Internal error: ValueError: planted.")
+
+
+def test_a_loaded_json_reply_is_shown_as_it_is_not_as_markdown(small_engine, tmp_path):
+    """/load shows the last reply; one in JSON (made under /set format) keeps its backslashes, `*a*` and `_b_`, which
+    Markdown would turn into escapes and emphasis, while a prose reply is still rendered."""
+    reply = '{"path": "C:\\\\temp", "note": "*a* and _b_"}'
+    chat = _session(small_engine)
+    chat.markdown = True
+    saved = tmp_path / "c.json"
+    for text, shown in ((reply, reply), ("Some **bold** words.", "Some bold words.")):
+        saved.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": text}]))
+        chat.load(saved)
+        assert shown in chat.out.file.getvalue(), chat.out.file.getvalue()

@@ -7,6 +7,7 @@ reads the messages those ids encode, and the conversation's token counts are an 
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Iterator
@@ -258,8 +259,17 @@ class Session:
             self.note(f"> {last.user}")
             if last.reply is None:
                 self.note("It ends with your message: /retry answers it.")
-            elif self.markdown:
+            elif self.markdown and not _structured(last.reply):
                 self.out.print(Markdown(last.reply))
                 self.out.print()
             else:
                 self.note(last.reply, style="")
+
+
+def _structured(reply: str) -> bool:
+    """Whether a reply is a JSON object or array (one made under /set format or /set schema): shown as it is, as it
+    was when it streamed, since Markdown would eat its backslashes, `*` and `_`."""
+    try:
+        return isinstance(json.loads(reply), (dict, list))
+    except ValueError:
+        return False
