@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mistral_cli.engine.quick import QUICK_PROMPT, torch_version
+from mistral_cli.engine.quick import FIRST_ROOM, QUICK_PROMPT, torch_version
 from mistral_cli.hardware import default_threads, torch_vector_halves
 from mistral_cli.native import library
 
@@ -68,13 +68,17 @@ def test_a_short_prompt_is_answered_without_torch_as_the_full_path_answers_it(en
 def test_the_end_of_the_context_and_the_instruct_format(env, native_model_dir):
     args = ("-m", str(native_model_dir), "-t", "0", "-q", "int4")
     complete(env, *args, "-n", "1", "Hi")  # prepares
-    for extra in (["--max-context", "9", "Hi"], ["--instruct", "--system", "Be brief.", "-n", "5", "Hi"]):
+    # the context past the cache's first reservation (FIRST_ROOM): it grows, the positions so far copied
+    for extra in (["--max-context", "9", "Hi"], ["--instruct", "--system", "Be brief.", "-n", "5", "Hi"],
+                  ["--max-context", str(FIRST_ROOM + 90), "Hi"]):  # fmt: skip
         quick, err = complete(env, *args, *extra)
         assert QUICK in err
         assert same_reply(quick, complete(env, *args, *extra, quick=False)[0])
-    assert quick["usage"]["prompt_tokens"] > 5  # the instruct frame is part of the prompt
+    assert quick["finish_reason"] == "context" and quick["usage"]["completion_tokens"] > FIRST_ROOM
     ended, _ = complete(env, *args, "--max-context", "9", "Hi")
     assert ended["finish_reason"] == "context"
+    framed, _ = complete(env, *args, "--instruct", "--system", "Be brief.", "-n", "5", "Hi")
+    assert framed["usage"]["prompt_tokens"] > 5  # the instruct frame is part of the prompt
 
 
 def test_what_the_quick_path_leaves_to_the_full_path(env, hf_model_dir, tmp_path):
