@@ -171,6 +171,7 @@ def kernels_blocker() -> str | None:
 SHARED_CPU: str | None = None
 OTHERS_RUNNING = 0  # the programs that share_the_cpu saw running
 _SHARED_THREADS: int | None = None
+_LOOKED = False  # whether share_the_cpu has looked at the machine
 
 
 def share_the_cpu() -> str | None:
@@ -181,7 +182,10 @@ def share_the_cpu() -> str | None:
     On an idle machine spinning is a few percent faster on small models (BENCHMARKS.md, "Sharing the machine"), so it
     stays the default there. Only before torch is imported (libgomp reads the variable when it starts), and never
     over the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT. Returns the note for --verbose, or None."""
-    global SHARED_CPU, OTHERS_RUNNING
+    global SHARED_CPU, OTHERS_RUNNING, _LOOKED
+    if _LOOKED:  # once a run: `complete` looks before its quick path, and again if it loads torch after all
+        return SHARED_CPU
+    _LOOKED = True
     if sys.modules.get("torch") is not None or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return None
     others = _others_running()

@@ -46,13 +46,12 @@ from mistral_cli.errors import MistralError
 from mistral_cli.hardware import switched_off
 from mistral_cli.model import prepared_files, quant
 from mistral_cli.model.config import ModelConfig
-from mistral_cli.model.prepared_files import ROPE, file_for, list_prepared
+from mistral_cli.model.prepared_files import PREPARE_ENV, ROPE, file_for, list_prepared
 from mistral_cli.model.safetensors import CorruptFile, read_header
 from mistral_cli.model.transformer import Transformer
 from mistral_cli.native import quant as native_quant
 from mistral_cli.native.kernels import Kernels
 
-PREPARE_ENV = "MISTRAL_PREPARE"  # "off": never write or map prepared files
 ALIGN = 2 << 20  # where tensors of at least BIG bytes start: a huge page
 BIG = 1 << 20
 SMALL_ALIGN = 64  # where the others start: the widest vector load

@@ -41,7 +41,7 @@ from mistral_cli.hardware import (
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.files import weight_paths
 from mistral_cli.model.layout import INT4_GROUP, int4_superblock
-from mistral_cli.model.prepared_files import ROPE, describe, file_for
+from mistral_cli.model.prepared_files import PREPARE_ENV, ROPE, describe, file_for
 from mistral_cli.model.safetensors import Entry, read_header
 from mistral_cli.native import library
 from mistral_cli.options import GenerationOptions, LoadOptions
@@ -52,7 +52,6 @@ from mistral_cli.text.tokenizer import Tokenizer
 # BENCHMARKS.md "Start-up").
 QUICK_PROMPT = {"int4": 16, "int8": 10, "none": 4}
 FIRST_ROOM = 512  # positions of key/value cache first reserved for a reply of no set length (then doubled)
-PREPARE_ENV = "MISTRAL_PREPARE"  # engine/prepared.py's switch
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 _PROT_READ, _MAP_SHARED, _MAP_FAILED = 1, 1, ctypes.c_void_p(-1).value
 

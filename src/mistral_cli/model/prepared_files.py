@@ -12,6 +12,7 @@ from typing import Any
 from mistral_cli.model.config import ModelConfig
 
 SUFFIX = ".safetensors"
+PREPARE_ENV = "MISTRAL_PREPARE"  # "off": never write or map prepared files
 # Raise when what a prepared file holds changes meaning: older files are then never loaded. 2: the RoPE tables.
 LAYOUT_VERSION = 2
 ROPE = ("rope.cos", "rope.sin")  # the RoPE tables of every position, (max_context, 1, head_dim) in the model's dtype
