@@ -595,6 +595,56 @@ def test_one_call_per_step_after_rewinding(ops, wide_model):
     assert torch.equal(again, once)
 
 
+def _block_by_block_and_token_by_token(model, fused, tokens, pos):
+    """The cache and last logits after feeding tokens[pos:] (tokens[:pos] already there) both ways."""
+    results = []
+    for together in (True, False):
+        cache = model.new_cache()
+        with torch.inference_mode():
+            if pos:
+                fused.feed(tokens[:pos], cache, 0)
+            if together:
+                logits = fused.feed(tokens[pos:], cache, pos)
+            else:
+                for i, t in enumerate(tokens[pos:]):
+                    logits = fused(t, cache, pos + i)
+        assert cache.length == len(tokens)
+        results.append((logits, [c[:, :, : len(tokens)] for c in cache.k + cache.v]))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("pos", [0, 5])
+def test_a_prompt_block_by_block_is_token_by_token(ops, wide_model, mode, pos):
+    """mc_decode_tokens (every token through block l, then block l + 1) against a call per token: the logits and
+    every key and value bit-identical, from the start of the cache and after it."""
+    model = load_model(wide_model, BF16, quantize=mode, kernels=ops)
+    fused = use_kernels(model, ops)
+    tokens = torch.randint(3, 32000, (13,), generator=torch.Generator().manual_seed(14)).tolist()
+    (a, acache), (b, bcache) = _block_by_block_and_token_by_token(model, fused, tokens, pos)
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(acache, bcache, strict=True))
+    with pytest.raises(IndexError, match="not in the vocabulary"):
+        fused.feed([5, model.cfg.vocab_size], model.new_cache(), 0)
+
+
+def test_a_prompt_block_by_block_slides_its_window(ops, tmp_path, tiny_spec):
+    """A prompt longer than the sliding window, fed block by block: each token attends to its own window."""
+    from tiny import random_state_dict
+
+    spec = tiny_spec.but(dim=128, hidden_dim=256, head_dim=32, sliding_window=4)
+    folder = write_hf(tmp_path / "w", spec, random_state_dict(spec), dtype=torch.bfloat16)
+    model = load_model(folder, BF16, kernels=ops)
+    fused = use_kernels(model, ops)
+    tokens = torch.randint(3, 32000, (11,), generator=torch.Generator().manual_seed(15)).tolist()
+    (a, acache), (b, bcache) = _block_by_block_and_token_by_token(model, fused, tokens, 2)
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(acache, bcache, strict=True))
+    with torch.inference_mode():  # and the window matters: the model's own forward over the prompt agrees
+        ref = model(torch.tensor([tokens]), model.new_cache(), last_only=True)[0, -1].float()
+    assert (a - ref).norm() <= 0.05 * ref.norm()
+
+
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_a_short_prompt_is_fed_as_decode_steps(ops, wide_model, mode):
     """A prompt of up to ROW_BY_ROW[mode] new tokens goes through the whole-step call one token at a time (a batch

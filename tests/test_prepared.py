@@ -214,3 +214,71 @@ def test_listing_ignores_other_models(cache, hf_model_dir, native_model_dir):
     assert len(list_prepared()) == 2
     (mine,) = list_prepared(str(hf_model_dir.resolve()))
     assert mine.made_of["folder"] == str(hf_model_dir.resolve())
+
+
+# ---------------------------------------------------------------------------------------------- reading ahead
+
+
+def test_the_reading_order_is_the_passs():
+    """Blocks in number order (the file holds them in name order: 0, 1, 10, 11, 2, ...), each block's tensors in the
+    order a step uses them, then the final norm and the head; the embedding and RoPE rows are left to the pass."""
+    from mistral_cli.model.safetensors import Entry
+
+    parts = ["attention.wo.weight", "attention.wqkv.scales", "attention.wqkv.weight", "attention_norm.weight",
+             "feed_forward.w13.weight", "feed_forward.w2.weight", "ffn_norm.weight"]  # fmt: skip
+    names = sorted([f"layers.{i}.{p}" for i in range(12) for p in parts]
+                   + ["norm.weight", "output.weight", "rope.cos", "tok_embeddings.weight"])  # fmt: skip
+    entries = [Entry(n, "BF16", (8,), 16 * i, 16 * i + 16) for i, n in enumerate(names)]
+    at = {(e.begin, e.end): e.name for e in entries}
+    order = [at[span] for span in prepared_files.reading_order(reversed(entries))]
+    expected = [f"layers.{i}.{p}" for i in range(12) for p in
+                ["attention_norm.weight", "attention.wqkv.scales", "attention.wqkv.weight", "attention.wo.weight",
+                 "ffn_norm.weight", "feed_forward.w13.weight", "feed_forward.w2.weight"]]  # fmt: skip
+    assert order == [*expected, "norm.weight", "output.weight"]
+
+
+def _resident(libc, base: int, size: int) -> list[bool]:
+    """Which pages of a mapping are in memory (mincore(2))."""
+    import ctypes
+
+    pages = (size + 4095) // 4096
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(base), ctypes.c_size_t(size), vec) == 0
+    return [bool(v & 1) for v in vec]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_READ) is Linux's")
+def test_reading_ahead_brings_the_spans_into_memory(tmp_path, monkeypatch):
+    """A file pushed out of the page cache, mapped, and read ahead in the pass's order: every page of the spans is
+    then in memory. Where there is not room for the file and a margin, nothing is read ahead."""
+    import ctypes
+
+    path, size = tmp_path / "weights", 24 << 20
+    path.write_bytes(os.urandom(size))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        base = libc.mmap(None, size, 1, 1, f.fileno(), 0)  # PROT_READ, MAP_SHARED
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    if any(_resident(libc, base, size)):
+        pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing to read ahead")
+    spans = [(20 << 20, 22 << 20), (1 << 20, (3 << 20) + 100)]
+
+    def advise(offset: int, n: int) -> int:
+        return libc.madvise(ctypes.c_void_p(base + offset), ctypes.c_size_t(n), prepared_files.POPULATE)
+
+    monkeypatch.setattr(prepared_files, "_available_memory", lambda: size)  # no room for the file and a margin
+    assert prepared_files.read_ahead(advise, spans, size) is None
+    monkeypatch.undo()
+    thread = prepared_files.read_ahead(advise, spans, size)
+    assert thread is not None
+    thread.join(60)
+    if advise(0, 4096) != 0 and ctypes.get_errno() == 22:
+        pytest.skip("this kernel has no MADV_POPULATE_READ (Linux 5.14)")
+    resident = _resident(libc, base, size)
+    assert all(all(resident[b // 4096 : -(-e // 4096)]) for b, e in spans)
+    assert not all(resident)  # what no span asked for stayed on disk (read-around takes a little more)
+    libc.munmap(ctypes.c_void_p(base), ctypes.c_size_t(size))

@@ -150,8 +150,7 @@ class Engine:
         self.tokens = self.tokens[:common]
         new = prompt[common:]
         if self._fused is not None and (token_by_token or len(new) <= ROW_BY_ROW.get(self._row_by_row, 1)):
-            for i, token in enumerate(new):  # a few rows: decode steps, which read each weight as it is stored
-                logits = self._fused(token, self.cache, common + i)
+            logits = self._fused.feed(new, self.cache, common)  # a few rows: decode steps, block by block
         else:
             x = torch.tensor([new], dtype=torch.long, device=self.placement.device)
             logits = self.model(x, self.cache, common, last_only=True)[0, -1]

@@ -46,7 +46,15 @@ from mistral_cli.errors import MistralError
 from mistral_cli.hardware import switched_off
 from mistral_cli.model import prepared_files, quant
 from mistral_cli.model.config import ModelConfig
-from mistral_cli.model.prepared_files import PREPARE_ENV, ROPE, file_for, list_prepared
+from mistral_cli.model.prepared_files import (
+    POPULATE,
+    PREPARE_ENV,
+    ROPE,
+    file_for,
+    list_prepared,
+    read_ahead,
+    reading_order,
+)
 from mistral_cli.model.safetensors import CorruptFile, read_header
 from mistral_cli.model.transformer import Transformer
 from mistral_cli.native import quant as native_quant
@@ -298,6 +306,7 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             mapping.madvise(mmap.MADV_HUGEPAGE)  # 2 MiB pages where the filesystem can: fewer TLB misses
+    read_ahead(lambda offset, n: mapping.madvise(POPULATE, offset, n), reading_order(entries), len(mapping))
     tensors = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")  # never written: the model is read-only

@@ -3,9 +3,12 @@
 A pipeline runs `mistral complete` once per call, and half of a warm call used to be starting torch (1.3-2 s on a
 small machine) for a step that is one call to our C library anyway. Here the prepared file (engine/prepared.py) is
 mapped with the C library's mmap, its tensors located from the safetensors header, and every token (prompt and
-reply) runs through kernels.c's mc_decode_token, sampled by mc_sample: the same calls the full path makes for its
+reply) runs through kernels.c's whole-step code, sampled by mc_sample: the same calls the full path makes for its
 decode steps, so a reply is what the full path gives up to float rounding in the prompt (the full path multiplies a
-prompt of several tokens as one batch), and the same where it too feeds the prompt a token at a time.
+prompt of several tokens as one batch), and the same where it too feeds the prompt a token at a time. The prompt goes
+block by block (mc_decode_tokens: each token's arithmetic a decode step's, each block's weights read once), and the
+file is read ahead in the order the pass uses it, so that on a cold call the disk keeps reading while the prompt's
+tokens are computed.
 
 `open_quick` says why not, in a phrase for --verbose, whenever anything is not as the quick path needs it (no
 prepared file yet, a GPU, a dtype other than bf16, a layer our kernels do not take, a file it cannot read, ...);
@@ -41,7 +44,15 @@ from mistral_cli.hardware import (
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.files import weight_paths
 from mistral_cli.model.layout import INT4_GROUP, int4_superblock
-from mistral_cli.model.prepared_files import PREPARE_ENV, ROPE, describe, file_for
+from mistral_cli.model.prepared_files import (
+    POPULATE,
+    PREPARE_ENV,
+    ROPE,
+    describe,
+    file_for,
+    read_ahead,
+    reading_order,
+)
 from mistral_cli.model.safetensors import Entry, read_header
 from mistral_cli.native import library
 from mistral_cli.options import GenerationOptions, LoadOptions
@@ -84,6 +95,7 @@ class _Tensors:
 
     base: int
     entries: dict[str, Entry]
+    size: int  # the file's bytes
 
     def at(self, name: str, dtype: str, shape: tuple[int, ...]) -> int:
         e = self.entries.get(name)
@@ -139,6 +151,9 @@ class QuickEngine:
         self.threads = options.threads or shared_threads(default_threads())
         self.kernels_label = library.label(self.features)
         self._keep = tensors  # the mapping stays for the process's life
+        libc = ctypes.CDLL(None, use_errno=True)
+        read_ahead(lambda offset, n: libc.madvise(ctypes.c_void_p(tensors.base + offset), ctypes.c_size_t(n), POPULATE),
+                   reading_order(tensors.entries.values()), tensors.size)  # fmt: skip
         self.load_s = time.perf_counter() - t0
         self.weights_note = f"mapped the prepared weights in {self.path}; quick path: no torch"
 
@@ -168,8 +183,14 @@ class QuickEngine:
         stops = StopMatcher(options.stop)
         stream = self.tokenizer.stream(leading_space=leading_space)
         t0 = time.perf_counter()
-        for pos, token in enumerate(prompt):
-            step(token, pos)
+        for token in prompt:
+            if not 0 <= token < V:
+                raise MistralError(f"token id {token} is not in the vocabulary of {V}")
+        library.check(self.lib.mc_decode_tokens(
+            ctypes.byref(self.model.struct), (ctypes.c_int64 * len(prompt))(*prompt), len(prompt), cache.keys,
+            cache.values, cache.capacity * D, self.rope[0], self.rope[1], 0, cfg.sliding_window or 0, self.halves, row,
+            self.threads,
+        ))  # fmt: skip
         t1 = time.perf_counter()
         tokens, generated, finish = list(prompt), [], "length"
         while limit is None or len(generated) < limit:
@@ -262,7 +283,7 @@ def _map(path: Path) -> tuple[_Tensors, dict[str, Any]]:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(Exception):
             libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(size), mmap.MADV_HUGEPAGE)
-    return _Tensors(base, {e.name: e for e in entries}), meta
+    return _Tensors(base, {e.name: e for e in entries}, size), meta
 
 
 @dataclass

@@ -3,13 +3,18 @@ info` and the quick path, engine/quick.py); engine/prepared.py writes and maps t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mistral_cli.model.config import ModelConfig
+from mistral_cli.model.safetensors import Entry
 
 SUFFIX = ".safetensors"
 PREPARE_ENV = "MISTRAL_PREPARE"  # "off": never write or map prepared files
@@ -17,6 +22,14 @@ PREPARE_ENV = "MISTRAL_PREPARE"  # "off": never write or map prepared files
 LAYOUT_VERSION = 2
 ROPE = ("rope.cos", "rope.sin")  # the RoPE tables of every position, (max_context, 1, head_dim) in the model's dtype
 _EDGE = 1 << 16  # bytes hashed at each end of a source file for its identity
+POPULATE = 22  # madvise(2)'s MADV_POPULATE_READ (Linux 5.14): fault a range in, reading it as first use would
+# The order in which a forward pass reads a block's tensors (by the name after "layers.N."), then the model's last
+# ones; the embedding is read a row per token and the RoPE tables a row per position, so neither is read ahead.
+_BLOCK_ORDER = ("attention_norm.", "attention.wqkv.", "attention.wo.", "ffn_norm.", "feed_forward.w13.",
+                "feed_forward.w2.")  # fmt: skip
+_LAST = ("norm.", "output.")
+_CHUNK = 32 << 20  # bytes read ahead per call: the reading keeps the pass's order within a large tensor too
+_PAGE = 4096
 
 
 def folder() -> Path:
@@ -96,3 +109,62 @@ def file_for(made_of: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:20]
     name = Path(made_of["folder"]).name or "model"
     return folder() / f"{name}-{made_of['dtype'].lower()}-{made_of['quantize']}-{key}{SUFFIX}"
+
+
+def reading_order(entries: Iterable[Entry]) -> list[tuple[int, int]]:
+    """A prepared file's byte ranges (begin, end) in the order a forward pass first reads them: block by block in
+    the blocks' order (the file holds them in name order: 1, 10, 11, ..., 2, ...), each block's tensors as it uses
+    them, then the final norm and the head."""
+
+    def rank(e: Entry) -> tuple[int, int] | None:
+        m = re.match(r"layers\.(\d+)\.(.*)", e.name)
+        if m is not None:
+            rest = m.group(2)
+            at = next((i for i, p in enumerate(_BLOCK_ORDER) if rest.startswith(p)), len(_BLOCK_ORDER))
+            return int(m.group(1)), at
+        at = next((i for i, p in enumerate(_LAST) if e.name.startswith(p)), None)
+        return None if at is None else (1 << 30, at)
+
+    ranked = sorted((r, e.begin, e.end) for e in entries if (r := rank(e)) is not None and e.end > e.begin)
+    return [(begin, end) for _, begin, end in ranked]
+
+
+def read_ahead(
+    advise: Callable[[int, int], object], spans: list[tuple[int, int]], size: int
+) -> threading.Thread | None:
+    """Read a mapped prepared file into memory ahead of the forward pass, in a thread: `advise(offset, n)` faults n
+    bytes from `offset` in (madvise with POPULATE on the mapping). A forward pass over a file not yet in memory
+    otherwise waits for each block's weights in turn and reads nothing while it computes; read ahead, the disk keeps
+    reading while the pass works on the blocks already there (BENCHMARKS.md, "Cold calls"). Where the file does not fit in
+    the memory available, nothing is read ahead: pages read far ahead would push out the ones the pass is about to
+    use. A file already in memory costs only the mapping of its pages. Returns the thread, or None."""
+    available = _available_memory()
+    if not spans or available is None or size + (1 << 30) > available:
+        return None
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # an older kernel (EINVAL), a closed mapping: the pass reads as it goes
+            for begin, end in spans:
+                at = begin // _PAGE * _PAGE
+                while at < end:
+                    n = min(_CHUNK, end - at)
+                    if advise(at, n) not in (None, 0):
+                        return
+                    at += n
+
+    thread = threading.Thread(target=run, name="read-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (the page cache the file may already fill counts as available), or
+    None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -69,6 +69,19 @@ class FusedStep:
         cache.length = pos + 1
         return logits
 
+    def feed(self, tokens: list[int], cache: KVCache, pos: int) -> torch.Tensor:
+        """`tokens` at positions pos, pos + 1, ... in one call, block by block (kernels.c's mc_decode_tokens): the
+        cache and the last token's logits bit for bit those of a call per token."""
+        if pos > cache.length:
+            raise ValueError(f"cannot write at position {pos}: the cache holds only {cache.length}")
+        end = pos + len(tokens)
+        cache.reserve(end)
+        cos, sin = self.model.rope_rows(end, cache.device)
+        window = self.model.cfg.sliding_window
+        logits = self.kernels.decode_tokens(self.step, tokens, cos, sin, cache.k, cache.v, pos, window)
+        cache.length = end
+        return logits
+
 
 def use_kernels(model: Transformer, kernels: Kernels) -> FusedStep | None:
     """Decode the model's bf16 linear layers and its attention with our kernels; the whole-step call where every

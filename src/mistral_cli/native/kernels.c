@@ -1285,47 +1285,107 @@ static int linear(const mc_linear *l, const uint16_t *x, uint16_t *y, int thread
     }
 }
 
+/* The scratch rows of one token's step: the running activation x, then what each block computes from it. */
+typedef struct {
+    uint16_t *x, *h, *qkv, *att, *y, *gu, *mid, *out;
+} mc_rows;
+
+static uint16_t *rows_alloc(const mc_model *m, int64_t n, mc_rows *r) {
+    const int64_t dim = m->dim, hidden = m->hidden, nqkv = (m->H + 2 * m->KV) * m->D;
+    const int64_t one = 2 * dim + nqkv + m->H * m->D + 3 * hidden + m->head.N; /* all but x */
+    uint16_t *all = (uint16_t *)malloc((size_t)(n * dim + one) * sizeof(uint16_t));
+    if (!all) return NULL;
+    r->x = all;
+    r->h = all + n * dim;
+    r->qkv = r->h + dim;
+    r->att = r->qkv + nqkv;
+    r->y = r->att + m->H * m->D;
+    r->gu = r->y + dim;
+    r->mid = r->gu + 2 * hidden;
+    r->out = r->mid + hidden;
+    return all;
+}
+
+/* Block l of the model for one token at `pos` whose activation is x (dim, updated in place): its keys and values go
+   to kc[l]/vc[l] at `pos`, and attention reads positions [start, pos] of them. */
+static int block(const mc_model *m, int64_t l, uint16_t *x, const mc_rows *r, uint16_t *const *kc,
+                 uint16_t *const *vc, int64_t head_stride, const uint16_t *cos, const uint16_t *sin, int64_t pos,
+                 int64_t start, int sum_halves, int threads) {
+    const int64_t dim = m->dim, H = m->H, KV = m->KV, D = m->D, hidden = m->hidden;
+    const mc_layer *L = m->layers + l;
+    int rc = 0;
+    rms_norm(x, L->attention_norm, dim, m->eps, sum_halves, r->h);
+    rc |= linear(&L->wqkv, r->h, r->qkv, threads);
+    rope_bf16(r->qkv, H + KV, D, cos, sin); /* queries and keys */
+    for (int64_t c = 0; c < KV; c++) {
+        memcpy(kc[l] + c * head_stride + pos * D, r->qkv + (H + c) * D, (size_t)D * sizeof(uint16_t));
+        memcpy(vc[l] + c * head_stride + pos * D, r->qkv + (H + KV + c) * D, (size_t)D * sizeof(uint16_t));
+    }
+    rc |= mc_attention_bf16(r->qkv, kc[l], vc[l], head_stride, start, pos + 1, H, KV, D, m->scale, r->att, threads);
+    rc |= linear(&L->wo, r->att, r->y, threads);
+    add_bf16(x, r->y, dim);
+    rms_norm(x, L->ffn_norm, dim, m->eps, sum_halves, r->h);
+    rc |= linear(&L->w13, r->h, r->gu, threads);
+    silu_mul_bf16(r->gu, hidden, r->mid);
+    rc |= linear(&L->w2, r->mid, r->y, threads);
+    add_bf16(x, r->y, dim);
+    return rc;
+}
+
+/* The final norm and the head for activation x into logits (head.N floats, each rounded to bf16 first, as torch's
+   bf16 product and .float() give). */
+static int head(const mc_model *m, const uint16_t *x, const mc_rows *r, int sum_halves, float *logits, int threads) {
+    rms_norm(x, m->norm, m->dim, m->eps, sum_halves, r->h);
+    int rc = linear(&m->head, r->h, r->out, threads);
+    for (int64_t n = 0; n < m->head.N && rc == 0; n++) logits[n] = bf16_to_f32(r->out[n]);
+    return rc;
+}
+
 /* One decode step of token `token` at position `pos`, all bf16, the math of model.py's Transformer for one token:
    its embedding row, every block (layer l's keys/values go to kc[l]/vc[l], KV heads of head_stride, the cache's
    layout, at `pos`; attention reads positions [start, pos]), then the final norm and the head into logits (head.N
-   floats, each rounded to bf16 first, as torch's bf16 product and .float() give). cos/sin: the position's RoPE
-   tables (D). dim, D and hidden are multiples of 16; sum_halves: torch's float vectors, 1 for 8 lanes, 2 for 16
-   (AVX-512). Returns 0, -1 when out of memory. */
+   floats). cos/sin: the position's RoPE tables (D). dim, D and hidden are multiples of 16; sum_halves: torch's float
+   vectors, 1 for 8 lanes, 2 for 16 (AVX-512). Returns 0, -1 when out of memory. */
 int mc_decode_token(const mc_model *m, int64_t token, uint16_t *const *kc, uint16_t *const *vc, int64_t head_stride,
                     const uint16_t *cos, const uint16_t *sin, int64_t pos, int64_t start, int sum_halves,
                     float *logits, int threads) {
-    const int64_t dim = m->dim, H = m->H, KV = m->KV, D = m->D, hidden = m->hidden;
-    const int64_t nqkv = (H + 2 * KV) * D, vocab = m->head.N;
-    uint16_t *x = (uint16_t *)malloc((size_t)(3 * dim + nqkv + H * D + 3 * hidden + vocab) * sizeof(uint16_t));
-    if (!x) return -1;
-    uint16_t *h = x + dim, *qkv = h + dim, *att = qkv + nqkv, *y = att + H * D, *gu = y + dim, *mid = gu + 2 * hidden;
-    uint16_t *out = mid + hidden;
-    memcpy(x, m->embedding + token * dim, (size_t)dim * sizeof(uint16_t));
+    mc_rows r;
+    uint16_t *all = rows_alloc(m, 1, &r);
+    if (!all) return -1;
+    memcpy(r.x, m->embedding + token * m->dim, (size_t)m->dim * sizeof(uint16_t));
     int rc = 0;
-    for (int64_t l = 0; l < m->n_layers && rc == 0; l++) {
-        const mc_layer *L = m->layers + l;
-        rms_norm(x, L->attention_norm, dim, m->eps, sum_halves, h);
-        rc |= linear(&L->wqkv, h, qkv, threads);
-        rope_bf16(qkv, H + KV, D, cos, sin); /* queries and keys */
-        for (int64_t c = 0; c < KV; c++) {
-            memcpy(kc[l] + c * head_stride + pos * D, qkv + (H + c) * D, (size_t)D * sizeof(uint16_t));
-            memcpy(vc[l] + c * head_stride + pos * D, qkv + (H + KV + c) * D, (size_t)D * sizeof(uint16_t));
+    for (int64_t l = 0; l < m->n_layers && rc == 0; l++)
+        rc |= block(m, l, r.x, &r, kc, vc, head_stride, cos, sin, pos, start, sum_halves, threads);
+    if (rc == 0) rc = head(m, r.x, &r, sum_halves, logits, threads);
+    free(all);
+    return rc;
+}
+
+/* The n tokens of a prompt at positions pos0, pos0 + 1, ... taken block by block: block l for every token, then
+   block l + 1. Each token's arithmetic is mc_decode_token's, in the same order (token j's attention at block l reads
+   the keys and values tokens before it have written there), so the cache and the last token's logits are bit for bit
+   what n calls of mc_decode_token give; only the last token goes through the head. Each block's weights are read
+   once for the whole prompt while they are still being read from disk. cos/sin: the RoPE tables from position 0
+   (D per position); window: the sliding window, 0 for none. */
+int mc_decode_tokens(const mc_model *m, const int64_t *tokens, int64_t n, uint16_t *const *kc, uint16_t *const *vc,
+                     int64_t head_stride, const uint16_t *cos, const uint16_t *sin, int64_t pos0, int64_t window,
+                     int sum_halves, float *logits, int threads) {
+    const int64_t dim = m->dim, D = m->D;
+    if (n < 1) return -2;
+    mc_rows r;
+    uint16_t *all = rows_alloc(m, n, &r);
+    if (!all) return -1;
+    for (int64_t j = 0; j < n; j++)
+        memcpy(r.x + j * dim, m->embedding + tokens[j] * dim, (size_t)dim * sizeof(uint16_t));
+    int rc = 0;
+    for (int64_t l = 0; l < m->n_layers && rc == 0; l++)
+        for (int64_t j = 0; j < n && rc == 0; j++) {
+            const int64_t pos = pos0 + j, start = window && pos + 1 > window ? pos + 1 - window : 0;
+            rc |= block(m, l, r.x + j * dim, &r, kc, vc, head_stride, cos + pos * D, sin + pos * D, pos, start,
+                        sum_halves, threads);
         }
-        rc |= mc_attention_bf16(qkv, kc[l], vc[l], head_stride, start, pos + 1, H, KV, D, m->scale, att, threads);
-        rc |= linear(&L->wo, att, y, threads);
-        add_bf16(x, y, dim);
-        rms_norm(x, L->ffn_norm, dim, m->eps, sum_halves, h);
-        rc |= linear(&L->w13, h, gu, threads);
-        silu_mul_bf16(gu, hidden, mid);
-        rc |= linear(&L->w2, mid, y, threads);
-        add_bf16(x, y, dim);
-    }
-    if (rc == 0) {
-        rms_norm(x, m->norm, dim, m->eps, sum_halves, h);
-        rc |= linear(&m->head, h, out, threads);
-        for (int64_t n = 0; n < vocab; n++) logits[n] = bf16_to_f32(out[n]);
-    }
-    free(x);
+    if (rc == 0) rc = head(m, r.x + (n - 1) * dim, &r, sum_halves, logits, threads);
+    free(all);
     return rc;
 }
 

@@ -188,6 +188,7 @@ class Kernels:
         self._bf16, self._int8, self._int4 = lib.mc_gemv_bf16, lib.mc_gemv_int8, lib.mc_gemv_int4
         self._gemm4, self._gemm_bf16, self._gemm8 = lib.mc_gemm_int4, lib.mc_gemm_bf16, lib.mc_gemm_int8
         self._dequant4, self._attention, self._decode = lib.mc_dequant_int4, lib.mc_attention_bf16, lib.mc_decode_token
+        self._decode_many = lib.mc_decode_tokens
 
     @staticmethod
     def _io(x: torch.Tensor, N: int, K: int, *weights: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -330,15 +331,8 @@ class Kernels:
         (rows, 1, D) or (rows, D) whose row `pos` is this position's."""
         D, (kc, vc) = step.D, step.buffers(keys, values)
         cap = keys[0].shape[2]
-        if not 0 <= token < step.vocab:
-            raise IndexError(f"token id {token} is not in the vocabulary of {step.vocab}")
-        if not (
-            cos.dtype == sin.dtype == torch.bfloat16
-            and cos.shape[-1] == sin.shape[-1] == D
-            and cos.is_contiguous()
-            and sin.is_contiguous()
-            and 0 <= start <= pos < min(cap, cos.numel() // D, sin.numel() // D)
-        ):
+        self._check_step(step, [token], cos, sin, cap, pos, 1)
+        if not 0 <= start <= pos:
             raise ValueError("the decode step's position or RoPE tables do not have the layout the kernels read")
         logits = torch.empty(step.head.shape[0])
         rc = self._decode(
@@ -348,6 +342,52 @@ class Kernels:
         )  # fmt: skip
         check(rc)
         return logits
+
+    def decode_tokens(
+        self,
+        step: DecodeStep,
+        tokens: Sequence[int],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        pos: int,
+        window: int | None,
+    ) -> torch.Tensor:
+        """`decode_token` for each of `tokens` at positions pos, pos + 1, ..., taken block by block (each block's
+        weights read once for all of them), bit for bit the same; the last token's float32 logits. cos/sin: RoPE
+        tables whose row p is position p's; window: the sliding window, None for none."""
+        D, (kc, vc) = step.D, step.buffers(keys, values)
+        cap = keys[0].shape[2]
+        self._check_step(step, tokens, cos, sin, cap, pos, len(tokens))
+        logits = torch.empty(step.head.shape[0])
+        ids = (ctypes.c_int64 * len(tokens))(*tokens)
+        rc = self._decode_many(
+            step.model, ids, len(tokens), kc, vc, cap * D, cos.data_ptr(), sin.data_ptr(), pos, window or 0,
+            _torch_vector_halves(), logits.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        check(rc)
+        return logits
+
+    @staticmethod
+    def _check_step(step: DecodeStep, tokens: Sequence[int], cos: torch.Tensor, sin: torch.Tensor, cap: int,
+                    pos: int, n: int) -> None:  # fmt: skip
+        """What the whole-step calls trust: token ids, the positions [pos, pos + n) inside the cache and the RoPE
+        tables, and the tables' layout."""
+        D = step.D
+        for token in tokens:
+            if not 0 <= token < step.vocab:
+                raise IndexError(f"token id {token} is not in the vocabulary of {step.vocab}")
+        if not (
+            n >= 1
+            and cos.dtype == sin.dtype == torch.bfloat16
+            and cos.shape[-1] == sin.shape[-1] == D
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+            and pos >= 0
+            and pos + n <= min(cap, cos.numel() // D, sin.numel() // D)
+        ):
+            raise ValueError("the decode step's position or RoPE tables do not have the layout the kernels read")
 
     def dequantize_int4(
         self,

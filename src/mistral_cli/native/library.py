@@ -79,6 +79,7 @@ def bind(lib: ctypes.CDLL) -> None:
         "mc_dequant_int4": [P, P, P, INT, I64, I64, I64, I64, INT],
         "mc_attention_bf16": [P, P, P, I64, I64, I64, I64, I64, I64, ctypes.c_float, P, INT],
         "mc_decode_token": [ctypes.POINTER(Model), I64, P, P, I64, P, P, I64, I64, INT, P, INT],
+        "mc_decode_tokens": [ctypes.POINTER(Model), P, I64, P, P, I64, P, P, I64, I64, INT, P, INT],
     }
     for name, args in signatures.items():
         f = getattr(lib, name)
