@@ -50,6 +50,8 @@ def test_mapped_weights_give_the_same_model(cache, hf_model_dir, native_model_di
     second = load_engine(model, options)
     assert second.weights_note.startswith("mapped the prepared weights in ")
     assert second._fused is not None or dtype != "bf16"  # our whole-step kernels run on mapped weights too
+    assert first.reading is None and second.reading is not None  # the mapped file is read ahead of the first pass
+    assert second.reading.finished.wait(30) and second.reading.done == second.reading.total > 0
     expected = run(plain)
     for engine in (first, second):
         logits, tokens = run(engine)
@@ -273,12 +275,50 @@ def test_reading_ahead_brings_the_spans_into_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(prepared_files, "_available_memory", lambda: size)  # no room for the file and a margin
     assert prepared_files.read_ahead(advise, spans, size) is None
     monkeypatch.undo()
-    thread = prepared_files.read_ahead(advise, spans, size)
-    assert thread is not None
-    thread.join(60)
+    reading = prepared_files.read_ahead(advise, spans, size)
+    assert reading is not None and reading.total == sum(e - b for b, e in spans)
+    assert reading.finished.wait(60)
+    assert reading.done == reading.total
     if advise(0, 4096) != 0 and ctypes.get_errno() == 22:
         pytest.skip("this kernel has no MADV_POPULATE_READ (Linux 5.14)")
     resident = _resident(libc, base, size)
     assert all(all(resident[b // 4096 : -(-e // 4096)]) for b, e in spans)
     assert not all(resident)  # what no span asked for stayed on disk (read-around takes a little more)
     libc.munmap(ctypes.c_void_p(base), ctypes.c_size_t(size))
+
+
+def test_a_file_read_from_disk_shows_its_bytes_on_a_terminal():
+    """The bar of a mapped file read ahead from disk: shown with bytes and a percentage once the reading takes
+    longer than a file already in memory would, and gone once taken down; a reading already through shows nothing."""
+    import io
+    import re
+    import time
+
+    from rich.console import Console
+
+    from mistral_cli.cli import loading
+
+    def terminal() -> Console:
+        return Console(file=io.StringIO(), force_terminal=True, width=120)
+
+    through = prepared_files.ReadAhead(100 << 20)
+    through.finished.set()
+    err = terminal()
+    with loading.reading_shown(through, err):
+        time.sleep(loading.READING_SHOWN_AFTER + 0.3)
+    assert err.file.getvalue() == ""
+
+    cold = prepared_files.ReadAhead(100 << 20)
+    cold.done = 25 << 20
+    err = terminal()
+    with loading.reading_shown(cold, err) as take_down:
+        deadline = time.monotonic() + 20
+        while "25%" not in err.file.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err.file.getvalue())
+        take_down()
+        after = err.file.getvalue()
+        time.sleep(0.3)
+        assert err.file.getvalue() == after  # nothing drawn once taken down
+    assert re.search(r"Reading the weights from disk.*26\.2/104\.9 MB +25%", shown), shown
+    assert after.endswith("\x1b[2K") and "\x1b[?25h" in after  # the bar's line erased, the cursor shown again

@@ -277,14 +277,15 @@ def run_complete(
     came: list[Any] = []  # the chunks so far, for the --json object of an interrupted run
     started = time.perf_counter()
     try:
-        for event in events:
-            if isinstance(event, Done):
-                done = event
-            else:
-                came.append(event)
-                if not json_out and event.text:
-                    _write(out, event.text)
-                    last = event.text
+        with _reading_shown(engine, echo) as take_down:
+            for event in _after(events, take_down):
+                if isinstance(event, Done):
+                    done = event
+                else:
+                    came.append(event)
+                    if not json_out and event.text:
+                        _write(out, event.text)
+                        last = event.text
     except MistralError:
         if last and not last.endswith("\n"):
             _write(out, "\n")  # what came stays, on a line of its own
@@ -308,6 +309,28 @@ def run_complete(
         _report(done, engine)
     elif verbose:
         _report_remote(done)
+
+
+def _reading_shown(engine: Any, echo: bool) -> Any:
+    """The bar of a cold prepared file read from disk (cli/loading.py) for a local engine, on stderr when it is a
+    terminal; not after --echo wrote the prompt to the same terminal, whose line the bar would take."""
+    from contextlib import nullcontext
+
+    reading = getattr(engine, "reading", None)
+    if reading is None or reading.finished.is_set() or (echo and sys.stdout.isatty()) or not sys.stderr.isatty():
+        return nullcontext(lambda: None)
+    from rich.console import Console
+
+    from mistral_cli.cli.loading import reading_shown
+
+    return reading_shown(reading, Console(stderr=True, highlight=False))
+
+
+def _after(events: Any, take_down: Any) -> Any:
+    """The events, the bar taken down before the first."""
+    for event in events:
+        take_down()
+        yield event
 
 
 def constraint_for(engine: Any, output_format: OutputFormat | None) -> Any:

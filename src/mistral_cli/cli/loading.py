@@ -1,9 +1,13 @@
 """Loading a model as both `chat` and `complete` show it: on a terminal, a bar with the bytes read and a percentage
 while the checkpoint is read (mapping prepared weights is too quick to show); then the warning, when the prepared
-weights could not be written, on every run until that is fixed or switched off."""
+weights could not be written, on every run until that is fixed or switched off. `reading_shown`: the same bar while a
+mapped file not yet in memory is read from disk ahead of the first pass."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -13,7 +17,12 @@ from mistral_cli.errors import UsageError
 if TYPE_CHECKING:
     from mistral_cli.engine.engine import Engine
     from mistral_cli.hub.models import ModelPaths
+    from mistral_cli.model.prepared_files import ReadAhead
     from mistral_cli.options import LoadOptions
+
+# A mapped file still being read this long after the mapping is coming from disk: the bar shows from then on (one
+# already in memory is through in a few hundredths of a second, and shows nothing).
+READING_SHOWN_AFTER = 0.3
 
 
 def load(paths: ModelPaths, options: LoadOptions, err: Console) -> Engine:
@@ -49,3 +58,39 @@ def load(paths: ModelPaths, options: LoadOptions, err: Console) -> Engine:
         err.print(f"mistral: warning: {engine.weights_warning}", style="yellow", markup=False, highlight=False,
                   soft_wrap=True)  # fmt: skip
     return engine
+
+
+@contextmanager
+def reading_shown(reading: ReadAhead | None, err: Console) -> Iterator[Callable[[], None]]:
+    """On a terminal, a bar with the bytes of a mapped prepared file read from disk so far, while it is read ahead of
+    the first pass; yields the call that takes the bar down, to be made before the reply's first text (and made on
+    leaving)."""
+    if reading is None or not err.is_terminal:
+        yield lambda: None
+        return
+    stop = threading.Event()
+
+    def show() -> None:
+        if reading.finished.wait(READING_SHOWN_AFTER) or stop.is_set():
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TaskProgressColumn(), TimeElapsedColumn()
+        )  # fmt: skip
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("Reading the weights from disk", total=reading.total, completed=reading.done)
+            while not stop.is_set() and not reading.finished.wait(0.1):
+                bar.update(task, completed=reading.done)
+
+    shower = threading.Thread(target=show, name="reading-shown", daemon=True)
+    shower.start()
+
+    def take_down() -> None:
+        stop.set()
+        shower.join()
+
+    try:
+        yield take_down
+    finally:
+        take_down()

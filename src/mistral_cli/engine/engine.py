@@ -26,6 +26,7 @@ from mistral_cli.errors import MistralError
 from mistral_cli.model.cache import KVCache
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.placement import Placement
+from mistral_cli.model.prepared_files import ReadAhead
 from mistral_cli.model.transformer import Transformer
 from mistral_cli.native import kernels
 from mistral_cli.native.decode import FusedStep
@@ -102,6 +103,7 @@ class Engine:
         self.load_s = load_s
         self.weights_note = "read the checkpoint"  # how load_engine got the weights (--verbose says it)
         self.weights_warning: str | None = None  # why the prepared weights could not be written, if so
+        self.reading: ReadAhead | None = None  # the mapped prepared file read into memory ahead, if so
         # --compile: a static cache of the whole context and one compiled graph for every decode step
         self.cache: KVCache = model.new_cache(max_context, static=compile)
         self._decode = compile_decode(model, self.cache, placement.device) if compile else None

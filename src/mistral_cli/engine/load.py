@@ -66,6 +66,7 @@ def load_engine(folder: Path, options: LoadOptions, progress: Progress | None = 
         model, tokenizer, placement, context, load_s, quantize=options.quantize, compile=options.compile, fused=fused
     )
     engine.weights_note, engine.weights_warning = outcome.note, outcome.warning
+    engine.reading = outcome.reading
     return engine
 
 

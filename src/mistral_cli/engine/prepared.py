@@ -50,6 +50,7 @@ from mistral_cli.model.prepared_files import (
     POPULATE,
     PREPARE_ENV,
     ROPE,
+    ReadAhead,
     file_for,
     list_prepared,
     read_ahead,
@@ -89,6 +90,7 @@ class Outcome:
     model: Transformer
     note: str
     warning: str | None = None
+    reading: ReadAhead | None = None  # a mapped file read into memory ahead of the first pass
 
 
 # ------------------------------------------------------------------------------------------------------------ keys
@@ -125,7 +127,8 @@ def load_or_prepare(
     path = file_for(made_of)
     if path.is_file():
         try:
-            return Outcome(restore(path, cfg, device, kernels), f"mapped the prepared weights in {path}")
+            model, reading = restore(path, cfg, device, kernels)
+            return Outcome(model, f"mapped the prepared weights in {path}", reading=reading)
         except (OSError, MistralError, ValueError, KeyError, TypeError) as e:
             reason = e.strerror if isinstance(e, OSError) else str(e)
             with contextlib.suppress(OSError):
@@ -160,9 +163,12 @@ def _write_or_why(model: Transformer, path: Path, made_of: dict[str, Any]) -> st
     return f"prepared {path} ({size / 1e9:.2f} GB) for the next loads"
 
 
-def restore(path: Path, cfg: ModelConfig, device: torch.device, kernels: Kernels | None) -> Transformer:
-    """Rebuild the model around the tensors of a prepared file, mapped (on a GPU: copied there from the mapping)."""
-    tensors, meta = read(path)
+def restore(
+    path: Path, cfg: ModelConfig, device: torch.device, kernels: Kernels | None
+) -> tuple[Transformer, ReadAhead | None]:
+    """Rebuild the model around the tensors of a prepared file, mapped (on a GPU: copied there from the mapping);
+    and the file's reading ahead, if started."""
+    tensors, meta, reading = read(path)
     if meta.get("config") != cfg.to_dict():
         raise ValueError("it was made for another config")
     with torch.device("meta"):
@@ -191,7 +197,7 @@ def restore(path: Path, cfg: ModelConfig, device: torch.device, kernels: Kernels
     if unexpected or left:
         raise ValueError(f"its tensors do not fit the model ({(unexpected or left)[0]})")
     model.set_upcast(bool(meta["upcast"]))
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), reading
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -295,8 +301,9 @@ def _write_tensor(f: Any, tensor: torch.Tensor) -> None:
         f.write((ctypes.c_char * n).from_address(t.data_ptr() + offset))
 
 
-def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors of a prepared file as views of one read-only shared mapping, and its metadata."""
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], ReadAhead | None]:
+    """The tensors of a prepared file as views of one read-only shared mapping, its metadata, and the reading of the
+    file into memory ahead of the first pass (model/prepared_files.py), if started."""
     with open(path, "rb") as f:
         entries = read_header(f, path)  # checked: every tensor inside the file, packed with the padding
         f.seek(0)
@@ -306,7 +313,7 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             mapping.madvise(mmap.MADV_HUGEPAGE)  # 2 MiB pages where the filesystem can: fewer TLB misses
-    read_ahead(lambda offset, n: mapping.madvise(POPULATE, offset, n), reading_order(entries), len(mapping))
+    reading = read_ahead(lambda offset, n: mapping.madvise(POPULATE, offset, n), reading_order(entries), len(mapping))
     tensors = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")  # never written: the model is read-only
@@ -321,4 +328,4 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                 continue
             raw = torch.frombuffer(mapping, dtype=torch.uint8, count=e.nbytes, offset=e.begin)
             tensors[e.name] = raw.view(dtype).view(e.shape)
-    return tensors, meta
+    return tensors, meta, reading

@@ -152,8 +152,10 @@ class QuickEngine:
         self.kernels_label = library.label(self.features)
         self._keep = tensors  # the mapping stays for the process's life
         libc = ctypes.CDLL(None, use_errno=True)
-        read_ahead(lambda offset, n: libc.madvise(ctypes.c_void_p(tensors.base + offset), ctypes.c_size_t(n), POPULATE),
-                   reading_order(tensors.entries.values()), tensors.size)  # fmt: skip
+        self.reading = read_ahead(
+            lambda offset, n: libc.madvise(ctypes.c_void_p(tensors.base + offset), ctypes.c_size_t(n), POPULATE),
+            reading_order(tensors.entries.values()), tensors.size,
+        )  # fmt: skip
         self.load_s = time.perf_counter() - t0
         self.weights_note = f"mapped the prepared weights in {self.path}; quick path: no torch"
 

@@ -3,7 +3,6 @@ info` and the quick path, engine/quick.py); engine/prepared.py writes and maps t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -129,32 +128,45 @@ def reading_order(entries: Iterable[Entry]) -> list[tuple[int, int]]:
     return [(begin, end) for _, begin, end in ranked]
 
 
-def read_ahead(
-    advise: Callable[[int, int], object], spans: list[tuple[int, int]], size: int
-) -> threading.Thread | None:
+class ReadAhead:
+    """A mapped prepared file being read into memory ahead of the forward pass (`read_ahead`): how far it has got."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total  # bytes to read ahead
+        self.done = 0  # bytes read so far
+        self.finished = threading.Event()  # set when the thread is through (or gave up)
+
+
+def read_ahead(advise: Callable[[int, int], object], spans: list[tuple[int, int]], size: int) -> ReadAhead | None:
     """Read a mapped prepared file into memory ahead of the forward pass, in a thread: `advise(offset, n)` faults n
     bytes from `offset` in (madvise with POPULATE on the mapping). A forward pass over a file not yet in memory
     otherwise waits for each block's weights in turn and reads nothing while it computes; read ahead, the disk keeps
-    reading while the pass works on the blocks already there (BENCHMARKS.md, "Cold calls"). Where the file does not fit in
-    the memory available, nothing is read ahead: pages read far ahead would push out the ones the pass is about to
-    use. A file already in memory costs only the mapping of its pages. Returns the thread, or None."""
+    reading while the pass works on the blocks already there (BENCHMARKS.md, "Seventh run"). Where the file does not
+    fit in the memory available, nothing is read ahead: pages read far ahead would push out the ones the pass is
+    about to use. A file already in memory costs only the mapping of its pages. Returns the reading's progress, or
+    None."""
     available = _available_memory()
     if not spans or available is None or size + (1 << 30) > available:
         return None
+    reading = ReadAhead(sum(end - begin for begin, end in spans))
 
     def run() -> None:
-        with contextlib.suppress(Exception):  # an older kernel (EINVAL), a closed mapping: the pass reads as it goes
+        try:
             for begin, end in spans:
                 at = begin // _PAGE * _PAGE
                 while at < end:
                     n = min(_CHUNK, end - at)
                     if advise(at, n) not in (None, 0):
-                        return
+                        return  # an older kernel (EINVAL): the pass reads as it goes
+                    reading.done += min(at + n, end) - max(at, begin)
                     at += n
+        except Exception:  # noqa: BLE001, S110  (a closed mapping: the pass reads as it goes)
+            pass
+        finally:
+            reading.finished.set()
 
-    thread = threading.Thread(target=run, name="read-ahead", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=run, name="read-ahead", daemon=True).start()
+    return reading
 
 
 def _available_memory() -> int | None:
