@@ -16,7 +16,7 @@ import pytest
 
 from mistral_cli.cli.chat.commands import parse_option
 from mistral_cli.cli.chat.session import kilo
-from mistral_cli.cli.chat.views import split_markdown
+from mistral_cli.cli.chat.views import MarkdownView, split_markdown
 from mistral_cli.engine.engine import Done
 from mistral_cli.engine.load import load_engine
 from mistral_cli.errors import UsageError
@@ -358,3 +358,28 @@ def test_loading_on_a_terminal_shows_bytes_and_a_percentage(hf_model_dir, tmp_pa
     bar = re.search(r"Loading \S*tiny-hf .*?(\d+(\.\d+)?)/(\d+(\.\d+)?) MB +(\d+)%", text)
     assert bar, text
     assert re.search(r"(\d+\.\d)/\1 MB +100%", text), text  # it ends full
+
+
+def test_the_waiting_line_shows_the_weights_read_from_disk():
+    """A first reply while the mapped weights are still read from disk: the waiting line says how far the reading
+    has got, and nothing more of it is drawn once the reply starts."""
+    import io
+
+    from rich.console import Console
+
+    from mistral_cli.model.prepared_files import ReadAhead
+
+    reading = ReadAhead(4_000_000_000)
+    reading.done = 1_000_000_000
+    out = Console(file=io.StringIO(), force_terminal=True, width=100)
+    view = MarkdownView(out, "thinking…", reading=reading)
+    deadline = time.monotonic() + 20
+    while "(25%)" not in out.file.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "reading the weights from disk: 1.0/4.0 GB (25%)…" in out.file.getvalue()
+    view.add("Hello")
+    reading.done = 2_000_000_000
+    time.sleep(0.5)
+    view.end(None)
+    assert "(50%)" not in out.file.getvalue()
+    assert "Hello" in out.file.getvalue()

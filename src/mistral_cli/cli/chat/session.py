@@ -144,7 +144,8 @@ class Session:
         # JSON under /set format is shown as it is: Markdown would eat its backslashes, `*` and `_`
         view: PlainView | MarkdownView = PlainView(self.notes)
         if self.markdown:
-            view = MarkdownView(self.out, waiting, plain=self.format is not None)
+            view = MarkdownView(self.out, waiting, plain=self.format is not None,
+                                reading=getattr(self.engine, "reading", None))  # fmt: skip
         parts: list[str] = []
         sampled: list[int] = []
         finish, started, done = "interrupted", None, None

@@ -4,13 +4,17 @@ terminal (finished blocks printed for good, only the unfinished tail redrawn).""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
+
+if TYPE_CHECKING:
+    from mistral_cli.model.prepared_files import ReadAhead
 
 REPAINT_S = 1 / 15  # how often a streaming reply is redrawn: smooth, yet cheap next to the model
 # Columns kept free on the right of a streaming reply: where Rich and the terminal disagree on a character's width
@@ -104,7 +108,10 @@ class MarkdownView:
     disagree on is streamed plainly from there on, as a redraw of it could repeat lines.
     """
 
-    def __init__(self, console: Console, waiting: str, *, plain: bool = False) -> None:
+    def __init__(
+        self, console: Console, waiting: str, *, plain: bool = False, reading: ReadAhead | None = None
+    ) -> None:
+        """reading: a mapped prepared file still being read from disk, whose bytes the waiting line shows meanwhile."""
         self.console = console
         self.tail = ""
         self.live: Live | None = None
@@ -114,6 +121,17 @@ class MarkdownView:
         self.status = console.status(waiting, spinner="dots")
         self.status.start()
         self.painted = 0.0
+        self.waited = threading.Event()  # set once the reply starts or ends
+        if reading is not None and not reading.finished.is_set():
+            threading.Thread(target=self._show_reading, args=(reading, waiting), daemon=True).start()
+
+    def _show_reading(self, reading: ReadAhead, waiting: str) -> None:
+        """The waiting line with the bytes of the weights read so far, until they are all read or the reply starts."""
+        while not reading.finished.wait(0.2) and not self.waited.is_set():
+            self.status.update(f"reading the weights from disk: {reading.done / 1e9:.1f}/{reading.total / 1e9:.1f} GB "
+                               f"({reading.done / max(reading.total, 1):.0%})…")  # fmt: skip
+        if not self.waited.is_set():
+            self.status.update(waiting)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self.tail:
@@ -123,6 +141,7 @@ class MarkdownView:
         return options.update_width(max(options.max_width - MARGIN, 20))
 
     def add(self, text: str) -> None:
+        self.waited.set()
         self.status.stop()
         if not self.plain and _unsure_width(text):
             self.plain = True
@@ -154,6 +173,7 @@ class MarkdownView:
                 self.console.print()
 
     def end(self, note: str | None) -> None:
+        self.waited.set()
         self.status.stop()
         if self.live is not None and self.live.is_started:
             self.live.refresh()
