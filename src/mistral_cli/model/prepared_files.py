@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -28,7 +29,6 @@ _BLOCK_ORDER = ("attention_norm.", "attention.wqkv.", "attention.wo.", "ffn_norm
                 "feed_forward.w2.")  # fmt: skip
 _LAST = ("norm.", "output.")
 _CHUNK = 32 << 20  # bytes read ahead per call: the reading keeps the pass's order within a large tensor too
-_PAGE = 4096
 
 
 def folder() -> Path:
@@ -153,7 +153,7 @@ def read_ahead(advise: Callable[[int, int], object], spans: list[tuple[int, int]
     def run() -> None:
         try:
             for begin, end in spans:
-                at = begin // _PAGE * _PAGE
+                at = begin // mmap.PAGESIZE * mmap.PAGESIZE  # madvise takes page-aligned addresses
                 while at < end:
                     n = min(_CHUNK, end - at)
                     if advise(at, n) not in (None, 0):
