@@ -139,8 +139,8 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, prompt: list[int], token_by_token: bool = False) -> tuple[torch.Tensor, int]:
         """Bring the cache to exactly `prompt`, feeding only what it lacks; returns last logits and tokens fed.
-        token_by_token: through the whole-step kernels one token at a time whatever its length, as the quick path
-        (engine/quick.py) does."""
+        token_by_token: through the whole-step kernels whatever its length, each token's arithmetic a decode step's
+        (block by block), as the quick path (engine/quick.py) does."""
         if not prompt:
             raise MistralError("The prompt is empty.")
         if len(prompt) > self.max_context:

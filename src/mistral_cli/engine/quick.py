@@ -170,14 +170,17 @@ class QuickEngine:
         logits = (ctypes.c_float * V)()
         D, row = cfg.head_dim, ctypes.addressof(logits)
 
-        def step(token: int, pos: int) -> None:
+        def known(token: int) -> int:
             if not 0 <= token < V:
                 raise MistralError(f"token id {token} is not in the vocabulary of {V}")
+            return token
+
+        def step(token: int, pos: int) -> None:
             if pos >= cache.capacity:
                 cache.grow(min(self.context, 2 * cache.capacity), pos)
             start = max(0, pos + 1 - cfg.sliding_window) if cfg.sliding_window else 0
             library.check(self.lib.mc_decode_token(
-                ctypes.byref(self.model.struct), token, cache.keys, cache.values, cache.capacity * D,
+                ctypes.byref(self.model.struct), known(token), cache.keys, cache.values, cache.capacity * D,
                 self.rope[0] + 2 * pos * D, self.rope[1] + 2 * pos * D, pos, start, self.halves, row, self.threads,
             ))  # fmt: skip
 
@@ -185,11 +188,8 @@ class QuickEngine:
         stops = StopMatcher(options.stop)
         stream = self.tokenizer.stream(leading_space=leading_space)
         t0 = time.perf_counter()
-        for token in prompt:
-            if not 0 <= token < V:
-                raise MistralError(f"token id {token} is not in the vocabulary of {V}")
-        library.check(self.lib.mc_decode_tokens(
-            ctypes.byref(self.model.struct), (ctypes.c_int64 * len(prompt))(*prompt), len(prompt), cache.keys,
+        library.check(self.lib.mc_decode_tokens(  # the prompt block by block
+            ctypes.byref(self.model.struct), (ctypes.c_int64 * len(prompt))(*map(known, prompt)), len(prompt), cache.keys,
             cache.values, cache.capacity * D, self.rope[0], self.rope[1], 0, cfg.sliding_window or 0, self.halves, row,
             self.threads,
         ))  # fmt: skip

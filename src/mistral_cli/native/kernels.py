@@ -331,7 +331,7 @@ class Kernels:
         (rows, 1, D) or (rows, D) whose row `pos` is this position's."""
         D, (kc, vc) = step.D, step.buffers(keys, values)
         cap = keys[0].shape[2]
-        self._check_step(step, [token], cos, sin, cap, pos, 1)
+        self._check_step(step, [token], cos, sin, cap, pos)
         if not 0 <= start <= pos:
             raise ValueError("the decode step's position or RoPE tables do not have the layout the kernels read")
         logits = torch.empty(step.head.shape[0])
@@ -359,7 +359,7 @@ class Kernels:
         tables whose row p is position p's; window: the sliding window, None for none."""
         D, (kc, vc) = step.D, step.buffers(keys, values)
         cap = keys[0].shape[2]
-        self._check_step(step, tokens, cos, sin, cap, pos, len(tokens))
+        self._check_step(step, tokens, cos, sin, cap, pos)
         logits = torch.empty(step.head.shape[0])
         ids = (ctypes.c_int64 * len(tokens))(*tokens)
         rc = self._decode_many(
@@ -371,10 +371,10 @@ class Kernels:
 
     @staticmethod
     def _check_step(step: DecodeStep, tokens: Sequence[int], cos: torch.Tensor, sin: torch.Tensor, cap: int,
-                    pos: int, n: int) -> None:  # fmt: skip
-        """What the whole-step calls trust: token ids, the positions [pos, pos + n) inside the cache and the RoPE
+                    pos: int) -> None:  # fmt: skip
+        """What the whole-step calls trust: token ids, their positions from `pos` on inside the cache and the RoPE
         tables, and the tables' layout."""
-        D = step.D
+        D, n = step.D, len(tokens)
         for token in tokens:
             if not 0 <= token < step.vocab:
                 raise IndexError(f"token id {token} is not in the vocabulary of {step.vocab}")
