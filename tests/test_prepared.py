@@ -204,6 +204,22 @@ def test_verbose_says_how_the_weights_were_loaded_and_info_lists_and_prunes_them
     assert entry["quantize"] == "int8" and entry["dtype"] == "BF16" and Path(entry["path"]).is_file()
     table = mistral("info", str(hf_model_dir), env=env).stdout
     assert "prepared" in table and "bf16, quantize int8" in table
+    # how much of it is in memory: nearly all after a run (the embedding rows of tokens never seen may not be), none
+    # once pushed out of the page cache
+    if sys.platform.startswith("linux"):
+        import re
+
+        assert entry["in_memory_bytes"] >= 0.9 * entry["bytes"]
+        assert int(re.search(r"\((\d+)% in memory\)", table).group(1)) >= 90
+        with open(entry["path"], "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if prepared_files.resident_bytes(Path(entry["path"])) == 0:  # not a filesystem that keeps files in memory
+            # info reads the header alone (no read-ahead of the weights behind it; a filesystem with large folios
+            # brings in up to 2 MiB around it)
+            held = json.loads(mistral("info", "--json", str(hf_model_dir), env=env).stdout)["prepared"][0]
+            assert held["in_memory_bytes"] <= 2 << 20
+            table = mistral("info", str(hf_model_dir), env=env).stdout
+            assert int(re.search(r"\((\d+)% in memory\)", table).group(1)) <= 100 * (2 << 20) / held["bytes"] + 1
     r = mistral("info", "--prune", str(hf_model_dir), env=env)
     assert r.returncode == 0 and r.stdout.startswith(f"Removed 1 prepared weight file of {hf_model_dir} (")
     assert not Path(entry["path"]).exists()
@@ -257,14 +273,11 @@ def test_reading_ahead_brings_the_spans_into_memory(tmp_path, monkeypatch):
 
     path, size = tmp_path / "weights", 24 << 20
     path.write_bytes(os.urandom(size))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc = prepared_files.libc()
     with open(path, "rb") as f:
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        base = libc.mmap(None, size, 1, 1, f.fileno(), 0)  # PROT_READ, MAP_SHARED
-    assert base not in (None, ctypes.c_void_p(-1).value)
+        base = prepared_files.map_shared(f.fileno(), size)
     if any(_resident(libc, base, size)):
         pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing to read ahead")
     spans = [(20 << 20, 22 << 20), (1 << 20, (3 << 20) + 100)]

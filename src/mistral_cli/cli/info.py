@@ -33,7 +33,7 @@ from mistral_cli.hub.models import (
 )
 from mistral_cli.model.config import ModelConfig
 from mistral_cli.model.layout import layer_mode, linear_bytes
-from mistral_cli.model.prepared_files import list_prepared
+from mistral_cli.model.prepared_files import list_prepared, resident_bytes
 
 if TYPE_CHECKING:
     from mistral_cli.cli.settings import Settings
@@ -137,6 +137,7 @@ def gather(paths: ModelPaths, loading: LoadOptions) -> dict[str, Any]:
             "dtype": f.made_of.get("dtype"),
             "quantize": f.made_of.get("quantize"),
             "layout": f.made_of.get("layout"),
+            "in_memory_bytes": resident_bytes(f.path),  # in the page cache: a load maps it without reading the disk
         }
         for f in list_prepared(str(paths.folder.resolve()))
     ]
@@ -308,7 +309,9 @@ def _print_table(d: dict[str, Any]) -> None:
     for i, p in enumerate(d["prepared"]):
         dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(p["dtype"], p["dtype"])
         what = f"{dtype}, quantize {p['quantize']}, {p['layout']}"
-        table.add_row("prepared" if i == 0 else "", f"{what}: {human_bytes(p['bytes'])}, {p['path']}")
+        held = p["in_memory_bytes"]  # of the file's length; the padding between tensors is a hole on disk
+        memory = f" ({min(1.0, held / p['bytes']):.0%} in memory)" if held is not None and p["bytes"] else ""
+        table.add_row("prepared" if i == 0 else "", f"{what}: {human_bytes(p['bytes'])}{memory}, {p['path']}")
     if not d["prepared"]:
         table.add_row("prepared", "none yet (the first load writes them; `mistral info --prune` removes them)")
     if dev["kernels"]:

@@ -18,7 +18,6 @@ QUICK_PROMPT tokens take the full path too: there a batch reads the weights once
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import mmap
@@ -50,6 +49,8 @@ from mistral_cli.model.prepared_files import (
     ROPE,
     describe,
     file_for,
+    libc,
+    map_shared,
     read_ahead,
     reading_order,
 )
@@ -64,7 +65,6 @@ from mistral_cli.text.tokenizer import Tokenizer
 QUICK_PROMPT = {"int4": 16, "int8": 10, "none": 4}
 FIRST_ROOM = 512  # positions of key/value cache first reserved for a reply of no set length (then doubled)
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
-_PROT_READ, _MAP_SHARED, _MAP_FAILED = 1, 1, ctypes.c_void_p(-1).value
 
 
 class NotQuick(Exception):
@@ -151,11 +151,8 @@ class QuickEngine:
         self.threads = options.threads or shared_threads(default_threads())
         self.kernels_label = library.label(self.features)
         self._keep = tensors  # the mapping stays for the process's life
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.reading = read_ahead(
-            lambda offset, n: libc.madvise(ctypes.c_void_p(tensors.base + offset), ctypes.c_size_t(n), POPULATE),
-            reading_order(tensors.entries.values()), tensors.size,
-        )  # fmt: skip
+        self.reading = read_ahead(lambda offset, n: libc().madvise(tensors.base + offset, n, POPULATE),
+                                  reading_order(tensors.entries.values()), tensors.size)  # fmt: skip
         self.load_s = time.perf_counter() - t0
         self.weights_note = f"mapped the prepared weights in {self.path}; quick path: no torch"
 
@@ -276,15 +273,9 @@ def _map(path: Path) -> tuple[_Tensors, dict[str, Any]]:
         length = int.from_bytes(f.read(8), "little")
         meta = json.loads(json.loads(f.read(length))["__metadata__"]["mistral-cli"])
         size = os.fstat(f.fileno()).st_size
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        base = libc.mmap(None, size, _PROT_READ, _MAP_SHARED, f.fileno(), 0)
-    if base is None or base == _MAP_FAILED:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        base = map_shared(f.fileno(), size)
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(Exception):
-            libc.madvise(ctypes.c_void_p(base), ctypes.c_size_t(size), mmap.MADV_HUGEPAGE)
+        libc().madvise(base, size, mmap.MADV_HUGEPAGE)  # 2 MiB pages where the filesystem can: fewer TLB misses
     return _Tensors(base, {e.name: e for e in entries}, size), meta
 
 

@@ -3,13 +3,17 @@ info` and the quick path, engine/quick.py); engine/prepared.py writes and maps t
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,8 @@ def list_prepared(source_folder: str | None = None) -> list[PreparedFile]:
 
 def made_of_file(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):  # the header alone: no read-ahead of the weights into memory
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         length = int.from_bytes(f.read(8), "little")
         if length > 64 << 20:
             raise ValueError("header too long")
@@ -180,3 +186,49 @@ def _available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+@cache
+def libc() -> ctypes.CDLL:
+    """The C library with mmap, munmap, madvise and mincore declared: a prepared file mapped through it has an address
+    to hand to our kernels (Python's mmap gives one only for a writable mapping)."""
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mmap.restype = ctypes.c_void_p
+    lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return lib
+
+
+def map_shared(fileno: int, size: int) -> int:
+    """The address of a read-only shared mapping of an open file's first `size` bytes (the page cache's copy, which
+    other processes share); OSError where the system refuses it."""
+    base = libc().mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fileno, 0)
+    if base is None or base == ctypes.c_void_p(-1).value:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return int(base)
+
+
+def resident_bytes(path: Path) -> int | None:
+    """How many bytes of a file are in memory (the page cache), from mincore(2) over a mapping of it, which reads
+    nothing; None where that cannot be told (not Linux, an unreadable file)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return 0
+            base = map_shared(f.fileno(), size)
+    except OSError:
+        return None
+    try:
+        pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        if libc().mincore(base, size, pages) != 0:
+            return None
+        flags = bytes(pages)
+        return min(size, (len(flags) - flags.count(0)) * mmap.PAGESIZE)
+    finally:
+        libc().munmap(base, size)
