@@ -615,9 +615,12 @@ def _block_by_block_and_token_by_token(model, fused, tokens, pos):
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 @pytest.mark.parametrize("pos", [0, 5])
-def test_a_prompt_block_by_block_is_token_by_token(ops, wide_model, mode, pos):
+@pytest.mark.parametrize("build", ["ops", "avx2_ops"])
+def test_a_prompt_block_by_block_is_token_by_token(request, wide_model, mode, pos, build):
     """mc_decode_tokens (every token through block l, then block l + 1) against a call per token: the logits and
-    every key and value bit-identical, from the start of the cache and after it."""
+    every key and value bit-identical, from the start of the cache and after it, on this CPU's build and the AVX2
+    one."""
+    ops = request.getfixturevalue(build)
     model = load_model(wide_model, BF16, quantize=mode, kernels=ops)
     fused = use_kernels(model, ops)
     tokens = torch.randint(3, 32000, (13,), generator=torch.Generator().manual_seed(14)).tolist()
