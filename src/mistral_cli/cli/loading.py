@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -45,13 +45,8 @@ def load(paths: ModelPaths, options: LoadOptions, err: Console) -> Engine:
     if not err.is_terminal:
         engine = load_engine(paths.folder, options)
     else:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
         size = sum(p.stat().st_size for p in paths.weights if p.exists())
-        columns = (
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TaskProgressColumn(), TimeElapsedColumn()
-        )  # fmt: skip
-        with Progress(*columns, console=err, transient=True) as bar:
+        with _bytes_bar(err) as bar:
             task = bar.add_task(f"Loading {paths.name}", total=size)
             engine = load_engine(paths.folder, options, lambda done: bar.update(task, completed=done * size))
     if engine.weights_warning:
@@ -73,12 +68,7 @@ def reading_shown(reading: ReadAhead | None, err: Console) -> Iterator[Callable[
     def show() -> None:
         if reading.finished.wait(READING_SHOWN_AFTER) or stop.is_set():
             return
-        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-        columns = (
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TaskProgressColumn(), TimeElapsedColumn()
-        )  # fmt: skip
-        with Progress(*columns, console=err, transient=True) as bar:
+        with _bytes_bar(err) as bar:
             task = bar.add_task("Reading the weights from disk", total=reading.total, completed=reading.done)
             while not stop.is_set() and not reading.finished.wait(0.1):
                 bar.update(task, completed=reading.done)
@@ -94,3 +84,13 @@ def reading_shown(reading: ReadAhead | None, err: Console) -> Iterator[Callable[
         yield take_down
     finally:
         take_down()
+
+
+def _bytes_bar(err: Console) -> Any:
+    """A transient Rich bar of bytes: description, bar, bytes done/total, percentage, time elapsed."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TaskProgressColumn(), TimeElapsedColumn()
+    )  # fmt: skip
+    return Progress(*columns, console=err, transient=True)
