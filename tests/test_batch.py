@@ -166,6 +166,24 @@ def test_sequences_decoded_together_equal_each_decoded_alone(hf_model_dir, dtype
         assert done.prompt_tokens == len(prompt)
 
 
+def test_a_row_that_fills_the_context_ends_as_it_would_alone(hf_model_dir):
+    """The token that fills the context is also the last `max_tokens` allows: both paths call that "context"."""
+    from mistral_cli.engine.load import load_engine
+    from mistral_cli.options import GenerationOptions, LoadOptions
+
+    engine = load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="fp32", max_context=24, prepare=False))
+    tok = engine.tokenizer
+    prompts = [[tok.bos_id, *tok.encode(t)] for t in ("Once upon", "The capital of France is")]
+    # the k-th reply token is sampled after len(prompt) + k - 1 tokens: the context is full at k = 24 - len + 1
+    options = [GenerationOptions(max_tokens=25 - len(p), temperature=0) for p in prompts]
+    together = engine.generate_many(prompts, options, leading_space=[True, True])
+    for prompt, opts, done in zip(prompts, options, together, strict=True):
+        alone = list(engine.generate(prompt, opts, leading_space=True))[-1]
+        assert (done.tokens, done.finish_reason) == (alone.tokens, alone.finish_reason)
+        assert len(done.tokens) == 25 - len(prompt) or done.finish_reason == "stop"
+    assert any(d.finish_reason == "context" for d in together)
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_sequences_batch_only_where_rows_are_multiplied_as_integers(hf_model_dir, quantize):
     """int8/int4 on a CPU decode together only where our kernels multiply several rows as integers (AVX512-VNNI);

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from mistral_cli.engine.engine import Done, StopMatcher
+from mistral_cli.engine.events import Done, StopMatcher
 from mistral_cli.engine.load import load_engine
 from mistral_cli.options import GenerationOptions, LoadOptions
 from mistral_cli.text.chat_format import Message, encode_chat

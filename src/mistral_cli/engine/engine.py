@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from mistral_cli.engine.cuda import GraphedDecode, TokenReader, compile_decode, graphs_wanted
-from mistral_cli.engine.events import Chunk, Done, StopMatcher, TokenLogprob
+from mistral_cli.engine.events import Chunk, Done, Reply, TokenLogprob
 from mistral_cli.engine.sampling import Sampler, check_finite
 from mistral_cli.errors import MistralError
 from mistral_cli.model.cache import KVCache
@@ -211,10 +211,14 @@ class Engine:
         """Several sequences decoded together, each with its own options (seed, sampling, stop strings, limit), as
         `generate` would decode each alone up to float rounding; returns their Done in order. The prompts are
         left-padded to one length in a cache of their own (the padding masked out), then every step feeds one token
-        per row, until every row has finished; the engine's own cache and sequence are left as they were."""
+        per row, until every row has finished; the engine's own cache and sequence are left as they were. A row's
+        padding does not count against its context: a short prompt beside a long one reaches its own end."""
         B, width = len(prompts), max(len(p) for p in prompts)
-        longest = max(width + (o.max_tokens if o.max_tokens is not None else self.max_context) for o in options)
-        end = min(longest, self.max_context)
+        # row b's k-th token is sampled once its first k - 1 are in the cache (positions up to width + k - 2), and
+        # its last is at most the one that fills its context
+        last = [self.max_context - len(p) + 1 for p in prompts]
+        last = [n if o.max_tokens is None else min(n, o.max_tokens) for n, o in zip(last, options, strict=True)]
+        end = width + max(max(last) - 1, 0)
         if width >= self.max_context:
             raise MistralError(f"A prompt is {width} tokens, more than the context of {self.max_context} tokens.")
         device = self.placement.device
@@ -229,10 +233,11 @@ class Engine:
         # 0 * NaN in the weighted sum would reach the real rows)
         pad = ~keys[:, :width]
         samplers = [Sampler(o) for o in options]
-        stops = [StopMatcher(o.stop) for o in options]
-        streams = [self.tokenizer.stream(leading_space=s) for s in leading_space]
-        generated: list[list[int]] = [[] for _ in range(B)]
-        finish: list[str | None] = ["length" if o.max_tokens == 0 else None for o in options]
+        eos = self.tokenizer.eos_id
+        replies = [
+            Reply(o, self.tokenizer.stream(leading_space=s), eos, self.max_context)
+            for o, s in zip(options, leading_space, strict=True)
+        ]
         t0 = time.perf_counter()
         mask = (
             self.model.position_mask(torch.arange(width, device=device), width)[None, None]
@@ -244,46 +249,34 @@ class Engine:
         pos = width
         while True:
             nxt = []
-            for b in range(B):
+            for b, reply in enumerate(replies):
                 token = 0
-                if finish[b] is None:
-                    token = samplers[b](logits[b], prompts[b] + generated[b])
-                    if token == self.tokenizer.eos_id:
-                        finish[b] = "stop"
-                    else:
-                        generated[b].append(token)
-                        if stops[b].feed(streams[b].push(token))[1]:
-                            finish[b] = "stop_sequence"
-                        elif options[b].max_tokens is not None and len(generated[b]) >= options[b].max_tokens:
-                            finish[b] = "length"
-                        elif len(prompts[b]) + len(generated[b]) - 1 >= self.max_context:
-                            finish[b] = "context"
+                if reply.finish is None:
+                    sequence = prompts[b] + reply.tokens
+                    token = samplers[b](logits[b], sequence)
+                    reply.take(token, len(sequence))
                 nxt.append(token)
-            if all(f is not None for f in finish) or pos >= end:
+            if all(reply.finish is not None for reply in replies) or pos >= end:
                 break
             keys[:, pos] = True
             step = torch.tensor(nxt, device=device).view(B, 1)
             logits = self.model(step, cache, pos, keys=keys)[:, -1]
             pos += 1
-        for b in range(B):
-            if finish[b] is None:  # the shared cache ran out before this row did: its context is what ended it
-                finish[b] = "context" if end == self.max_context else "length"
-            if finish[b] != "stop_sequence":
-                stops[b].feed(streams[b].flush())
-                stops[b].flush()
+        for reply in replies:
+            reply.tail()
         self._sync()
         t2 = time.perf_counter()
         return [
             Done(
-                text="".join(stops[b].text),
-                tokens=generated[b],
-                finish_reason=finish[b] or "length",
+                text=reply.text,
+                tokens=reply.tokens,
+                finish_reason=reply.finish or "length",
                 prompt_tokens=len(prompts[b]),
                 prefilled_tokens=len(prompts[b]),
                 prefill_s=t1 - t0,
                 decode_s=t2 - t1,
             )  # fmt: skip
-            for b in range(B)
+            for b, reply in enumerate(replies)
         ]
 
     def _forward_masked(self, ids: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
@@ -334,9 +327,9 @@ class Engine:
         token_by_token: the prompt goes through the whole-step kernels a token at a time, as `mistral complete`'s
         quick path feeds it, so that a short prompt gives the same reply on both paths."""
         sampler = Sampler(options)
-        stops = StopMatcher(options.stop)
-        stream = self.tokenizer.stream(leading_space=leading_space)
-        eos = self.tokenizer.eos_id
+        reply = Reply(
+            options, self.tokenizer.stream(leading_space=leading_space), self.tokenizer.eos_id, self.max_context
+        )
         t0 = time.perf_counter()
         scored = self.score(prompt, logprobs or 0) if prompt_logprobs else None
         logits, fed = self.prefill(prompt, token_by_token)
@@ -347,8 +340,6 @@ class Engine:
             on_prefill(fed)
         self._sync()
         t1 = time.perf_counter()
-        generated: list[int] = []
-        finish = "length"
         limit = options.max_tokens
         # greedy with no penalty: the next step is queued on the argmax's tensor before the token is read back (which
         # a mask or log-probabilities, computed on these logits before the next step overwrites them, rule out)
@@ -358,12 +349,12 @@ class Engine:
         scores: list[TokenLogprob] | None = [] if logprobs is not None else None
         scored_token: TokenLogprob | None = None
         try:
-            while limit is None or len(generated) < limit:
+            while reply.finish is None:
                 if ahead:
                     best = logits.argmax()
                     self._reader.start(best)  # its copy to the host is queued before the step
                     # queue the step unless the loop ends after this token whatever it is
-                    if len(self.tokens) < self.max_context and (limit is None or len(generated) + 1 < limit):
+                    if len(self.tokens) < self.max_context and (limit is None or len(reply.tokens) + 1 < limit):
                         queued = self._step(best)
                     token = self._reader.result()  # waits for the argmax and the copy, not for the queued step
                 else:
@@ -375,26 +366,17 @@ class Engine:
                     token = sampler(logits, self.tokens, masked=constraint is not None)
                     if scores is not None:
                         scored_token = self.logprob(raw, token, logprobs or 0)
-                if token == eos:
-                    finish = "stop"
+                text = reply.take(token, len(self.tokens))
+                if text is None:
                     break
-                generated.append(token)
                 if scored_token is not None and scores is not None:
                     scores.append(scored_token)
-                text, hit = stops.feed(stream.push(token))
                 yield Chunk(text, token, scored_token)
                 if constraint is not None:
                     constraint.accept(token)
-                    if constraint.is_stopped():
-                        finish = "stop"
-                        break
-                if hit:
-                    finish = "stop_sequence"
-                    break
-                if len(self.tokens) >= self.max_context:
-                    finish = "context"
-                    break
-                if limit is not None and len(generated) >= limit:
+                    if constraint.is_stopped():  # the grammar's sentence is complete: that ends it, whatever else
+                        reply.finish = "stop"
+                if reply.finish is not None:
                     break
                 logits = self._step(token) if queued is None else queued
                 queued = None
@@ -402,16 +384,15 @@ class Engine:
         finally:
             # a step queued for a token that ended the text (or before Ctrl-C) wrote past the sequence: drop it
             self.cache.truncate(len(self.tokens))
-        if finish != "stop_sequence":
-            tail = stops.feed(stream.flush())[0] + stops.flush()
-            if tail:
-                yield Chunk(tail, -1)
+        tail = reply.tail()
+        if tail:
+            yield Chunk(tail, -1)
         self._sync()
         t2 = time.perf_counter()
         yield Done(
-            text="".join(stops.text),
-            tokens=generated,
-            finish_reason=finish,
+            text=reply.text,
+            tokens=reply.tokens,
+            finish_reason=reply.finish or "length",
             prompt_tokens=len(prompt),
             prefilled_tokens=fed,
             prefill_s=t1 - t0,

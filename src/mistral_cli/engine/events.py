@@ -4,7 +4,11 @@ the same objects, so the chat and `complete` read both alike and a remote run ne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mistral_cli.options import GenerationOptions
+    from mistral_cli.text.tokenizer import StreamDecoder
 
 
 @dataclass
@@ -97,3 +101,43 @@ class StopMatcher:
     def _emit(self, s: str) -> str:
         self.text.append(s)
         return s
+
+
+class Reply:
+    """One reply as its tokens are sampled: the text each adds (a possible stop string held back), the tokens so far,
+    and why it ends. Every decode loop (the full path, the quick path, a batch's rows) ends a reply by these rules:
+    end of sequence "stop" (the token adds nothing); a stop string "stop_sequence"; the context full "context";
+    `max_tokens` reached "length" (at once when it is 0)."""
+
+    def __init__(self, options: GenerationOptions, stream: StreamDecoder, eos: int, context: int) -> None:
+        self.stops = StopMatcher(options.stop)
+        self.stream, self.eos, self.context, self.limit = stream, eos, context, options.max_tokens
+        self.tokens: list[int] = []
+        self.finish: str | None = "length" if self.limit == 0 else None
+
+    def take(self, token: int, length: int) -> str | None:
+        """A sampled token, with `length` tokens in the sequence before it: the text it adds, or None for the end of
+        sequence. `finish` is set when this token ends the reply."""
+        if token == self.eos:
+            self.finish = "stop"
+            return None
+        self.tokens.append(token)
+        text, hit = self.stops.feed(self.stream.push(token))
+        if hit:
+            self.finish = "stop_sequence"
+        elif length >= self.context:
+            self.finish = "context"
+        elif self.limit is not None and len(self.tokens) >= self.limit:
+            self.finish = "length"
+        return text
+
+    def tail(self) -> str:
+        """The text held back when the reply ended (the start of a stop string that never came, an unfinished
+        character); nothing after a stop string."""
+        if self.finish == "stop_sequence":
+            return ""
+        return self.stops.feed(self.stream.flush())[0] + self.stops.flush()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.stops.text)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mistral_cli.engine.events import Chunk, Done, StopMatcher
+from mistral_cli.engine.events import Chunk, Done, Reply
 from mistral_cli.engine.sampling import Sampler
 from mistral_cli.errors import MistralError
 from mistral_cli.hardware import (
@@ -182,8 +182,7 @@ class QuickEngine:
             ))  # fmt: skip
 
         sampler = Sampler(options)
-        stops = StopMatcher(options.stop)
-        stream = self.tokenizer.stream(leading_space=leading_space)
+        reply = Reply(options, self.tokenizer.stream(leading_space=leading_space), self.tokenizer.eos_id, self.context)
         t0 = time.perf_counter()
         library.check(self.lib.mc_decode_tokens(  # the prompt block by block
             ctypes.byref(self.model.struct), (ctypes.c_int64 * len(prompt))(*map(known, prompt)), len(prompt), cache.keys,
@@ -191,32 +190,21 @@ class QuickEngine:
             self.threads,
         ))  # fmt: skip
         t1 = time.perf_counter()
-        tokens, generated, finish = list(prompt), [], "length"
-        while limit is None or len(generated) < limit:
+        tokens = list(prompt)
+        while reply.finish is None:
             token = sampler.pick(row, V, tokens)
-            if token == self.tokenizer.eos_id:
-                finish = "stop"
-                break
-            generated.append(token)
-            text, hit = stops.feed(stream.push(token))
-            yield Chunk(text, token)
-            if hit:
-                finish = "stop_sequence"
-                break
-            if len(tokens) >= self.context:
-                finish = "context"
-                break
-            if limit is not None and len(generated) >= limit:
-                break
-            step(token, len(tokens))
-            tokens.append(token)
-        if finish != "stop_sequence":
-            tail = stops.feed(stream.flush())[0] + stops.flush()
-            if tail:
-                yield Chunk(tail, -1)
+            text = reply.take(token, len(tokens))
+            if text is not None:
+                yield Chunk(text, token)
+            if reply.finish is None:
+                step(token, len(tokens))
+                tokens.append(token)
+        tail = reply.tail()
+        if tail:
+            yield Chunk(tail, -1)
         t2 = time.perf_counter()
         yield Done(
-            text="".join(stops.text), tokens=generated, finish_reason=finish, prompt_tokens=len(prompt),
+            text=reply.text, tokens=reply.tokens, finish_reason=reply.finish or "length", prompt_tokens=len(prompt),
             prefilled_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1,
         )  # fmt: skip
 
