@@ -348,3 +348,37 @@ def test_cli_on_cuda(gpu_folder):
         out[device] = proc
     assert out["cuda"].stdout == out["cpu"].stdout and out["cuda"].stdout.strip()
     assert "cuda fp32" in out["cuda"].stderr and "CUDA graphs" in out["cuda"].stderr
+
+
+@needs_cuda
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_prepared_weights_on_cuda_are_the_same_model_copied_once(tmp_path_factory, tmp_path, monkeypatch, quantize):
+    """On a GPU the prepared file is the host-side source of one copy: the model equals the checkpoint's, and loading
+    it holds no second copy of the weights in host memory (the mapping is page cache, not process memory). The
+    small shape (350 MB in bf16), so that a copy would show beside the process's own growth."""
+    from checkpoints import SHAPES, write_checkpoint
+
+    folder = tmp_path_factory.getbasetemp() / "small-for-cuda"
+    if not (folder / "config.json").is_file():
+        write_checkpoint(folder, SHAPES["small"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MISTRAL_PREPARE", raising=False)
+    options = LoadOptions(device="cuda", dtype="bf16", quantize=quantize, max_context=128)
+    plain = load_engine(folder, LoadOptions(**{**options.__dict__, "prepare": False}))
+    first = load_engine(folder, options)
+    assert first.weights_note.startswith("read the checkpoint and prepared ")
+
+    def anonymous_kb() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+    before = anonymous_kb()
+    second = load_engine(folder, options)
+    grown = (anonymous_kb() - before) * 1024
+    assert second.weights_note.startswith("mapped the prepared weights in ")
+    tensors = [*second.model.parameters(), *second.model.buffers()]
+    assert all(t.device.type == "cuda" for t in tensors)
+    assert grown < sum(t.numel() * t.element_size() for t in tensors) / 2 + (64 << 20)
+    ids = prompt(24, seed=5)
+    for engine in (first, second):
+        assert run(engine, ids, greedy(16)).tokens == run(plain, ids, greedy(16)).tokens
