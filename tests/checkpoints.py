@@ -27,6 +27,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     # ~175M parameters with Mistral's proportions (GQA 4:1, MLP 3.5x); 349 MB in bf16, far larger than the caches
     "small": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=3584),
     "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
+    # 7B's blocks, 8 of them: a decode step's products as in 7B, in 4 GB of bf16, so that two engines' files fit in
+    # the memory of a 24 GB machine together and can be timed alternately (benchmarks only)
+    "7b-8": dict(dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
 }
 VOCAB = 32000
 EOS = 2
