@@ -2,13 +2,17 @@
 
     python benchmarks/sharing.py                          # small shape, bf16 int8 int4, one busy process
     python benchmarks/sharing.py --quantize int4 --rounds 3 --env MISTRAL_KERNELS=avx2
+    python benchmarks/sharing.py --later --decode 512        # the busy process starts after the model has loaded
 
 Each measurement is a fresh process that loads the random checkpoint (written once, as benchmarks/bench.py does)
 the way `mistral` does: `hardware.share_the_cpu()` runs before torch is imported, so with busy processes beside it
 the idle OpenMP threads sleep, as they would for a user. It then decodes `--decode` tokens greedily `--repeats`
 times and reports the median decode tokens/s. Idle and busy runs alternate, `--rounds` times, so that a change in
 the machine's other load touches both; "kept" is busy / idle of the medians. The busy processes are
-`python3 -c 'while True: pass'`, started before the measuring process and stopped after it.
+`python3 -c 'while True: pass'`, started before the measuring process and stopped after it. With `--later` they
+start once the process has loaded the model on the idle machine and decoded once, as when a program starts during
+a chat: the load-time decision saw nothing, and what keeps the speed is the decode threads adapting
+(engine/pacing.py; `--env MISTRAL_ADAPT_THREADS=off` for the steps without it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def child(folder: str, quantize: str, decode: int, repeats: int) -> None:
+def child(folder: str, quantize: str, decode: int, repeats: int, later: bool) -> None:
     from mistral_cli.hardware import share_the_cpu
 
     shared = share_the_cpu()
@@ -41,26 +45,44 @@ def child(folder: str, quantize: str, decode: int, repeats: int) -> None:
     greedy = GenerationOptions(temperature=0, max_tokens=decode)
     for _ in engine.generate([1, 2, 3, 4], GenerationOptions(temperature=0, max_tokens=4)):
         pass  # warm-up
+    if later:  # decode once on the idle machine (the pace the steps had so far), then wait for the busy programs
+        for _ in engine.generate([1, 22, 333, 4444], greedy):
+            pass
+        print("ready", flush=True)
+        sys.stdin.readline()
     speeds = []
     for _ in range(repeats):
         engine.reset()
         for event in engine.generate([1, 22, 333, 4444], greedy):
             if isinstance(event, Done):
                 speeds.append(event.decode_tokens_per_s)
-    print(json.dumps({"speeds": speeds, "shared": shared, "label": kernels.label()}))
+    pacer = engine.pacer.summary() if engine.pacer is not None else None
+    print(json.dumps({"speeds": speeds, "shared": shared, "label": kernels.label(), "pacer": pacer}))
 
 
 def measure(folder: Path, quantize: str, busy: int, args: argparse.Namespace) -> dict:
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    def hog() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    later = busy and args.later
+    hogs = [] if later else [hog() for _ in range(busy)]
     try:
-        time.sleep(0.3 if busy else 0)  # the busy processes are running when the model loads
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", str(folder), quantize, str(args.decode), str(args.repeats)],
-            capture_output=True,
-            text=True,
+        time.sleep(0.3 if hogs else 0)  # the busy processes are running when the model loads
+        cmd = [sys.executable, __file__, "--child", str(folder), quantize, str(args.decode), str(args.repeats)]
+        with subprocess.Popen(
+            [*cmd, str(int(later))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env={**os.environ, **dict(e.split("=", 1) for e in args.env)},
-            check=True,
-        ).stdout
+        ) as proc:  # fmt: skip
+            assert proc.stdin is not None and proc.stdout is not None
+            if later:  # loaded and decoding on an idle machine: now the busy programs start
+                assert proc.stdout.readline().strip() == "ready"
+                hogs = [hog() for _ in range(busy)]
+                time.sleep(0.3)
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            out = proc.communicate()[0]
+            if proc.returncode:
+                raise SystemExit(f"the measuring process failed ({proc.returncode})")
     finally:
         for h in hogs:
             h.kill()
@@ -70,12 +92,15 @@ def measure(folder: Path, quantize: str, busy: int, args: argparse.Namespace) ->
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1")
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="small")
     ap.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
     ap.add_argument("--busy", type=int, default=1, help="busy processes beside the decode")
+    ap.add_argument(
+        "--later", action="store_true", help="the busy processes start once the model is loaded and has decoded once"
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -113,7 +138,7 @@ def main() -> None:
             f"{f', {noisy} idle run(s) not idle' if noisy else ''} |",
             flush=True,
         )
-    print(f"kernels: {result['label']}; busy run: {result['shared']}")
+    print(f"kernels: {result['label']}; busy run: {result['shared']}; pacer: {result['pacer']}")
 
 
 if __name__ == "__main__":

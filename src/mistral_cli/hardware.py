@@ -14,6 +14,7 @@ from pathlib import Path
 KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours; "avx2": ours without AVX-512
 GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
 QUICK_ENV = "MISTRAL_QUICK"  # "off": `mistral complete` always loads torch (engine/quick.py)
+ADAPT_ENV = "MISTRAL_ADAPT_THREADS"  # "off": decode steps keep the thread count they were loaded with
 
 
 SWITCH_VALUES = ("", "0", "1", "on", "off", "yes", "no", "true", "false")
@@ -21,7 +22,7 @@ SWITCH_VALUES = ("", "0", "1", "on", "off", "yes", "no", "true", "false")
 
 def bad_switch() -> str | None:
     """A sentence for a switch variable set to something that is not on or off, which would be ignored silently."""
-    for env in (KERNELS_ENV, GRAPHS_ENV, QUICK_ENV):
+    for env in (KERNELS_ENV, GRAPHS_ENV, QUICK_ENV, ADAPT_ENV):
         raw = os.environ.get(env)
         allowed = (*SWITCH_VALUES, "avx2") if env == KERNELS_ENV else SWITCH_VALUES
         if raw is not None and raw.strip().lower() not in allowed:
@@ -208,6 +209,15 @@ def shared_threads(default: int) -> int:
         fewer = OTHERS_RUNNING and "OMP_NUM_THREADS" not in os.environ
         _SHARED_THREADS = max(1, default - OTHERS_RUNNING) if fewer else default
     return _SHARED_THREADS
+
+
+def adaptive_threads(chosen: int | None) -> int | None:
+    """The most threads a decode step may adapt up to as other programs start and stop (engine/pacing.py): one per
+    core; None where the count is the user's own (--threads, MISTRAL_THREADS, OMP_NUM_THREADS) or MISTRAL_ADAPT_THREADS
+    is off."""
+    if chosen is not None or "OMP_NUM_THREADS" in os.environ or switched_off(ADAPT_ENV):
+        return None
+    return default_threads()
 
 
 def _others_running(samples: int = 5) -> int:

@@ -201,8 +201,8 @@ Threads = Annotated[
     int | None,
     typer.Option(
         "--threads",
-        help="CPU threads for the model \\[default: one per core]; fewer leaves cores to other work. "
-        "\\[env var: MISTRAL_THREADS]",
+        help="CPU threads for the model \\[default: one per core, fewer while other programs keep the CPU busy]; "
+        "a number set here stays fixed. \\[env var: MISTRAL_THREADS]",
         rich_help_panel="Hardware",
     ),
 ]

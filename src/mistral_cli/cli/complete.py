@@ -486,3 +486,6 @@ def _report(done: Any, engine: Any) -> None:
         f"({done.decode_tokens_per_s:.1f} tokens/s, {done.decode_tokens_per_s * weight_gb:.1f} GB/s of weights); "
         f"finish: {done.finish_reason}\n"
     )
+    pacer = getattr(engine, "pacer", None)
+    if pacer is not None and (summary := pacer.summary()):
+        sys.stderr.write(f"mistral: {summary}\n")

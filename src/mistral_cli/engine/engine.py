@@ -21,6 +21,7 @@ import torch
 
 from mistral_cli.engine.cuda import GraphedDecode, TokenReader, compile_decode, graphs_wanted
 from mistral_cli.engine.events import Chunk, Done, Reply, TokenLogprob
+from mistral_cli.engine.pacing import Pacer
 from mistral_cli.engine.sampling import Sampler, check_finite
 from mistral_cli.errors import MistralError
 from mistral_cli.model.cache import KVCache
@@ -104,6 +105,7 @@ class Engine:
         self.weights_note = "read the checkpoint"  # how load_engine got the weights (--verbose says it)
         self.weights_warning: str | None = None  # why the prepared weights could not be written, if so
         self.reading: ReadAhead | None = None  # the mapped prepared file read into memory ahead, if so
+        self.pacer: Pacer | None = None  # on a CPU: the decode threads adapted to the CPU time the steps get
         # --compile: a static cache of the whole context and one compiled graph for every decode step
         self.cache: KVCache = model.new_cache(max_context, static=compile)
         self._decode = compile_decode(model, self.cache, placement.device) if compile else None
@@ -378,8 +380,15 @@ class Engine:
                         reply.finish = "stop"
                 if reply.finish is not None:
                     break
-                logits = self._step(token) if queued is None else queued
-                queued = None
+                if queued is not None:
+                    logits, queued = queued, None
+                elif self.pacer is None:
+                    logits = self._step(token)
+                else:
+                    began = time.perf_counter()
+                    logits = self._step(token)
+                    if (threads := self.pacer.note(time.perf_counter() - began)) != torch.get_num_threads():
+                        torch.set_num_threads(threads)
                 self.tokens.append(token)
         finally:
             # a step queued for a token that ended the text (or before Ctrl-C) wrote past the sequence: drop it

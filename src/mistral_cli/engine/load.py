@@ -16,8 +16,9 @@ import torch
 
 from mistral_cli.engine import prepared
 from mistral_cli.engine.engine import Engine
+from mistral_cli.engine.pacing import Pacer
 from mistral_cli.errors import MistralError
-from mistral_cli.hardware import shared_threads
+from mistral_cli.hardware import adaptive_threads, shared_threads
 from mistral_cli.model import quant
 from mistral_cli.model.checkpoint import check_size, find_weights, load_state
 from mistral_cli.model.config import ModelConfig
@@ -67,6 +68,8 @@ def load_engine(folder: Path, options: LoadOptions, progress: Progress | None = 
     )
     engine.weights_note, engine.weights_warning = outcome.note, outcome.warning
     engine.reading = outcome.reading
+    if placement.device.type == "cpu" and (most := adaptive_threads(options.threads)) is not None:
+        engine.pacer = Pacer(most, torch.get_num_threads())
     return engine
 
 

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from mistral_cli.engine.events import Chunk, Done, Reply
+from mistral_cli.engine.pacing import Pacer
 from mistral_cli.engine.sampling import Sampler
 from mistral_cli.errors import MistralError
 from mistral_cli.hardware import (
     QUICK_ENV,
+    adaptive_threads,
     default_threads,
     dtype_name,
     gpu_present,
@@ -149,6 +151,8 @@ class QuickEngine:
             if not n.startswith(("tok_embeddings.", "__padding_")) and n not in ROPE
         )  # fmt: skip
         self.threads = options.threads or shared_threads(default_threads())
+        most = adaptive_threads(options.threads)
+        self.pacer = Pacer(most, self.threads) if most is not None else None
         self.kernels_label = library.label(self.features)
         self._keep = tensors  # the mapping stays for the process's life
         self.reading = read_ahead(lambda offset, n: libc().madvise(tensors.base + offset, n, POPULATE),
@@ -197,7 +201,10 @@ class QuickEngine:
             if text is not None:
                 yield Chunk(text, token)
             if reply.finish is None:
+                began = time.perf_counter()
                 step(token, len(tokens))
+                if self.pacer is not None:
+                    self.threads = self.pacer.note(time.perf_counter() - began)
                 tokens.append(token)
         tail = reply.tail()
         if tail:
