@@ -59,16 +59,17 @@ def llama(gguf: Path, threads: int, context: int) -> Any:
     llm = llama_cpp.Llama(str(gguf), n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads,
                           use_mmap=False, verbose=False)  # fmt: skip
 
+    def greedy() -> int:  # the argmax of the last logits (llama-cpp-python keeps only those without logits_all)
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+
     def decode(prompt: list[int], n: int) -> float:
         llm.reset()
         llm.eval(prompt)
-        token = int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+        token = greedy()
         t = time.perf_counter()
         for _ in range(n):
             llm.eval([token])
-            token = int(
-                np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax()
-            )
+            token = greedy()
         return n / (time.perf_counter() - t)
 
     return decode, llm

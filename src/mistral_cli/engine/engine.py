@@ -290,10 +290,20 @@ class Engine:
         cache.length = T
         return logits[:, -1]
 
-    @torch.inference_mode()
     def _step(self, token: int | torch.Tensor) -> torch.Tensor:
         """Feed one token (an id, or a 0-d tensor on the device) at the end of the sequence; returns its logits
-        (V,). Nothing here waits for the device."""
+        (V,). Nothing here waits for the device. On a CPU the step is timed for the pacer, which may change the
+        thread count of the next steps."""
+        if self.pacer is None:
+            return self._one_step(token)
+        began = time.perf_counter()
+        logits = self._one_step(token)
+        if (threads := self.pacer.note(time.perf_counter() - began)) != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return logits
+
+    @torch.inference_mode()
+    def _one_step(self, token: int | torch.Tensor) -> torch.Tensor:
         pos = len(self.tokens)
         if self._fused is not None:
             return self._fused(int(token), self.cache, pos)
@@ -380,15 +390,8 @@ class Engine:
                         reply.finish = "stop"
                 if reply.finish is not None:
                     break
-                if queued is not None:
-                    logits, queued = queued, None
-                elif self.pacer is None:
-                    logits = self._step(token)
-                else:
-                    began = time.perf_counter()
-                    logits = self._step(token)
-                    if (threads := self.pacer.note(time.perf_counter() - began)) != torch.get_num_threads():
-                        torch.set_num_threads(threads)
+                logits = self._step(token) if queued is None else queued
+                queued = None
                 self.tokens.append(token)
         finally:
             # a step queued for a token that ended the text (or before Ctrl-C) wrote past the sequence: drop it
