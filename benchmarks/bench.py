@@ -103,8 +103,9 @@ def write_ggufs(
         return path
 
     def quantize(kind: str) -> Path:
-        path, src = work / f"model-{kind}.gguf", convert("bf16")
+        path = work / f"model-{kind}.gguf"
         if not path.is_file():
+            src = convert("bf16")
             # in a child process: llama.cpp logs every tensor on the C stderr, which a parent cannot silence
             code = (
                 "import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
