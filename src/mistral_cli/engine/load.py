@@ -68,7 +68,8 @@ def load_engine(folder: Path, options: LoadOptions, progress: Progress | None = 
     )
     engine.weights_note, engine.weights_warning = outcome.note, outcome.warning
     engine.reading = outcome.reading
-    if placement.device.type == "cpu" and (most := adaptive_threads(options.threads)) is not None:
+    # only on our whole-step kernels, where the thread count changes no result (torch's may round differently)
+    if fused is not None and (most := adaptive_threads(options.threads)) is not None:
         engine.pacer = Pacer(most, torch.get_num_threads())
     return engine
 

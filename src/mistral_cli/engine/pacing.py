@@ -8,9 +8,10 @@ when a window runs markedly slower than the best window at this thread count, it
 window and keeps whichever count was faster; after some windows at fewer threads it tries one more, so the cores
 come back once the other program is gone. On an idle machine the steps do not slow down and nothing changes.
 
-A thread count changes no result: each output row of a product is computed whole by one thread
-(tests/test_kernels.py), so a reply is the same whatever counts it went through. No torch here: the quick path
-uses it too.
+The pacer runs where the steps are our kernels' whole-step calls (engine/load.py, engine/quick.py): there a thread
+count changes no result, since each output row of a product is computed whole by one thread
+(tests/test_kernels.py), so a reply is the same whatever counts it went through. torch's own kernels may split a
+sum differently at another count, so a step on them keeps its count. No torch here: the quick path uses it too.
 """
 
 from __future__ import annotations
