@@ -466,7 +466,7 @@ def test_without_them_torch_kernels_are_used(ops, tmp_path, hf_model_dir, env, s
     proc = _kernels_cli(tmp_path, **env)
     assert proc.returncode == 1 and says in proc.stdout, proc.stdout + proc.stderr
     # the CLI still works, on torch's kernels, and says so in --verbose
-    args = ["complete", "-m", str(hf_model_dir), "-n", "5", "-t", "0", "--verbose", "Roses are"]
+    args = ["complete", "-m", str(hf_model_dir), "-n", "5", "-t", "0", "--verbose", "--device", "cpu", "Roses are"]
     run_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
     out = subprocess.run([sys.executable, "-m", "mistral_cli", *args], capture_output=True, text=True, env=run_env)
     assert out.returncode == 0 and " kernels, " not in out.stderr and out.stdout, out.stderr
