@@ -3,7 +3,7 @@
     python benchmarks/bench.py --shape small --dtype fp32 bf16 --quantize none int8 int4
     python benchmarks/bench.py --shape 7b --dtype bf16 --prompt 128 --decode 16 --repeats 2
     python benchmarks/bench.py --device cuda --shape 7b --dtype bf16 --quantize none --decode 256 \
-        --engines ours ours+eager ours+sync transformers ours+compile
+        --engines ours ours+graphs ours+sync transformers ours+compile
 
 The checkpoint is written once, in bf16 safetensors with an HF config and the v1 tokenizer (from mistral-common),
 into a temporary folder, by the tests' writer (tests/checkpoints.py). Each engine and setting then runs in its own
@@ -18,7 +18,7 @@ of each figure, since other work on the machine only ever slows a run down.
 
 With `--device cuda` every engine runs on the GPU: the bandwidth is a sum over a buffer in GPU memory, the memory
 columns are the GPU's (torch's peak allocation), and the random weights are drawn on the GPU (fast, and different
-numbers from a CPU run's). `ours+eager` is our engine without CUDA graphs, `ours+sync` without queuing the next
+numbers from a CPU run's). `ours+graphs` is our engine with CUDA graphs, `ours+sync` without queuing the next
 step before the token is read back: what each brings.
 
 Needs the test extras (transformers, mistral-common). llama.cpp (`--engines llama.cpp`) needs llama-cpp-python and
@@ -51,7 +51,7 @@ from checkpoints import SHAPES, VOCAB, n_params, write_checkpoint  # noqa: E402
 
 @dataclass
 class RunSpec:
-    engine: str  # "ours" | "ours+torch" | "ours+compile" | "ours+eager" | "ours+sync" | "transformers" | "llama.cpp"
+    engine: str  # "ours" | "ours+torch" | "ours+compile" | "ours+graphs" | "ours+sync" | "transformers" | "llama.cpp"
     folder: str
     dtype: str  # "fp32" | "bf16"
     quantize: str = "none"
@@ -403,8 +403,8 @@ def run_llama_cpp(spec: RunSpec) -> RunResult:
 def worker(spec: RunSpec) -> None:
     if spec.engine == "ours+torch":
         os.environ["MISTRAL_KERNELS"] = "off"  # our engine on torch's CPU kernels
-    if spec.engine == "ours+eager":
-        os.environ["MISTRAL_CUDA_GRAPHS"] = "off"  # our engine launching every kernel from Python
+    if spec.engine == "ours+graphs":
+        os.environ["MISTRAL_CUDA_GRAPHS"] = "on"  # our engine replaying decode steps from CUDA graphs
     if spec.threads:
         import torch
 
@@ -515,7 +515,7 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
             ratio(f"decode ours/ours+torch {d} {q}", "decode_tok_s", ("ours", d, q), ("ours+torch", d, q))
         for q in ("none", "int8", "int4"):
             ratio(f"decode ours/llama.cpp {d} {q}", "decode_tok_s", ("ours", d, q), ("llama.cpp", d, q))
-        for other in ("ours+eager", "ours+sync"):  # what CUDA graphs and queuing ahead bring
+        for other in ("ours+graphs", "ours+sync"):  # what CUDA graphs and queuing ahead bring
             ratio(f"decode ours/{other} {d}", "decode_tok_s", ("ours", d, "none"), (other, d, "none"))
     return out
 
@@ -528,10 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--engines",
         nargs="+",
-        choices=["ours", "ours+torch", "ours+compile", "ours+eager", "ours+sync", "transformers", "llama.cpp"],
+        choices=["ours", "ours+torch", "ours+compile", "ours+graphs", "ours+sync", "transformers", "llama.cpp"],
         default=["ours", "transformers"],
         help="ours+torch: our engine on torch's CPU kernels instead of ours (MISTRAL_KERNELS=off); ours+compile: "
-        "with --compile (load time includes the compilation); cuda: ours+eager without CUDA graphs, ours+sync "
+        "with --compile (load time includes the compilation); cuda: ours+graphs with CUDA graphs, ours+sync "
         "reading each token back before queuing the next step",
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every engine runs")

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks, in one short run on a CUDA machine: the CUDA tests, the benchmark on a random 7B model in bf16
-# (ours with and without CUDA graphs and queued steps, and transformers; then ours with int8 and int4; then
-# --compile), then the CPU kernel tests on that machine's CPU. Results go to $OUT (default /tmp/gpu-check): seven
-# files, as the device tool brings back at most eight. Needs torch with CUDA, transformers, pytest and this
-# package's dependencies; wheels in .whl/ are installed first when the machine cannot reach a registry (see
-# BENCHMARKS.md for the ones a bare CUDA machine lacks).
+# The GPU checks, in one short run on a CUDA machine: the CUDA tests; where a decode step's time goes
+# (benchmarks/cuda_step.py: each kernel and each formulation of the products); the benchmark on a random 7B model in
+# bf16 (ours with and without CUDA graphs and queued steps, and transformers; then ours with int8 and int4, then
+# --compile); the CPU kernel tests on that machine's CPU in the time left. The most wanted come first; each step's
+# timeout leaves the ones after it their share. Results go to $OUT (default /tmp/gpu-check): eight files, as many
+# as the device tool brings back. Needs torch with CUDA, transformers, pytest and this package's dependencies;
+# wheels in .whl/ are installed first when the machine cannot reach a registry (see BENCHMARKS.md for the ones a
+# bare CUDA machine lacks).
 #
-#   bash scripts/gpu_check.sh [seconds allowed, default 560]
+#   bash scripts/gpu_check.sh [seconds allowed, default 540]
 set -u
-budget=${1:-560}
+budget=${1:-540}
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,9 +29,31 @@ until_end() { local n=$((budget - SECONDS - $1)); echo $((n > 20 ? n : 20)); } #
     echo
 } 2>&1 | tee "$OUT/machine.txt"
 
+# what everything below needs, checked in seconds: a machine that lacks a package costs a rerun, not the whole budget
+python3 - <<'PY' 2>&1 | tee -a "$OUT/machine.txt"
+import sys
+
+import torch
+import transformers  # noqa: F401
+
+import mistral_cli.cli.app  # noqa: F401
+import mistral_cli.engine.load  # noqa: F401
+
+sys.path.insert(0, "tests")
+import tiny
+
+assert tiny.tokenizer_path().is_file(), "no v1 tokenizer in mistral-common"
+assert torch.cuda.is_available(), "torch sees no CUDA GPU"
+print("ready:", torch.cuda.get_device_name(), "torch", torch.__version__)
+PY
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "the machine lacks what the checks need (above)"; exit 3; }
+
 echo "== CUDA tests ($(left) s left)"
-timeout 200 python3 -m pytest -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -40
+timeout 180 python3 -m pytest -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -40
 echo "tests exit status ${PIPESTATUS[0]}"
+
+echo "== where a decode step's time goes ($(left) s left)"
+timeout 100 python3 benchmarks/cuda_step.py 2>&1 | grep -v USDT | tee "$OUT/probe.md" | grep -E "^\| (eager|CUDA|int)|tokens:"
 
 # one random 7B checkpoint for every benchmark below; the most wanted figures first
 bench() { # name, seconds to leave for what follows, then the benchmark's own arguments
@@ -37,13 +61,13 @@ bench() { # name, seconds to leave for what follows, then the benchmark's own ar
     shift 2
     echo "== 7B benchmark: $name ($(left) s left)"
     timeout "$(until_end "$after")" python3 benchmarks/bench.py --device cuda --shape 7b --model-dir /tmp/gpu-check-7b \
-        --dtype bf16 --prompt 512 --decode 256 --repeats 2 --accuracy-tokens 64 --timeout 150 "$@" 2>&1 |
+        --dtype bf16 --prompt 512 --decode 128 --repeats 2 --accuracy-tokens 64 --timeout 150 "$@" 2>&1 |
         tee "$OUT/bench-$name.md"
 }
-bench bf16 150 --quantize none --engines ours transformers ours+sync ours+eager --json "$OUT/bench-bf16.json"
-bench quantized 110 --quantize none int8 int4 --engines ours
-bench compile 70 --quantize none --engines ours+compile
+bench bf16 240 --quantize none --engines ours transformers ours+sync ours+graphs --json "$OUT/bench-bf16.json"
+bench quantized 160 --quantize int8 int4 --engines ours
+bench compile 80 --quantize none --engines ours+compile
 
 echo "== CPU kernel tests on this machine's CPU ($(left) s left)"
-timeout "$(until_end 5)" python3 -m pytest -p no:cacheprovider -x tests/test_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -15
+timeout "$(until_end 5)" python3 -m pytest -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -15
 echo "kernel tests exit status ${PIPESTATUS[0]}"

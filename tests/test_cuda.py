@@ -1,5 +1,6 @@
-"""The GPU paths: decode steps replayed from CUDA graphs, greedy steps queued before the token is read back, and
---compile. The logic they rest on is checked on the CPU too; the rest runs only where torch sees a CUDA GPU.
+"""The GPU paths: greedy steps queued before the token is read back, decode steps replayed from CUDA graphs (on with
+MISTRAL_CUDA_GRAPHS=on), and --compile. The logic they rest on is checked on the CPU too; the rest runs only where
+torch sees a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mistral_cli.cli import banner
 from mistral_cli.engine.cuda import TokenReader
 from mistral_cli.engine.engine import Done, Engine
 from mistral_cli.engine.load import load_engine, load_model
+from mistral_cli.hardware import GRAPHS_ENV
 from mistral_cli.model.placement import Placement
 from mistral_cli.model.quant import quantized_linear
 from mistral_cli.options import GenerationOptions, LoadOptions
@@ -151,6 +153,12 @@ def gpu_folder(tmp_path_factory, tiny_spec, tiny_sd):
     return write_hf(tmp_path_factory.mktemp("gpu") / "tiny", tiny_spec, tiny_sd)
 
 
+@pytest.fixture
+def graphs_on(monkeypatch):
+    """Loads replay decode steps from CUDA graphs, as MISTRAL_CUDA_GRAPHS=on asks (off by default)."""
+    monkeypatch.setenv(GRAPHS_ENV, "on")
+
+
 @needs_cuda
 def test_cuda_fp32_matches_transformers_on_cuda(tmp_path):
     spec = TinySpec(n_layers=3)
@@ -179,7 +187,8 @@ def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder):
     ids = prompt(64, seed=4)
     fp32 = load_engine(gpu_folder, LoadOptions(device="cpu", dtype="fp32"))
     bf16 = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="bf16"))
-    assert bf16.placement.dtype == torch.bfloat16 and "CUDA graphs" in banner.hardware(bf16)
+    assert bf16.placement.dtype == torch.bfloat16 and bf16.lookahead
+    assert bf16.graph is None and "CUDA graphs" not in banner.hardware(bf16)  # only where asked for
     x = torch.tensor([ids])
     with torch.inference_mode():
         ref = fp32.model(x, fp32.model.new_cache(), 0)[0]
@@ -190,7 +199,7 @@ def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype, quantize", [("fp32", "none"), ("bf16", "none"), ("bf16", "int8"), ("bf16", "int4")])
-def test_graphed_steps_equal_eager_steps(gpu_folder, dtype, quantize):
+def test_graphed_steps_equal_eager_steps(gpu_folder, graphs_on, dtype, quantize):
     """Graph replays are the eager masked step bit for bit, across a recapture when the cache grows (bf16 int8:
     with torch's GPU int8 kernel in the graph)."""
     ids = prompt(250, seed=5)
@@ -215,7 +224,7 @@ def test_graphed_steps_equal_eager_steps(gpu_folder, dtype, quantize):
 
 
 @needs_cuda
-def test_graphs_and_queued_steps_give_the_eager_text(gpu_folder):
+def test_graphs_and_queued_steps_give_the_eager_text(gpu_folder, graphs_on):
     ids = prompt(200, seed=6)
     fast = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="fp32", max_context=400))
     slow = same_weights(fast, graphs=False, lookahead=False)
@@ -278,11 +287,13 @@ def syncs_of(engine: Engine, ids: list[int], n: int) -> int:
 def test_greedy_decoding_never_waits_for_the_gpu_per_token(gpu_folder):
     ids = prompt(100, seed=13)
     engine = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="bf16", max_context=256))
-    run(engine, ids, greedy(4))  # the graph is captured here
-    # the prefill and the end of the generation wait; the tokens in between add nothing
-    assert syncs_of(engine, ids, 5) == syncs_of(engine, ids, 50)
-    engine.lookahead = False  # reading each token back before the next step waits once per token
-    assert syncs_of(engine, ids, 50) > syncs_of(engine, ids, 5)
+    for graphs in (False, True):
+        e = same_weights(engine, graphs=graphs)
+        run(e, ids, greedy(4))  # a graph is captured here
+        # the prefill and the end of the generation wait; the tokens in between add nothing
+        assert syncs_of(e, ids, 5) == syncs_of(e, ids, 50), graphs
+        e.lookahead = False  # reading each token back before the next step waits once per token
+        assert syncs_of(e, ids, 50) > syncs_of(e, ids, 5), graphs
 
 
 @needs_cuda
@@ -327,7 +338,7 @@ def test_int8_layers_use_torchs_gpu_kernel_where_it_is_right():
 
 @needs_cuda
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_model_decodes_with_graphs(gpu_folder, mode):
+def test_quantized_model_decodes_with_graphs(gpu_folder, graphs_on, mode):
     ids = prompt(40, seed=10)
     fast = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="fp32", quantize=mode, max_context=128))
     assert "CUDA graphs" in banner.hardware(fast) and mode in banner.hardware(fast)
@@ -338,16 +349,19 @@ def test_quantized_model_decodes_with_graphs(gpu_folder, mode):
 
 @needs_cuda
 def test_cli_on_cuda(gpu_folder):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != GRAPHS_ENV} | {"HF_HUB_OFFLINE": "1"}
     out = {}
-    for device in ("cpu", "cuda"):
+    for device, graphs in (("cpu", "off"), ("cuda", "off"), ("cuda", "on")):
         cmd = [sys.executable, "-m", "mistral_cli", "complete", "-m", str(gpu_folder)]
         cmd += ["--device", device, "--dtype", "fp32", "--temperature", "0", "--max-tokens", "24", "--verbose"]
-        proc = subprocess.run(cmd, input="The weather today", capture_output=True, text=True, env=env, timeout=300)
+        run_env = env | ({GRAPHS_ENV: "on"} if graphs == "on" else {})
+        proc = subprocess.run(cmd, input="The weather today", capture_output=True, text=True, env=run_env, timeout=300)
         assert proc.returncode == 0, proc.stderr
-        out[device] = proc
-    assert out["cuda"].stdout == out["cpu"].stdout and out["cuda"].stdout.strip()
-    assert "cuda fp32" in out["cuda"].stderr and "CUDA graphs" in out["cuda"].stderr
+        out[device, graphs] = proc
+    expected = out["cpu", "off"].stdout
+    assert expected.strip() and out["cuda", "off"].stdout == expected == out["cuda", "on"].stdout
+    assert "cuda fp32" in out["cuda", "off"].stderr and "CUDA graphs" not in out["cuda", "off"].stderr
+    assert "cuda fp32, CUDA graphs" in out["cuda", "on"].stderr
 
 
 @needs_cuda

@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 
 KERNELS_ENV = "MISTRAL_KERNELS"  # "off": torch's CPU kernels instead of ours; "avx2": ours without AVX-512
-GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "off": no CUDA graphs for decode steps
+GRAPHS_ENV = "MISTRAL_CUDA_GRAPHS"  # "on": decode steps replayed from CUDA graphs (off by default: engine/cuda.py)
 QUICK_ENV = "MISTRAL_QUICK"  # "off": `mistral complete` always loads torch (engine/quick.py)
 ADAPT_ENV = "MISTRAL_ADAPT_THREADS"  # "off": decode steps keep the thread count they were loaded with
 
@@ -34,6 +34,11 @@ def bad_switch() -> str | None:
 def switched_off(env: str) -> bool:
     """Whether the variable `env` switches a feature off: 0, off, no or false."""
     return os.environ.get(env, "").strip().lower() in ("0", "off", "no", "false")
+
+
+def switched_on(env: str) -> bool:
+    """Whether the variable `env` switches a feature on: 1, on, yes or true."""
+    return os.environ.get(env, "").strip().lower() in ("1", "on", "yes", "true")
 
 
 @cache

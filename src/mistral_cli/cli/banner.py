@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 
 def hardware(engine: Engine) -> str:
-    """'cpu bf16 int4, AVX2 + AVX512-BF16 + AVX512-VNNI kernels, 2 threads' or 'cuda bf16, CUDA graphs'."""
+    """'cpu bf16 int4, AVX2 + AVX512-BF16 + AVX512-VNNI kernels, 2 threads' or 'cuda bf16' (', CUDA graphs' where on)."""
     import torch
 
     parts = [str(engine.placement) + ("" if engine.quantize == "none" else f" {engine.quantize}")]

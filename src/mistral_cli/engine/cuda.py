@@ -1,9 +1,11 @@
-"""Decode steps on a GPU: replays of captured CUDA graphs, token ids read back without waiting for the next step,
+"""Decode steps on a GPU: token ids read back without waiting for the next step, replays of captured CUDA graphs,
 and the compiled step (`--compile`).
 
-A decode step replays a captured CUDA graph (one launch instead of hundreds of kernel launches from Python), and
-greedy decoding queues the next step before it reads the token back, so the GPU is never idle while Python turns a
-token into text.
+Greedy decoding queues the next step before it reads the token back, so the GPU is never idle while Python turns a
+token into text. A decode step can also replay a captured CUDA graph (one launch instead of hundreds of kernel
+launches from Python), but only where $MISTRAL_CUDA_GRAPHS asks for it: on the one GPU measured so far (an H200,
+BENCHMARKS.md "On a GPU") the replayed masked step ran at 55 tokens/s on the 7B model where launching each kernel
+from Python with queued steps ran at 80 (and `--compile` at 198), for reasons not yet found.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ from collections.abc import Callable
 
 import torch
 
-from mistral_cli.hardware import GRAPHS_ENV, switched_off
+from mistral_cli.hardware import GRAPHS_ENV, switched_on
 from mistral_cli.model.cache import KVCache
 from mistral_cli.model.transformer import Transformer
 
 
 def graphs_wanted(device: torch.device, compile: bool) -> bool:
-    """Whether decode steps replay CUDA graphs by default: on cuda, without --compile (which makes its own), unless
-    $MISTRAL_CUDA_GRAPHS switches them off."""
-    return device.type == "cuda" and not compile and not switched_off(GRAPHS_ENV)
+    """Whether decode steps replay CUDA graphs by default: on cuda, without --compile (which makes its own), where
+    $MISTRAL_CUDA_GRAPHS switches them on."""
+    return device.type == "cuda" and not compile and switched_on(GRAPHS_ENV)
 
 
 class TokenReader:
