@@ -60,6 +60,20 @@ def test_a_slowdown_that_fewer_threads_do_not_cure_is_kept_at_every_core():
     assert counts[500:].count(1) <= pacing.WINDOW and set(counts[600:]) == {2}
 
 
+def test_a_reply_after_a_busy_one_starts_with_the_loads_count_again():
+    for still_busy in (False, True):
+        pacer = Pacer(2)
+        drive(pacer, range(100, 400), 400)  # another program starts during the reply: one thread
+        assert pacer.threads == 1
+        assert pacer.begin() == 2  # the next reply: the other program may have ended meanwhile
+        counts = drive(pacer, range(0, 400) if still_busy else range(0), 400)
+        if still_busy:  # down again within three windows, and staying there but for a probe
+            assert counts[3 * pacing.WINDOW :].count(1) >= 400 - 4 * pacing.WINDOW
+        else:  # it had: both cores from the first step, kept
+            assert set(counts) == {2}
+    assert Pacer(2, threads=1).begin() == 1  # the load's own count (a program ran then) is not raised
+
+
 @pytest.mark.parametrize("most", [1, 4])
 def test_the_count_stays_within_one_and_the_cores(most):
     pacer = Pacer(most)
@@ -77,6 +91,10 @@ class EveryStep:
         self.steps += 1
         return 1 + self.steps % 2
 
+    def begin(self) -> int:
+        self.replies = getattr(self, "replies", 0) + 1
+        return 1  # the prompt at one thread: its tokens too are the same
+
 
 @pytest.mark.skipif(library.library() is None, reason=f"our kernels: {library.status()}")
 def test_changing_the_thread_count_between_steps_changes_no_token(hf_model_dir):
@@ -92,6 +110,7 @@ def test_changing_the_thread_count_between_steps_changes_no_token(hf_model_dir):
             engine.pacer = EveryStep()  # type: ignore[assignment]
             changing = list(engine.generate(prompt, options))[-1]
             assert changing.tokens == fixed.tokens and engine.pacer.steps == len(fixed.tokens) - 1
+            assert engine.pacer.replies == 1
     finally:
         torch.set_num_threads(before)
 

@@ -342,6 +342,8 @@ class Engine:
         reply = Reply(
             options, self.tokenizer.stream(leading_space=leading_space), self.tokenizer.eos_id, self.max_context
         )
+        if self.pacer is not None and (threads := self.pacer.begin()) != torch.get_num_threads():
+            torch.set_num_threads(threads)  # a new reply starts with the load's count (engine/pacing.py)
         t0 = time.perf_counter()
         scored = self.score(prompt, logprobs or 0) if prompt_logprobs else None
         logits, fed = self.prefill(prompt, token_by_token)

@@ -6,7 +6,9 @@ at the pace of the thread that shares its core, and on 2 cores keeps a quarter t
 one thread alone keeps 55-70% (BENCHMARKS.md, "Sharing the machine"). The pacer times the decode steps in windows:
 when a window runs markedly slower than the best window at this thread count, it tries one thread fewer for a
 window and keeps whichever count was faster; after some windows at fewer threads it tries one more, so the cores
-come back once the other program is gone. On an idle machine the steps do not slow down and nothing changes.
+come back once the other program is gone. A new reply (`begin`) starts with the count chosen at load again: the
+pause between two chat turns may have outlasted the other program, and if it did not, the first windows take the
+count down again. On an idle machine the steps do not slow down and nothing changes.
 
 The pacer runs where the steps are our kernels' whole-step calls (engine/load.py, engine/quick.py): there a thread
 count changes no result, since each output row of a product is computed whole by one thread
@@ -41,6 +43,16 @@ class Pacer:
         self._windows = 0  # windows at this count since it was chosen
         self._retry = RETRY
         self._steps = 0
+
+    def begin(self) -> int:
+        """A new reply starts: the thread count for its prompt and first steps. Fewer threads than at load (another
+        program was running during the last reply) become the load's count again, which the steps then confirm or
+        take down within three windows, instead of the next probe up to RETRY_MOST windows later."""
+        self._times.clear()
+        self._trial, self._slow = None, 0
+        if self.threads < self.first:
+            self._set(self.first)
+        return self.threads
 
     def note(self, seconds: float) -> int:
         """One decode step took `seconds`: the thread count for the next steps."""

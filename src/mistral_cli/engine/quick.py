@@ -187,6 +187,8 @@ class QuickEngine:
 
         sampler = Sampler(options)
         reply = Reply(options, self.tokenizer.stream(leading_space=leading_space), self.tokenizer.eos_id, self.context)
+        if self.pacer is not None:
+            self.threads = self.pacer.begin()  # a new reply starts with the load's count (engine/pacing.py)
         t0 = time.perf_counter()
         library.check(self.lib.mc_decode_tokens(  # the prompt block by block
             ctypes.byref(self.model.struct), (ctypes.c_int64 * len(prompt))(*map(known, prompt)), len(prompt), cache.keys,
