@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mistral_cli.cli import banner
-from mistral_cli.engine.cuda import TokenReader
+from mistral_cli.engine.cuda import TokenReader, graphs_wanted
 from mistral_cli.engine.engine import Done, Engine
 from mistral_cli.engine.load import load_engine, load_model
 from mistral_cli.hardware import GRAPHS_ENV
@@ -145,6 +145,18 @@ def test_masked_decode_over_a_growing_cache_equals_plain_decoding(hf_model_dir, 
     assert masked.capacity == 512
 
 
+def test_cuda_graphs_only_where_asked_for(monkeypatch):
+    """Off by default (on an H200 the replayed step was slower than launching from Python: BENCHMARKS.md); on with
+    MISTRAL_CUDA_GRAPHS=on, never on a CPU or with --compile, which makes its own."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    assert not graphs_wanted(cuda, compile=False)
+    for value, wanted in (("on", True), ("1", True), ("off", False), ("0", False)):
+        monkeypatch.setenv(GRAPHS_ENV, value)
+        assert graphs_wanted(cuda, compile=False) == wanted, value
+    assert not graphs_wanted(cuda, compile=True) and not graphs_wanted(cpu, compile=False)
+
+
 # --- on a CUDA GPU --------------------------------------------------------------------------------------------------
 
 
@@ -183,7 +195,8 @@ def test_cuda_fp32_matches_transformers_on_cuda(tmp_path):
 
 
 @needs_cuda
-def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder):
+def test_cuda_bf16_is_close_to_the_fp32_network(gpu_folder, monkeypatch):
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
     ids = prompt(64, seed=4)
     fp32 = load_engine(gpu_folder, LoadOptions(device="cpu", dtype="fp32"))
     bf16 = load_engine(gpu_folder, LoadOptions(device="cuda", dtype="bf16"))
