@@ -321,20 +321,20 @@ def test_int8_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
 
 @pytest.mark.parametrize("N, K", [(20, 2048), (9, 256), (6, 4096)])
 def test_bf16_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
-    """A short prompt's bf16 product with AVX512-BF16 (up to four activation rows per pass over the weights): each
-    row the decode product of that row, bit for bit, with row tails of 1-3, weight-row tails, and short rows (which
-    take the one-row-at-a-time dot)."""
-    _needs(ops, 1, "AVX512-BF16")
-    assert ops.bf16_rows and not avx2_ops.bf16_rows
+    """A short prompt's bf16 product (up to four activation rows per pass over the weights, with AVX512-BF16 where
+    the build has it, and on the AVX2 paths): each row the decode product of that row on the same build, bit for bit,
+    with row tails of 1-3, weight-row tails, and short rows (which take the one-row-at-a-time dot)."""
     w = (_rand(N, K, seed=N) / 8).to(torch.bfloat16)
-    for M in (1, 2, 3, 4, 5, 7, 9):
-        x = (_rand(M, K, seed=M) * 3).to(torch.bfloat16)
-        x[M - 1, 70 % K] = -30.0
-        y = ops.linear_bf16_rows(x[None], w)
-        assert y.shape == (1, M, N) and y.dtype == torch.bfloat16
-        assert torch.equal(y[0], torch.stack([ops.linear_bf16(row, w) for row in x]))
-    with pytest.raises(ValueError, match="bf16 rows"):
-        ops.linear_bf16_rows(x.float(), w)
+    for build in (ops, avx2_ops):
+        assert build.bf16_rows
+        for M in (1, 2, 3, 4, 5, 7, 9):
+            x = (_rand(M, K, seed=M) * 3).to(torch.bfloat16)
+            x[M - 1, 70 % K] = -30.0
+            y = build.linear_bf16_rows(x[None], w)
+            assert y.shape == (1, M, N) and y.dtype == torch.bfloat16
+            assert torch.equal(y[0], torch.stack([build.linear_bf16(row, w) for row in x])), (build.features, M)
+        with pytest.raises(ValueError, match="bf16 rows"):
+            build.linear_bf16_rows(x.float(), w)
 
 
 def test_the_label_says_which_paths_run(ops):
@@ -395,7 +395,10 @@ print("clean")
 """
 
 
-def test_no_kernel_reads_or_writes_outside_its_buffers(ops, tmp_path):
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_no_kernel_reads_or_writes_outside_its_buffers(ops, tmp_path, build):
+    if build == "avx2" and not ops.features:
+        pytest.skip("this CPU's build is the AVX2 one")
     gcc = shutil.which("gcc")
     libasan = (
         gcc and subprocess.run([gcc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
@@ -409,6 +412,7 @@ def test_no_kernel_reads_or_writes_outside_its_buffers(ops, tmp_path):
         "ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0",
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
         "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+        **({"MISTRAL_KERNELS": "avx2"} if build == "avx2" else {}),
     }
     script = ASAN_SCRIPT % str(tmp_path / "model")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
@@ -672,6 +676,23 @@ def test_a_short_prompt_is_fed_as_decode_steps(ops, wide_model, mode):
             assert torch.equal(logits, steps[m])
         else:
             assert torch.equal(logits, batch)
+
+
+def test_a_short_bf16_prompt_takes_the_rows_product_on_the_avx2_build_too(avx2_ops, wide_model, monkeypatch):
+    """Without AVX512-BF16 a short bf16 prompt's products still read each weight once for all its rows (the AVX2
+    several-rows product): every linear layer of the forward goes through it, and the logits are torch's forward's
+    within bf16 rounding."""
+    model = load_model(wide_model, BF16, kernels=avx2_ops)
+    use_kernels(model, avx2_ops)
+    calls = []
+    rows = avx2_ops.linear_bf16_rows
+    monkeypatch.setattr(avx2_ops, "linear_bf16_rows", lambda x, w: calls.append(x.shape) or rows(x, w))
+    prompt = torch.tensor([[1, *torch.randint(3, 32000, (6,), generator=torch.Generator().manual_seed(5)).tolist()]])
+    with torch.inference_mode():
+        got = model(prompt, model.new_cache(), last_only=True)[0, -1].float()
+        ref = load_model(wide_model, BF16)(prompt, model.new_cache(), last_only=True)[0, -1].float()
+    assert len(calls) == 4 * model.cfg.n_layers and all(shape[-2] == 7 for shape in calls)  # the head: one row
+    assert (got - ref).norm() <= 0.05 * ref.norm()
 
 
 def test_one_call_per_step_only_where_it_fits(ops, tmp_path, tiny_spec):

@@ -14,9 +14,10 @@ from mistral_cli.model.cache import KVCache
 from mistral_cli.model.transformer import Attention, Block, Linear, Transformer, window_start
 from mistral_cli.native.kernels import DecodeStep, Kernels, LayerOperands, Operands, supports
 
-# The most rows of a bf16 product that go to our kernels' several-rows product (AVX512-BF16) instead of torch's GEMM:
-# measured per 7B layer on a Zen 4 host (BENCHMARKS.md), ours is 1.1-1.6x faster from 2 to 16 rows, 1.1x at 32,
-# equal at 64.
+# The most rows of a bf16 product that go to our kernels' several-rows product instead of torch's GEMM, measured per
+# 7B layer on a Zen 4 host (BENCHMARKS.md): with AVX512-BF16 ours is 1.1-1.6x faster from 2 to 16 rows, 1.1x at 32,
+# equal at 64; on the AVX2 paths (against torch's float32 GEMM of the widened weights, which CPUs without fast bf16
+# take, limited to AVX2) 2.2-4x from 2 to 16 rows, 1.8x at 32, equal at 64.
 BF16_ROWS = 32
 
 

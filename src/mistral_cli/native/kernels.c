@@ -277,14 +277,57 @@ static void gemm_bf16x(const uint16_t *w, const uint16_t *x, void *y, int ytype,
 }
 #endif
 
-/* M bf16 rows times bf16 weights, each row's result equal to mc_gemv_bf16 of that row; -3 without AVX512-BF16 */
+#if !MC_BF16_DP
+/* The AVX2 decode product (mc_gemv_bf16 below) for T activation rows at once, in float32: one weight row at a time,
+   each 16 of its columns widened to float32 once for all T rows, so a short prompt reads and widens its weights
+   once instead of once per row. Each sum is the decode product's for that row (two accumulators over alternate 8
+   columns, added and reduced at the end), in the same order, so each output equals it bit for bit. */
+static inline __attribute__((always_inline)) void bf16_row_t(const uint16_t *w, const float *x, int64_t K, const int T,
+                                                             float out[4]) {
+    __m256 a[4], b[4];
+    for (int t = 0; t < T; t++) a[t] = b[t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        if (k % 32 == 0) _mm_prefetch((const char *)(w + k) + ROW_AHEAD, _MM_HINT_T0);
+        __m256 w0 = load_bf16x8(w + k), w1 = load_bf16x8(w + k + 8);
+        for (int t = 0; t < T; t++) {
+            a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), a[t]);
+            b[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 8), b[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) out[t] = hsum(_mm256_add_ps(a[t], b[t]));
+}
+
+static void gemm_bf16_avx2(const uint16_t *w, const float *xf, uint16_t *y, int64_t M, int64_t N, int64_t K,
+                           int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        float out[4];
+        for (int64_t m = 0; m < M; m += 4) {
+            const float *xm = xf + m * K;
+            int T = M - m < 4 ? (int)(M - m) : 4;
+            if (T == 4) bf16_row_t(w + n * K, xm, K, 4, out);
+            else if (T == 3) bf16_row_t(w + n * K, xm, K, 3, out);
+            else if (T == 2) bf16_row_t(w + n * K, xm, K, 2, out);
+            else bf16_row_t(w + n * K, xm, K, 1, out);
+            for (int t = 0; t < T; t++) store(y, 1, (m + t) * N + n, out[t]);
+        }
+    }
+}
+#endif
+
+/* M bf16 rows times bf16 weights, each row's result equal to mc_gemv_bf16 of that row: with AVX512-BF16 on the rows
+   as they are, else widened to float32 (exactly) for the AVX2 product */
 int mc_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
 #if MC_BF16_DP
     gemm_bf16x(w, x, y, 1, M, N, K, threads);
     return 0;
 #else
-    (void)w, (void)x, (void)y, (void)M, (void)N, (void)K, (void)threads;
-    return -3;
+    float *xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (!xf) return -1;
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
+    gemm_bf16_avx2(w, xf, y, M, N, K, threads);
+    free(xf);
+    return 0;
 #endif
 }
 

@@ -231,8 +231,8 @@ class Kernels:
 
     @property
     def bf16_rows(self) -> bool:
-        """Whether `linear_bf16_rows` is in this build (AVX512-BF16)."""
-        return bool(self.features & 1)
+        """Whether `linear_bf16_rows` is in this build: in every one (AVX512-BF16 where the CPU has it, else AVX2)."""
+        return True
 
     def linear_bf16_rows(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """`linear_bf16` of a few bf16 rows at once (a short prompt), each row's result equal to `linear_bf16` of that
