@@ -285,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         step_row("CUDA graph, torch.mv", decode_steps(model, device, prompt, True, False), device, weight_gb, False)
         step_row("eager, torch.mv", decode_steps(model, device, prompt, False, False), device, weight_gb, False)
         Linear.forward = forward  # type: ignore[method-assign]
+    # the two step compositions, each captured ten times in one graph: is the masked step's own work slow under a
+    # graph, or any step's? (GPU time only: no launches)
+    engine = decode_steps(model, device, prompt, False, False)
+    pos, x = len(engine.tokens), torch.full((1, 1), 5, device=device)
+    engine.cache.reserve(pos + 1)
+    at = torch.full((1,), pos, device=device)
+    with torch.inference_mode():
+        plain = graphed_ms(lambda: model(x, engine.cache, pos), device, n=10)
+        masked = graphed_ms(lambda: model.decode_step(x, engine.cache, at), device, n=10)
+    print(f"\nOne step in a graph (GPU ms): the eager composition {plain:.2f}, the masked one {masked:.2f}")
     products(model, device)
 
     for mode in ("int8", "int4"):

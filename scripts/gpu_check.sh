@@ -53,7 +53,7 @@ timeout 180 python3 -m pytest -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | 
 echo "tests exit status ${PIPESTATUS[0]}"
 
 echo "== where a decode step's time goes ($(left) s left)"
-timeout 100 python3 benchmarks/cuda_step.py 2>&1 | grep -v USDT | tee "$OUT/probe.md" | grep -E "^\| (eager|CUDA|int)|tokens:"
+timeout 100 python3 benchmarks/cuda_step.py 2>&1 | grep -v USDT | tee "$OUT/probe.md" | grep -E "^\| (eager|CUDA|int)|tokens:|One step"
 
 # one random 7B checkpoint for every benchmark below; the most wanted figures first
 bench() { # name, seconds to leave for what follows, then the benchmark's own arguments
