@@ -72,9 +72,9 @@ def test_undo_retry_system_and_dropping_rebuild_the_cache_correctly(engine):
         check_turn(engine, ids)
         answer(engine, conv, ids)
 
-    # /retry: the same prompt again; only its last token is fed (its logits are needed)
+    # /retry: the same prompt again; nothing is fed (the logits of its last token are the ones it had)
     ids = conv.retry(BIG, 100).ids
-    assert check_turn(engine, ids) == 1
+    assert check_turn(engine, ids) == 0
     answer(engine, conv, ids)
 
     # /undo, then a new message: the cache is cut back to the history before the undone exchange
@@ -122,3 +122,24 @@ def test_undo_retry_system_and_dropping_rebuild_the_cache_correctly(engine):
     system_turn = [tok.bos_id, *tok.encode("[INST] You are a pirate.\n\n")]
     assert prompt.ids[: len(system_turn)] == system_turn
     assert check_turn(engine, prompt.ids) == len(prompt.ids) - len(system_turn)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_same_prompt_again_gives_the_same_logits_and_reply(hf_model_dir, quantize):
+    """A prompt asked again on one engine (a retry, a repeated request to the server) gives the logits it gave the
+    first time, bit for bit, so a greedy reply repeats: feeding its last token alone would take another product path
+    (one row instead of the prompt's rows: int8 on torch's kernel instead of dequantized), which rounds otherwise."""
+    engine = load_engine(hf_model_dir, LoadOptions(device="cpu", dtype="bf16", quantize=quantize, max_context=256))
+    ids = [1, *torch.randint(3, 32000, (23,), generator=torch.Generator().manual_seed(4)).tolist()]
+    first, fed = engine.prefill(ids)
+    assert fed == len(ids)
+    before = reply(engine, ids)  # the cache now holds the reply too
+    again, fed = engine.prefill(ids)
+    assert fed == 0 and torch.equal(again, first) and engine.tokens == ids and engine.cache.length == len(ids)
+    assert reply(engine, ids).tokens == before.tokens
+    other = [*ids[:-1], ids[-1] + 1]  # another prompt of the same length is computed, not taken for it
+    logits, fed = engine.prefill(other)
+    assert fed == 1 and not torch.equal(logits, first)
+    engine.prefill(ids)
+    _, fed = engine.prefill(ids[:-3])  # a prefix of it: its own last logits are computed
+    assert fed == 1

@@ -115,6 +115,8 @@ class Engine:
         self.lookahead = placement.device.type == "cuda" if lookahead is None else lookahead
         self._reader = TokenReader(placement.device)
         self.tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
+        # the last prompt prefilled: its length, whether token by token, and its last position's logits
+        self._prompt_logits: tuple[int, bool, torch.Tensor] | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -124,6 +126,7 @@ class Engine:
     def reset(self) -> None:
         self.cache.reset()
         self.tokens = []
+        self._prompt_logits = None
 
     def _sync(self) -> None:
         if self.placement.device.type == "cuda":
@@ -140,7 +143,8 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, prompt: list[int], token_by_token: bool = False) -> tuple[torch.Tensor, int]:
-        """Bring the cache to exactly `prompt`, feeding only what it lacks; returns last logits and tokens fed.
+        """Bring the cache to exactly `prompt`, feeding only what it lacks; returns last logits and tokens fed (none
+        when it is the prompt prefilled last, whose logits are kept: the same prompt again gives the same logits).
         token_by_token: through the whole-step kernels whatever its length, each token's arithmetic a decode step's
         (block by block), as the quick path (engine/quick.py) does."""
         if not prompt:
@@ -149,7 +153,15 @@ class Engine:
             raise MistralError(
                 f"The prompt is {len(prompt)} tokens, more than the context of {self.max_context} tokens."
             )
-        common = min(self.cached_prefix(prompt), len(prompt) - 1)  # the last token is always fed: its logits are needed
+        cached = self.cached_prefix(prompt)
+        last = self._prompt_logits
+        if last is not None and last[:2] == (len(prompt), token_by_token) and cached == len(prompt):
+            # the same prompt again (a retry, a repeated request): the logits it had, not those of its last token fed
+            # alone, a product path that rounds otherwise than the prompt's and could change a greedy reply
+            self.cache.truncate(cached)
+            self.tokens = list(prompt)
+            return last[2].clone(), 0
+        common = min(cached, len(prompt) - 1)  # the last token is always fed: its logits are needed
         self.cache.truncate(common)
         self.tokens = self.tokens[:common]
         new = prompt[common:]
@@ -159,6 +171,7 @@ class Engine:
             x = torch.tensor([new], dtype=torch.long, device=self.placement.device)
             logits = self.model(x, self.cache, common, last_only=True)[0, -1]
         self.tokens = list(prompt)
+        self._prompt_logits = (len(prompt), token_by_token, logits.clone())
         return logits, len(new)
 
     @torch.inference_mode()
