@@ -326,7 +326,6 @@ def test_bf16_rows_at_once_equal_each_row_alone(ops, avx2_ops, N, K):
     with row tails of 1-3, weight-row tails, and short rows (which take the one-row-at-a-time dot)."""
     w = (_rand(N, K, seed=N) / 8).to(torch.bfloat16)
     for build in (ops, avx2_ops):
-        assert build.bf16_rows
         for M in (1, 2, 3, 4, 5, 7, 9):
             x = (_rand(M, K, seed=M) * 3).to(torch.bfloat16)
             x[M - 1, 70 % K] = -30.0
@@ -362,8 +361,7 @@ for N, K in [(5, 32), (7, 1024), (6, 2048), (130, 4096)]:
     x = torch.randn(1, K, generator=g)
     ops.linear_bf16(x, torch.randn(N, K, generator=g).to(torch.bfloat16))
     ops.linear_int8(x.to(torch.bfloat16), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.ones(N))
-    if ops.bf16_rows:
-        ops.linear_bf16_rows(torch.randn(5, K).to(torch.bfloat16), torch.randn(N, K).to(torch.bfloat16))
+    ops.linear_bf16_rows(torch.randn(5, K).to(torch.bfloat16), torch.randn(N, K).to(torch.bfloat16))
     if ops.int8_rows:
         ops.linear_int8_rows(torch.randn(5, K), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.ones(N))
 for N, K in [(4, 64), (8, 128), (4, 192), (12, 256), (8, 1024)]:  # superblocks of 64, 128, 64, 256, 256

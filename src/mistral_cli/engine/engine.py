@@ -94,7 +94,7 @@ class Engine:
             self._row_by_row = "int4-vnni"
         elif quantize == "int8" and ops and all(k.int8_rows for k in ops):
             self._row_by_row = "int8-vnni"
-        elif quantize == "none" and ops and all(k.bf16_rows for k in ops) and placement.dtype == torch.bfloat16:
+        elif quantize == "none" and ops and placement.dtype == torch.bfloat16:  # the several-rows product
             self._row_by_row = "none-rows"
         cpu = placement.device.type == "cpu" and not compile
         self.native_problem = None if self.native or not cpu else kernels.problem()

@@ -30,7 +30,7 @@ class KernelLinear(Linear):
         rows = x.numel() // x.shape[-1]
         if rows == 1:
             return self.kernels.linear_bf16(x, self.weight)
-        if rows <= BF16_ROWS and self.kernels.bf16_rows and x.dtype == torch.bfloat16:
+        if rows <= BF16_ROWS and x.dtype == torch.bfloat16:
             return self.kernels.linear_bf16_rows(x, self.weight)  # a short prompt: the weights read once
         return super().forward(x)
 

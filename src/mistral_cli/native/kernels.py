@@ -229,14 +229,10 @@ class Kernels:
         check(rc)
         return y
 
-    @property
-    def bf16_rows(self) -> bool:
-        """Whether `linear_bf16_rows` is in this build: in every one (AVX512-BF16 where the CPU has it, else AVX2)."""
-        return True
-
     def linear_bf16_rows(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """`linear_bf16` of a few bf16 rows at once (a short prompt), each row's result equal to `linear_bf16` of that
-        row: the weights are read from memory once for all the rows."""
+        row: the weights are read from memory once for all the rows (with AVX512-BF16 where the build has it, else
+        widened to float32 on the AVX2 paths)."""
         N, K = w.shape
         if x.shape[-1] != K or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous():
             raise ValueError(f"a bf16 product of {K} columns takes bf16 rows of {K}, got {tuple(x.shape)} {x.dtype}")
