@@ -59,11 +59,11 @@ SCORE_CHUNK = 512
 # The most new prompt tokens fed one at a time through the whole-step kernels (FusedStep) rather than as one batch.
 # A batch dequantizes every int8/int4 weight into a float GEMM, a fixed cost of several decode steps (more in a fresh
 # process, which faults in the buffers): measured per 7B layer (BENCHMARKS.md, "Short prompts"), row by row is
-# ahead up to about 32 rows for int4, 8 for int8 and 2 for bf16. A pipeline's `complete "Hello"` is 2 tokens.
-# int4 and int8 with AVX512-VNNI multiply a batch as integers with no dequantizing (int8 up to 48 rows,
-# native/quant.py), and bf16 reads the weights once for up to 32 rows (our several-rows product, AVX512-BF16 or
-# AVX2: native/decode.py, BF16_ROWS): all ahead of row by row from 2 rows on. ("none" is then fp32 weights.)
-ROW_BY_ROW = {"int4": 16, "int8": 6, "none": 2, "int4-vnni": 1, "int8-vnni": 1, "none-rows": 1}
+# ahead up to about 32 rows for int4 and 8 for int8. A pipeline's `complete "Hello"` is 2 tokens. int4 and int8 with
+# AVX512-VNNI multiply a batch as integers with no dequantizing (int8 up to 48 rows, native/quant.py), and bf16 (the
+# only dtype of the whole-step call) reads the weights once for up to 32 rows (our several-rows product, AVX512-BF16
+# or AVX2: native/decode.py, BF16_ROWS): all ahead of row by row from 2 rows on.
+ROW_BY_ROW = {"int4": 16, "int8": 6, "none": 1, "int4-vnni": 1, "int8-vnni": 1}
 
 
 class Engine:
@@ -94,8 +94,6 @@ class Engine:
             self._row_by_row = "int4-vnni"
         elif quantize == "int8" and ops and all(k.int8_rows for k in ops):
             self._row_by_row = "int8-vnni"
-        elif quantize == "none" and ops and placement.dtype == torch.bfloat16:  # the several-rows product
-            self._row_by_row = "none-rows"
         cpu = placement.device.type == "cpu" and not compile
         self.native_problem = None if self.native or not cpu else kernels.problem()
         self._fused = fused
